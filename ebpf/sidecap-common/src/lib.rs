@@ -1,0 +1,308 @@
+//! Types shared by the kernel programs (`sidecap-ebpf`) and userspace (`sidecap`,
+//! `sidecap-policy`): the layout of every pinned map's keys and values.
+//!
+//! Conventions (so that `bpftool map dump` output reads naturally):
+//! - addresses are 16 bytes in network order; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`),
+//!   so one map serves both families and v4-mapped v6 sockets behave like v4 ones;
+//! - ports and ids are host-order integers;
+//! - every struct is `#[repr(C)]` with explicit padding, which callers zero, because the
+//!   kernel hashes and compares keys byte by byte.
+#![no_std]
+
+/// Istio's defaults (istio-iptables / pilot-agent).
+pub mod defaults {
+    pub const PROXY_UID: u32 = 1337;
+    pub const PROXY_GID: u32 = 1337;
+    /// Envoy's outbound capture listener (`virtualOutbound`).
+    pub const OUTBOUND_PORT: u16 = 15001;
+    /// Envoy's inbound capture listener (`virtualInbound`).
+    pub const INBOUND_PORT: u16 = 15006;
+    /// HBONE tunnel port: never redirected.
+    pub const TUNNEL_PORT: u16 = 15008;
+    /// istio-agent's DNS proxy.
+    pub const DNS_PORT: u16 = 15053;
+    /// Source address Envoy uses for inbound passthrough connections.
+    pub const INBOUND_PASSTHROUGH_SRC: [u8; 4] = [127, 0, 0, 6];
+}
+
+/// Maximum number of addresses a pod may have (dual-stack, a few secondaries).
+pub const MAX_POD_IPS: usize = 4;
+
+/// What happens to an outbound connection.
+pub mod action {
+    /// No decision (only in map values that are not actions).
+    pub const NONE: u8 = 0;
+    /// Rewrite the destination to the proxy's outbound port; keep the original.
+    pub const CAPTURE: u8 = 1;
+    /// Leave the connection alone.
+    pub const PASSTHROUGH: u8 = 2;
+    /// Fail the connect with EPERM.
+    pub const DROP: u8 = 3;
+}
+
+/// `PodConfig::flags`.
+pub mod pod_flags {
+    /// includeOutboundIPRanges is `*`: every address not excluded is in range.
+    pub const INCLUDE_ALL_CIDRS: u32 = 1 << 0;
+    /// includeInboundPorts is `*`: every inbound port not exempt is captured.
+    pub const INBOUND_ALL_PORTS: u32 = 1 << 1;
+    /// DNS capture (`ISTIO_META_DNS_CAPTURE`): port 53 to the DNS proxy.
+    pub const DNS_CAPTURE: u32 = 1 << 2;
+    /// Inbound capture is on for this pod (false when includeInboundPorts is empty).
+    pub const INBOUND_CAPTURE: u32 = 1 << 3;
+    /// Outbound capture is on for this pod (false when nothing is included).
+    pub const OUTBOUND_CAPTURE: u32 = 1 << 4;
+}
+
+/// Per-pod configuration: `PODS[netns cookie]`.
+///
+/// `policy` names the rule set in the rule maps; a policy change writes a new rule set
+/// under a fresh id, then flips this one field (a single map update), so a connect sees
+/// the old rules or the new ones, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Rule set id: the `policy` field of every rule-map key for this pod.
+    pub policy: u32,
+    /// `pod_flags::*`.
+    pub flags: u32,
+    /// Monotonic per-pod generation, for inspection.
+    pub generation: u32,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub dns_port: u16,
+    pub tunnel_port: u16,
+    /// Action when no listener matches (`action::*`): DROP for REGISTRY_ONLY,
+    /// PASSTHROUGH for ALLOW_ANY, CAPTURE for ALLOW_ANY in Istio-exact mode.
+    pub default_action: u8,
+    /// Number of valid entries in `ips`.
+    pub n_ips: u8,
+    pub _pad: [u8; 2],
+    /// The pod's own addresses (IPv4-mapped or IPv6).
+    pub ips: [[u8; 16]; MAX_POD_IPS],
+}
+
+/// Protocol numbers used in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Key of `OUT_PORTS`: per-policy outbound port rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub policy: u32,
+    pub port: u16,
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `PortRule::flags`.
+pub mod port_flags {
+    /// excludeOutboundPorts: passthrough, before any address rule.
+    pub const EXCLUDED: u32 = 1 << 0;
+    /// includeOutboundPorts: in capture range whatever the address.
+    pub const INCLUDED: u32 = 1 << 1;
+}
+
+/// Value of `OUT_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    pub flags: u32,
+}
+
+/// Key data of `OUT_CIDRS` (LPM trie): policy id, then the address.
+/// The LPM prefix length is `32 + 96 + v4_len` for IPv4, `32 + v6_len` for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CidrKey {
+    /// Big-endian bytes of the policy id (LPM keys match bit by bit from the first byte).
+    pub policy: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// `CidrRule::flags`.
+pub mod cidr_flags {
+    /// excludeOutboundIPRanges: passthrough.
+    pub const EXCLUDED: u32 = 1 << 0;
+    /// includeOutboundIPRanges: in capture range.
+    pub const INCLUDED: u32 = 1 << 1;
+}
+
+/// Value of `OUT_CIDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrRule {
+    pub flags: u32,
+}
+
+/// Key data of `OUT_LISTENERS` (LPM trie): (policy, port, proto) always fully matched,
+/// then the address: prefix `64` is a wildcard listener (`0.0.0.0_PORT`), `64 + 96 + 32`
+/// an IPv4 VIP, `64 + 128` an IPv6 one, anything between a CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub policy: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+}
+
+/// Bits of an LPM prefix that cover `ListenerKey`'s fixed part.
+pub const LISTENER_FIXED_BITS: u32 = 64;
+/// Bits of an LPM prefix that cover `CidrKey`'s fixed part.
+pub const CIDR_FIXED_BITS: u32 = 32;
+
+/// Value of `OUT_LISTENERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerRule {
+    /// `action::*` (CAPTURE, or PASSTHROUGH for a captureMode NONE egress listener).
+    pub action: u8,
+    pub _pad: [u8; 3],
+    /// Index into the agent's listener-name table, for logs and drop events.
+    pub listener_id: u32,
+}
+
+/// Key of `IN_PORTS`: per-policy inbound port rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InPortKey {
+    pub policy: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `IN_PORTS`: `action::CAPTURE` (to the inbound port) or `action::PASSTHROUGH`
+/// (exempt: excluded port, 15008, the proxy's own ports, captureMode NONE ingress).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InPortRule {
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The destination an app asked for before capture rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// AF_INET (2) or AF_INET6 (10): the family the app used.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of `ORIG_DST`: one TCP connection as seen from the connecting socket.
+/// The netns cookie matters: 127.0.0.1 tuples repeat in every pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns: u64,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+/// Per-pod counters (`COUNTERS[netns]`, per-CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    pub captured: u64,
+    pub passthrough: u64,
+    pub dropped: u64,
+    pub inbound_captured: u64,
+    pub dns: u64,
+}
+
+/// Reason codes of `DropEvent`.
+pub mod drop_reason {
+    /// REGISTRY_ONLY and no outbound listener matched.
+    pub const REGISTRY_ONLY: u32 = 1;
+    /// A listener rule said DROP.
+    pub const LISTENER: u32 = 2;
+}
+
+/// A denied connect, sent on the `DROP_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub netns: u64,
+    pub policy: u32,
+    pub reason: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub uid: u32,
+}
+
+/// Address helpers usable on both sides.
+pub mod addr {
+    /// `::ffff:a.b.c.d` for an IPv4 address given in network-order bytes.
+    #[inline(always)]
+    pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    }
+
+    /// True for `::ffff:0:0/96`.
+    #[inline(always)]
+    pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+        a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for CidrKey {}
+    unsafe impl aya::Pod for CidrRule {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerRule {}
+    unsafe impl aya::Pod for InPortKey {}
+    unsafe impl aya::Pod for InPortRule {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for PodCounters {}
+    unsafe impl aya::Pod for DropEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // Sizes are part of the pinned-map ABI: a change must be deliberate.
+    #[test]
+    fn sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<PodConfig>(), 32 + 64);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<CidrKey>(), 20);
+        assert_eq!(size_of::<ListenerKey>(), 24);
+        assert_eq!(size_of::<ListenerRule>(), 8);
+        assert_eq!(size_of::<InPortKey>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<TupleKey>(), 48);
+        assert_eq!(size_of::<DropEvent>(), 40);
+    }
+
+    #[test]
+    fn v4_mapped_round_trip() {
+        let m = addr::v4_mapped([10, 96, 0, 10]);
+        assert!(addr::is_v4_mapped(&m));
+        assert_eq!(&m[12..], &[10, 96, 0, 10]);
+        assert!(!addr::is_v4_mapped(&[0u8; 16]));
+    }
+}

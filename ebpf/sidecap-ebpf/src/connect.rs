@@ -1,0 +1,167 @@
+//! cgroup/connect4 and cgroup/connect6: apply the outbound verdict to the socket.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use sidecap_common::{DropEvent, OrigDst, PodConfig, proto};
+
+use crate::{
+    addr::{self, Addr},
+    counters::{self, Counter},
+    maps::{DROP_EVENTS, ORIG_DST_BY_COOKIE, PODS},
+    outbound::{self, Connect, RedirectKind, Verdict},
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// 1 lets the connect proceed, 0 fails it with EPERM.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some((pod, netns, proto)) = (unsafe { meshed(ctx) }) else { return ALLOW };
+    let (dst4, port_be, bound4) = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        ((*sa).user_ip4, (*sa).user_port, (*sk).src_ip4)
+    };
+    let dst = addr::from_v4(dst4);
+    let bound = if bound4 == 0 { [0; 4] } else { addr::from_v4(bound4) };
+    let Some(to) = apply(ctx, &pod, netns, proto, dst, port_be, bound, AF_INET) else {
+        return DENY;
+    };
+    if let Some((ip, port)) = to {
+        unsafe {
+            (*sa).user_ip4 = ip[3];
+            (*sa).user_port = port;
+        }
+    }
+    ALLOW
+}
+
+pub fn connect6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some((pod, netns, proto)) = (unsafe { meshed(ctx) }) else { return ALLOW };
+    // Word by word: the verifier only allows 4-byte context reads of these arrays.
+    let (dst, port_be, bound) = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        let d = &(*sa).user_ip6;
+        let s = &(*sk).src_ip6;
+        (
+            [read(&d[0]), read(&d[1]), read(&d[2]), read(&d[3])],
+            (*sa).user_port,
+            [read(&s[0]), read(&s[1]), read(&s[2]), read(&s[3])],
+        )
+    };
+    let Some(to) = apply(ctx, &pod, netns, proto, dst, port_be, bound, AF_INET6) else {
+        return DENY;
+    };
+    if let Some((ip, port)) = to {
+        unsafe {
+            let d = &mut (*sa).user_ip6;
+            core::ptr::write_volatile(&mut d[0], ip[0]);
+            core::ptr::write_volatile(&mut d[1], ip[1]);
+            core::ptr::write_volatile(&mut d[2], ip[2]);
+            core::ptr::write_volatile(&mut d[3], ip[3]);
+            (*sa).user_port = port;
+        }
+    }
+    ALLOW
+}
+
+#[inline(always)]
+unsafe fn read(p: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// The pod's config when this socket lives in a meshed netns and is TCP or UDP.
+#[inline(always)]
+unsafe fn meshed(ctx: &SockAddrContext) -> Option<(PodConfig, u64, u8)> {
+    let proto = match unsafe { (*ctx.sock_addr).type_ } {
+        SOCK_STREAM => proto::TCP,
+        SOCK_DGRAM => proto::UDP,
+        _ => return None,
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // Copy once: a concurrent policy flip must not mix two generations in one decision.
+    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    Some((pod, netns, proto))
+}
+
+/// Decides and records; returns None to deny, Some(None) to leave the address,
+/// Some(Some((ip, user_port))) to rewrite it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    ctx: &SockAddrContext,
+    pod: &PodConfig,
+    netns: u64,
+    proto: u8,
+    dst: Addr,
+    port_be: u32,
+    bound: Addr,
+    family: u16,
+) -> Option<Option<(Addr, u32)>> {
+    let port = u16::from_be(port_be as u16);
+    let ids = bpf_get_current_uid_gid();
+    let c = Connect {
+        dst,
+        port,
+        proto,
+        bound_src: bound,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+    };
+    match outbound::decide(pod, &c) {
+        Verdict::Untouched => Some(None),
+        Verdict::Passthrough => {
+            counters::add(netns, Counter::Passthrough);
+            Some(None)
+        }
+        Verdict::Drop { reason } => {
+            counters::add(netns, Counter::Dropped);
+            let ev = DropEvent {
+                netns,
+                policy: pod.policy,
+                reason,
+                addr: addr::to_bytes(&dst),
+                port,
+                proto,
+                family: family as u8,
+                uid: c.uid,
+            };
+            // Best effort: a full ring must not turn a drop into an allow.
+            let _ = DROP_EVENTS.output(ev, 0);
+            None
+        }
+        Verdict::Redirect { port: to_port, kind } => {
+            match kind {
+                RedirectKind::Capture | RedirectKind::ProxyToSelf => {
+                    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                    let od = OrigDst { addr: addr::to_bytes(&dst), port, family, _pad: 0 };
+                    if ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_err() {
+                        // Without the original destination the proxy could not route it.
+                        counters::add(netns, Counter::Passthrough);
+                        return Some(None);
+                    }
+                    counters::add(
+                        netns,
+                        if matches!(kind, RedirectKind::Capture) {
+                            Counter::Captured
+                        } else {
+                            Counter::InboundCaptured
+                        },
+                    );
+                }
+                RedirectKind::Dns => counters::add(netns, Counter::Dns),
+            }
+            let ip = addr::localhost_like(&dst, family == AF_INET6);
+            Some(Some((ip, (to_port.to_be() as u32))))
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Per-pod per-CPU counters.
+
+use crate::maps::COUNTERS;
+
+pub enum Counter {
+    Captured,
+    Passthrough,
+    Dropped,
+    InboundCaptured,
+    Dns,
+}
+
+#[inline(always)]
+pub fn add(netns: u64, which: Counter) {
+    // The agent creates the entry with the pod; per-CPU, so plain increments are safe.
+    if let Some(c) = COUNTERS.get_ptr_mut(&netns) {
+        unsafe {
+            match which {
+                Counter::Captured => (*c).captured += 1,
+                Counter::Passthrough => (*c).passthrough += 1,
+                Counter::Dropped => (*c).dropped += 1,
+                Counter::InboundCaptured => (*c).inbound_captured += 1,
+                Counter::Dns => (*c).dns += 1,
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! sidecap's kernel programs: one object, attached once per node (cgroup programs) and
+//! per pod netns (sk_lookup). See docs/kernel-contract.md.
+#![no_std]
+#![no_main]
+
+mod addr;
+mod connect;
+mod counters;
+mod maps;
+mod origdst;
+mod outbound;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn sidecap_connect4(ctx: SockAddrContext) -> i32 {
+    connect::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sidecap_connect6(ctx: SockAddrContext) -> i32 {
+    connect::connect6(&ctx)
+}
+
+#[sock_ops]
+pub fn sidecap_sockops(ctx: SockOpsContext) -> u32 {
+    origdst::sockops(&ctx)
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn sidecap_getsockopt(ctx: SockoptContext) -> i32 {
+    origdst::getsockopt(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
