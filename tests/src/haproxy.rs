@@ -7,7 +7,12 @@
 //! getsockname). On [::1]:15001 it therefore forwards to [::1]:15001 — itself — so
 //! transparent mode is only meaningful for IPv4 (incl. v4 reached through the v4 listener).
 //! Note too that without an answer to SO_ORIGINAL_DST it falls back to getsockname
-//! (127.0.0.1:15001), i.e. also loops to itself; maxconn keeps such loops bounded.
+//! (127.0.0.1:15001), i.e. also loops to itself. Measured with HAProxy 2.6.12: one such
+//! connection became ~1000 self-connections per second. So transparent frontends reject
+//! connections whose destination (as HAProxy sees it) is the frontend's own port: they are
+//! logged with `term=PR` and no server ([`HaproxyLogEntry::is_unresolved_reject`]) and the
+//! client sees an immediate EOF. With sidecap answering, `dst` is the original destination
+//! and the rule does not fire.
 //!
 //! Inbound (optional): frontend on 0.0.0.0:15006 forwarding to the original destination
 //! from source 127.0.0.6 (Envoy's inbound passthrough source).
@@ -87,12 +92,16 @@ defaults
 frontend outbound
     bind 127.0.0.1:{op}
     bind [::1]:{op}
-    default_backend outbound_dst
+{guard}    default_backend outbound_dst
 
 backend outbound_dst
 ",
             maxconn = self.maxconn,
             op = self.outbound_port,
+            guard = match self.outbound {
+                OutboundBackend::Transparent => loop_guard(self.outbound_port),
+                OutboundBackend::Server(_) => String::new(),
+            },
         );
         match &self.outbound {
             OutboundBackend::Transparent => c.push_str("    option transparent\n"),
@@ -105,10 +114,16 @@ backend outbound_dst
             if self.inbound_v6 {
                 let _ = writeln!(c, "    bind [::]:{ip} v6only");
             }
+            c.push_str(&loop_guard(ip));
             c.push_str("    default_backend inbound_dst\n\nbackend inbound_dst\n    option transparent\n    source 127.0.0.6\n");
         }
         c
     }
+}
+
+// See the module doc: without an original destination HAProxy would connect to itself.
+fn loop_guard(port: u16) -> String {
+    format!("    tcp-request content reject if {{ dst_port {port} }}\n")
 }
 
 /// One traffic log line.
@@ -117,6 +132,8 @@ pub struct HaproxyLogEntry {
     /// Frontend name ("outbound" / "inbound").
     pub frontend_name: String,
     pub client: Option<SocketAddr>,
+    /// Destination as HAProxy sees it (`%fi:%fp`): for a transparent v4 frontend this is
+    /// the SO_ORIGINAL_DST answer when there is one, else the listener address.
     pub frontend: Option<SocketAddr>,
     pub backend: String,
     /// None when no server connection was attempted ("-").
@@ -126,6 +143,14 @@ pub struct HaproxyLogEntry {
     /// Termination state (`--` = normal).
     pub term: String,
     pub raw: String,
+}
+
+impl HaproxyLogEntry {
+    /// The loop guard fired: HAProxy had no original destination for this connection
+    /// (no SO_ORIGINAL_DST answer, or any IPv6 connection).
+    pub fn is_unresolved_reject(&self) -> bool {
+        self.term == "PR" && self.server.is_none()
+    }
 }
 
 /// Parse one log line written by [`HaproxyConfig::render`]'s log-format.
@@ -264,5 +289,8 @@ mod tests {
         assert!(c.contains("option transparent"), "{c}");
         assert!(c.contains("bind [::1]:15001"), "{c}");
         assert!(c.contains("source 127.0.0.6"), "{c}");
+        assert!(c.contains("reject if { dst_port 15001 }") && c.contains("reject if { dst_port 15006 }"), "{c}");
+        let plain = HaproxyConfig { outbound: OutboundBackend::Server("10.251.100.10:80".parse().unwrap()), inbound_port: None, ..Default::default() };
+        assert!(!plain.render().contains("reject"), "no guard needed for a fixed server");
     }
 }

@@ -244,15 +244,27 @@ fn haproxy_plain_backend_forwards_and_logs_server() {
 }
 
 #[test]
-fn haproxy_transparent_config_is_accepted() {
+fn haproxy_transparent_without_original_dst_rejects_instead_of_looping() {
     require_root!();
-    // Transparent mode can only be exercised once sidecap redirects; here: config accepted
-    // (haproxy -c) and listeners up on 15001 (v4+v6) and 15006, as uid 1337.
+    // Transparent forwarding can only be proven once sidecap redirects. Without it,
+    // HAProxy has no original destination (v4: SO_ORIGINAL_DST fails; v6: never asked)
+    // and would connect to itself; the harness' guard turns that into one logged reject.
     let t = topo(&["a"]);
-    let hp = Haproxy::start(t.pod("a"), HaproxyConfig { inbound_v6: true, ..Default::default() }).expect("start transparent haproxy");
+    let a = t.pod("a");
+    let hp = Haproxy::start(a, HaproxyConfig { inbound_v6: true, ..Default::default() }).expect("start transparent haproxy");
     let cfg = std::fs::read_to_string(hp.config_path()).expect("config");
     assert!(cfg.contains("option transparent") && cfg.contains("source 127.0.0.6"), "{cfg}");
-    assert!(sidecap_tests::process::is_listening(hp.pid(), 15006));
+    assert!(sidecap_tests::process::is_listening(hp.pid(), 15006), "inbound listener");
+    let p = probe();
+    for target in ["127.0.0.1:15001", "[::1]:15001", "127.0.0.1:15006", "[::1]:15006"] {
+        let r = p.connect(a, Creds::APP, target, &ConnectOpts { send: Some("x".into()), timeout_ms: Some(2000), ..Default::default() });
+        assert!(r.ok && r.reply.is_empty(), "{target}: expected an immediate close, got {r:?}");
+    }
+    let logs = hp.wait_log_lines(4, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200)); // a loop would keep adding lines
+    let logs_after = hp.log_lines();
+    assert_eq!(logs_after.len(), 4, "exactly one log line per client connection (no self-loop): {logs_after:?}");
+    assert!(logs.iter().all(|l| l.is_unresolved_reject()), "{logs:?}");
 }
 
 #[test]
