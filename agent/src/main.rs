@@ -1,1 +1,165 @@
-fn main() {}
+//! `sidecap`: the node agent and the operator CLI.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use sidecap::{agent, cgroup, datapath, inspect};
+
+#[derive(Parser)]
+#[command(name = "sidecap", version, about = "eBPF replacement for istio-init: steers meshed pods' traffic to their sidecar without iptables")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AllowAny {
+    /// Destinations with no outbound listener go directly, not through the proxy.
+    Passthrough,
+    /// Istio-exact: they go through the proxy (PassthroughCluster), as with istio-init.
+    Capture,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent: attach the programs once, then keep every meshed pod's maps in
+    /// step with the configuration. Stopping it leaves capture in place (all state is pinned).
+    Agent {
+        /// Directory of YAML (Pods with a `sidecap.io/netns` annotation, Sidecars, Services,
+        /// ServiceEntries, EndpointSlices, Namespaces, the `istio` mesh ConfigMap); re-read on change.
+        #[arg(long, value_name = "DIR")]
+        config: PathBuf,
+        /// cgroup v2 directory to attach to [default: the cgroup v2 root, from /proc/self/mountinfo].
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory holding sidecap's pinned maps and links.
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
+        bpffs: PathBuf,
+        /// What ALLOW_ANY does with a destination that no outbound listener matches.
+        #[arg(long, value_enum, default_value = "passthrough")]
+        allow_any: AllowAny,
+        /// How often the configuration directory is re-read, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 500)]
+        poll_interval_ms: u64,
+    },
+    /// Detach every program and remove every pin sidecap made under the bpffs directory.
+    Uninstall {
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
+        bpffs: PathBuf,
+    },
+    /// Show each meshed pod as the kernel sees it (reads the pinned maps; the agent may be down).
+    Inspect {
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
+        bpffs: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Validate Sidecar resources with Istio's rules: one line per Sidecar (`NS/NAME: ok`,
+    /// `NS/NAME: warning: MSG`, `NS/NAME: error: MSG`); exit 1 on any error.
+    Validate {
+        /// Files or directories of YAML.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Explain what happens to a pod's connections, from a configuration directory.
+    Explain {
+        #[arg(long, value_name = "DIR")]
+        config: PathBuf,
+        /// The pod, as NAMESPACE/NAME.
+        #[arg(long, value_name = "NS/NAME")]
+        pod: String,
+        /// An outbound destination to decide (repeatable).
+        #[arg(long = "to", value_name = "ADDR:PORT")]
+        to: Vec<String>,
+        /// An inbound port to decide (repeatable).
+        #[arg(long, value_name = "PORT")]
+        inbound: Vec<u16>,
+        #[arg(long, value_enum, default_value = "json")]
+        output: Output,
+        #[arg(long, value_enum, default_value = "passthrough")]
+        allow_any: AllowAny,
+    },
+}
+
+fn engine(allow_any: AllowAny) -> sidecap_policy::EngineOptions {
+    sidecap_policy::EngineOptions {
+        allow_any: match allow_any {
+            AllowAny::Passthrough => sidecap_policy::AllowAnyMode::Passthrough,
+            AllowAny::Capture => sidecap_policy::AllowAnyMode::Capture,
+        },
+        ..Default::default()
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sidecap: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Agent { config, cgroup, bpffs, allow_any, poll_interval_ms } => {
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => cgroup::v2_root().context("finding the cgroup v2 root")?,
+            };
+            let cfg = agent::Config {
+                config_dir: config,
+                cgroup,
+                bpffs,
+                engine: engine(allow_any),
+                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+            };
+            agent::run(&cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Uninstall { bpffs } => {
+            let removed = datapath::uninstall(&bpffs)?;
+            println!("removed {} pins under {}", removed.len(), bpffs.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { bpffs, output } => {
+            let pods = inspect::collect(&bpffs)?;
+            match output {
+                Output::Text => print!("{}", inspect::render_text(&pods)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&pods)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Validate { paths } => {
+            let code = sidecap_policy::cli::validate(&paths, &mut std::io::stdout());
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Cmd::Explain { config, pod, to, inbound, output, allow_any } => {
+            let args = sidecap_policy::cli::ExplainArgs {
+                config,
+                pod,
+                to,
+                inbound,
+                json: matches!(output, Output::Json),
+                engine: engine(allow_any),
+            };
+            sidecap_policy::cli::explain(&args, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! One reconciliation pass: source → policy → compiled generations → maps.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, RingBuf};
+use sidecap_common::{DropEvent, drop_reason};
+use sidecap_policy::{Cluster, Generation, PodRef};
+
+use super::{Config, Error};
+use crate::{datapath, netns};
+
+/// What the agent knows about one pod it manages.
+struct Managed {
+    pod: PodRef,
+    generation: Generation,
+}
+
+pub struct Syncer {
+    cfg: Config,
+    maps: datapath::Maps,
+    drops: Option<RingBuf<MapData>>,
+    managed: BTreeMap<u64, Managed>,
+    next_policy: u32,
+    last_error: Option<String>,
+    drop_log: RateLimit,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Meshed pods with a netns in the source.
+    pub pods: usize,
+    /// Pods whose maps were (re)written.
+    pub written: usize,
+    /// Pods removed from the maps.
+    pub removed: usize,
+    /// Problems reported (the previous state stayed in force for those).
+    pub errors: usize,
+}
+
+impl SyncReport {
+    pub fn changed(&self) -> bool {
+        self.written + self.removed + self.errors > 0
+    }
+}
+
+impl Syncer {
+    pub fn new(cfg: &Config, maps: datapath::Maps) -> Result<Self, Error> {
+        let next_policy = maps.live_policies()?.into_iter().max().unwrap_or(0).wrapping_add(1).max(1);
+        let drops = Map::from_map_data(
+            MapData::from_pin(cfg.bpffs.join("maps/DROP_EVENTS"))
+                .map_err(|source| datapath::Error::Map { name: "DROP_EVENTS", source })?,
+        )
+        .and_then(RingBuf::try_from)
+        .map_err(|e| tracing::warn!(error = %e, "drop events unavailable"))
+        .ok();
+        Ok(Self {
+            cfg: cfg.clone(),
+            maps,
+            drops,
+            managed: BTreeMap::new(),
+            next_policy,
+            last_error: None,
+            drop_log: RateLimit::new(20, Duration::from_secs(10)),
+        })
+    }
+
+    fn fresh_policy_id(&mut self) -> u32 {
+        let id = self.next_policy;
+        self.next_policy = self.next_policy.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Reads the source and brings the maps in line. Never leaves a pod half-written:
+    /// a pod whose new policy cannot be built keeps its previous one.
+    pub fn sync(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        let cluster = match Cluster::load_paths(std::slice::from_ref(&self.cfg.config_dir)) {
+            Ok(c) => {
+                self.last_error = None;
+                c
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(error = %msg, "configuration rejected; previous policy stays in force");
+                    self.last_error = Some(msg);
+                }
+                report.errors += 1;
+                return report;
+            }
+        };
+
+        let mut seen = HashSet::new();
+        for pod_ref in cluster.meshed_pods() {
+            let Some(netns_path) = cluster.pod(&pod_ref).and_then(|p| p.netns_path()) else {
+                continue;
+            };
+            report.pods += 1;
+            let cookie = match netns::cookie_of_path(std::path::Path::new(&netns_path)) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(pod = %pod_ref, error = %e, "pod netns not usable yet");
+                    report.errors += 1;
+                    continue;
+                }
+            };
+            seen.insert(cookie);
+            match self.sync_pod(&cluster, &pod_ref, cookie) {
+                Ok(true) => report.written += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(pod = %pod_ref, error = %e, "policy not applied; previous stays in force");
+                    report.errors += 1;
+                }
+            }
+        }
+
+        // Pods that left the source: stop capturing them. Also those a previous agent wrote.
+        let known: Vec<u64> = match self.maps.pods() {
+            Ok(p) => p.into_iter().map(|(n, _)| n).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading PODS");
+                report.errors += 1;
+                Vec::new()
+            }
+        };
+        for netns in known {
+            if seen.contains(&netns) {
+                continue;
+            }
+            let gone = self.managed.remove(&netns);
+            match self.maps.remove_pod(netns, gone.as_ref().map(|m| &m.generation)) {
+                Ok(()) => {
+                    report.removed += 1;
+                    let who = gone.map(|m| m.pod.to_string()).unwrap_or_else(|| format!("netns {netns}"));
+                    tracing::info!(pod = %who, "pod gone; capture removed");
+                }
+                Err(e) => {
+                    tracing::error!(netns, error = %e, "removing pod");
+                    report.errors += 1;
+                }
+            }
+        }
+        report
+    }
+
+    /// Returns whether the maps changed.
+    fn sync_pod(&mut self, cluster: &Cluster, pod_ref: &PodRef, netns: u64) -> Result<bool, String> {
+        let policy = sidecap_policy::evaluate(cluster, pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
+        if let Some(m) = self.managed.get(&netns) {
+            let same = sidecap_policy::compile(&policy, m.generation.pod.policy, m.generation.pod.generation);
+            if same == m.generation {
+                return Ok(false);
+            }
+        }
+        let old = self.managed.get(&netns).map(|m| &m.generation);
+        let gen_no = old.map(|g| g.pod.generation.wrapping_add(1)).unwrap_or(1);
+        let id = self.fresh_policy_id();
+        let new = sidecap_policy::compile(&policy, id, gen_no);
+        let old = self.managed.get(&netns).map(|m| m.generation.clone());
+        self.maps.write(netns, &new, old.as_ref()).map_err(|e| e.to_string())?;
+        tracing::info!(
+            pod = %pod_ref,
+            netns,
+            sidecar = policy.sidecar_name().unwrap_or("(default)"),
+            policy = id,
+            generation = gen_no,
+            listeners = new.listener_names.len(),
+            "policy applied"
+        );
+        self.managed.insert(netns, Managed { pod: pod_ref.clone(), generation: new });
+        Ok(true)
+    }
+
+    /// Deletes rules no pod references (left by a previous agent process).
+    pub fn collect_garbage(&mut self) -> Result<usize, datapath::Error> {
+        self.maps.collect_garbage()
+    }
+
+    /// Logs denied connects, naming the pod and destination, rate-limited.
+    pub fn drain_drop_events(&mut self) {
+        let Some(rb) = self.drops.as_mut() else { return };
+        while let Some(item) = rb.next() {
+            if item.len() < std::mem::size_of::<DropEvent>() {
+                continue;
+            }
+            let ev: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if !self.drop_log.allow() {
+                continue;
+            }
+            let pod = self
+                .managed
+                .get(&ev.netns)
+                .map(|m| m.pod.to_string())
+                .unwrap_or_else(|| format!("netns {}", ev.netns));
+            let ip = Ipv6Addr::from(ev.addr);
+            let ip: IpAddr = ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip));
+            let why = match ev.reason {
+                drop_reason::REGISTRY_ONLY => "REGISTRY_ONLY: no listener",
+                drop_reason::LISTENER => "listener rule",
+                _ => "unknown",
+            };
+            let proto = if ev.proto == 17 { "udp" } else { "tcp" };
+            tracing::warn!(pod = %pod, destination = %std::net::SocketAddr::new(ip, ev.port), proto, uid = ev.uid, reason = why, "connect denied");
+        }
+    }
+}
+
+/// At most `n` events per window; the rest are counted and reported once.
+struct RateLimit {
+    n: u32,
+    window: Duration,
+    start: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(n: u32, window: Duration) -> Self {
+        Self { n, window, start: Instant::now(), used: 0, suppressed: 0 }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.start.elapsed() >= self.window {
+            if self.suppressed > 0 {
+                tracing::warn!(suppressed = self.suppressed, "drop events not logged (rate limit)");
+            }
+            self.start = Instant::now();
+            self.used = 0;
+            self.suppressed = 0;
+        }
+        if self.used < self.n {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The kernel side, kept thin: load the embedded object, pin its maps and links under one
+//! bpffs directory, attach once to a cgroup, and read/write the pinned maps.
+//!
+//! Layout under `--bpffs` (default `/sys/fs/bpf/sidecap`):
+//! `maps/<NAME>` for every map, `links/<program>` for the cgroup links.
+
+mod install;
+pub mod link;
+mod maps;
+mod probe;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use sidecap_common::{
+    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PortKey,
+    PortRule,
+};
+
+pub use install::{Installed, install, is_installed, uninstall};
+pub use maps::{ListenerEntries, Maps, PodState, listeners_by_policy};
+pub use probe::{ProbeError, probe};
+
+/// The eBPF object built by agent/build.rs from `ebpf/sidecap-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sidecap"));
+
+/// Every map the object defines; all are pinned so that state survives agent restarts.
+pub const MAP_NAMES: &[&str] = &[
+    "PODS",
+    "OUT_PORTS",
+    "OUT_CIDRS",
+    "OUT_LISTENERS",
+    "IN_PORTS",
+    "ORIG_DST_BY_COOKIE",
+    "ORIG_DST",
+    "COUNTERS",
+    "DROP_EVENTS",
+    "INBOUND_LISTENERS",
+];
+
+/// Cgroup programs: (function name in the object, link pin name, attach type).
+pub const CGROUP_PROGRAMS: &[(&str, &str, u32)] = &[
+    ("sidecap_connect4", "connect4", link::attach_type::CGROUP_INET4_CONNECT),
+    ("sidecap_connect6", "connect6", link::attach_type::CGROUP_INET6_CONNECT),
+    ("sidecap_sockops", "sockops", link::attach_type::CGROUP_SOCK_OPS),
+    ("sidecap_getsockopt", "getsockopt", link::attach_type::CGROUP_GETSOCKOPT),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not on a bpf filesystem (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs { path: PathBuf },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("attaching {name} to cgroup {cgroup}: {source}")]
+    Attach { name: &'static str, cgroup: PathBuf, source: std::io::Error },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("nothing is installed under {path} (run `sidecap agent` first)")]
+    NotInstalled { path: PathBuf },
+}
+
+impl Error {
+    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}
+
+/// One pod's compiled policy: exactly the map entries the kernel will read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Generation {
+    pub pod: PodConfig,
+    pub out_ports: BTreeMap<PortKey, PortRule>,
+    /// (LPM prefix length, key) → rule.
+    pub out_cidrs: BTreeMap<(u32, CidrKey), CidrRule>,
+    /// (LPM prefix length, key) → rule.
+    pub listeners: BTreeMap<(u32, ListenerKey), ListenerRule>,
+    pub in_ports: BTreeMap<InPortKey, InPortRule>,
+    /// listener_id → name ("10.96.0.10_53").
+    pub listener_names: Vec<String>,
+}

@@ -1,0 +1,175 @@
+//! Load, attach, pin; adopt what is already pinned; remove it all.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use std::os::fd::AsFd;
+
+use aya::{
+    EbpfLoader,
+    programs::{Program, links::PinnedLink},
+};
+
+use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, MAP_NAMES};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// What `install` found or did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Links that were already pinned and kept as they are.
+    pub adopted: Vec<&'static str>,
+    /// Links this call attached and pinned.
+    pub attached: Vec<&'static str>,
+}
+
+fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("maps")
+}
+
+fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {
+    maps_dir(bpffs).join(name)
+}
+
+fn link_pin(bpffs: &Path, name: &str) -> PathBuf {
+    links_dir(bpffs).join(name)
+}
+
+/// True when every cgroup link is pinned under `bpffs`.
+pub fn is_installed(bpffs: &Path) -> bool {
+    CGROUP_PROGRAMS.iter().all(|(_, l, _)| link_pin(bpffs, l).exists())
+        && MAP_NAMES.iter().all(|m| map_pin(bpffs, m).exists())
+}
+
+fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// `/sys/fs/bpf` is where every BPF tool expects a bpffs; mount one there when the node
+/// has none (as Cilium's agent does), never anywhere else.
+fn mount_default_bpffs() -> Result<(), Error> {
+    let at = Path::new("/sys/fs/bpf");
+    if is_bpffs(at) {
+        return Ok(());
+    }
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(Error::Io { path: at.into(), source: std::io::Error::last_os_error() });
+    }
+    tracing::info!("mounted a bpf filesystem at /sys/fs/bpf");
+    Ok(())
+}
+
+fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
+    if dir.starts_with("/sys/fs/bpf") {
+        mount_default_bpffs()?;
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    if !is_bpffs(dir) {
+        return Err(Error::NotBpffs { path: dir.into() });
+    }
+    Ok(())
+}
+
+/// Makes sure the programs are attached to `cgroup` and everything is pinned under `bpffs`.
+///
+/// Idempotent: links already pinned are adopted (traffic never sees a gap across agent
+/// restarts); maps already pinned are reused with their contents.
+pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
+    ensure_bpffs_dir(bpffs)?;
+    std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
+    std::fs::create_dir_all(links_dir(bpffs)).map_err(Error::io(links_dir(bpffs)))?;
+
+    let mut out = Installed::default();
+    let missing: Vec<_> =
+        CGROUP_PROGRAMS.iter().filter(|(_, l, _)| !link_pin(bpffs, l).exists()).collect();
+    for (_, l, _) in CGROUP_PROGRAMS.iter().filter(|p| !missing.contains(p)) {
+        out.adopted.push(*l);
+    }
+    if missing.is_empty() && MAP_NAMES.iter().all(|m| map_pin(bpffs, m).exists()) {
+        return Ok(out);
+    }
+
+    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, map_pin(bpffs, m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
+
+    let cgroup_file = File::open(cgroup).map_err(Error::io(cgroup))?;
+    for (prog, link, attach_type) in missing {
+        let program = ebpf.program_mut(prog).ok_or(Error::MissingProgram { name: prog })?;
+        let perr = |source| Error::Program { name: prog, source };
+        match program {
+            Program::CgroupSockAddr(p) => p.load().map_err(perr)?,
+            Program::SockOps(p) => p.load().map_err(perr)?,
+            Program::CgroupSockopt(p) => p.load().map_err(perr)?,
+            _ => return Err(Error::MissingProgram { name: prog }),
+        }
+        let prog_fd = program.fd().map_err(perr)?;
+        let fd = super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type)
+            .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
+        let path = link_pin(bpffs, link);
+        super::link::pin(fd.as_fd(), &path).map_err(Error::io(&path))?;
+        out.attached.push(*link);
+    }
+    Ok(out)
+}
+
+/// Detaches every link and removes every pin under `bpffs` that sidecap made.
+/// Returns the pins removed.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut removed = Vec::new();
+    if !bpffs.exists() {
+        return Ok(removed);
+    }
+    // Links first: once unpinned (and no one else holds them) they detach.
+    for dir in [links_dir(bpffs), maps_dir(bpffs)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries {
+            let e = e.map_err(Error::io(&dir))?;
+            let path = e.path();
+            if path.is_dir() {
+                remove_tree(&path, &mut removed)?;
+                continue;
+            }
+            if dir.ends_with("links") {
+                if let Ok(link) = PinnedLink::from_pin(&path) {
+                    // unpin() removes the file; dropping the FdLink detaches.
+                    let _ = link.unpin().map_err(Error::io(&path))?;
+                    removed.push(path);
+                    continue;
+                }
+            }
+            std::fs::remove_file(&path).map_err(Error::io(&path))?;
+            removed.push(path);
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    std::fs::remove_dir(bpffs).map_err(Error::io(bpffs))?;
+    Ok(removed)
+}
+
+fn remove_tree(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<(), Error> {
+    for e in std::fs::read_dir(dir).map_err(Error::io(dir))? {
+        let path = e.map_err(Error::io(dir))?.path();
+        if path.is_dir() {
+            remove_tree(&path, removed)?;
+        } else {
+            std::fs::remove_file(&path).map_err(Error::io(&path))?;
+            removed.push(path);
+        }
+    }
+    std::fs::remove_dir(dir).map_err(Error::io(dir))
+}

@@ -1,0 +1,225 @@
+//! Typed access to the pinned maps: write a pod's generation (rules first, then the one
+//! `PODS` update that switches to them, then the old rules go), read state for inspect.
+
+use std::{collections::{BTreeMap, BTreeSet}, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, lpm_trie::{Key, LpmTrie}};
+use sidecap_common::{
+    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PodCounters,
+    PortKey, PortRule,
+};
+
+use super::{Error, Generation, install::map_pin};
+
+const BPF_NOEXIST: u64 = 1;
+
+pub struct Maps {
+    pods: HashMap<MapData, u64, PodConfig>,
+    out_ports: HashMap<MapData, PortKey, PortRule>,
+    out_cidrs: LpmTrie<MapData, CidrKey, CidrRule>,
+    listeners: LpmTrie<MapData, ListenerKey, ListenerRule>,
+    in_ports: HashMap<MapData, InPortKey, InPortRule>,
+    counters: PerCpuHashMap<MapData, u64, PodCounters>,
+}
+
+/// One pod as the kernel sees it.
+#[derive(Debug, Clone)]
+pub struct PodState {
+    pub netns: u64,
+    pub config: PodConfig,
+    pub counters: PodCounters,
+}
+
+fn open(bpffs: &Path, name: &'static str) -> Result<Map, Error> {
+    let path = map_pin(bpffs, name);
+    if !path.exists() {
+        return Err(Error::NotInstalled { path: bpffs.into() });
+    }
+    let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+}
+
+macro_rules! typed {
+    ($bpffs:expr, $name:literal) => {
+        open($bpffs, $name)?.try_into().map_err(|source| Error::Map { name: $name, source })?
+    };
+}
+
+impl Maps {
+    /// Opens the pinned maps; works whether or not the agent is running.
+    pub fn open(bpffs: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            pods: typed!(bpffs, "PODS"),
+            out_ports: typed!(bpffs, "OUT_PORTS"),
+            out_cidrs: typed!(bpffs, "OUT_CIDRS"),
+            listeners: typed!(bpffs, "OUT_LISTENERS"),
+            in_ports: typed!(bpffs, "IN_PORTS"),
+            counters: typed!(bpffs, "COUNTERS"),
+        })
+    }
+
+    /// Every pod in `PODS`.
+    pub fn pods(&self) -> Result<Vec<(u64, PodConfig)>, Error> {
+        self.pods
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map { name: "PODS", source })
+    }
+
+    pub fn pod(&self, netns: u64) -> Option<PodConfig> {
+        self.pods.get(&netns, 0).ok()
+    }
+
+    /// The pod's counters summed over CPUs (zero when it has none yet).
+    pub fn counters(&self, netns: u64) -> PodCounters {
+        let mut sum = PodCounters::default();
+        if let Ok(per_cpu) = self.counters.get(&netns, 0) {
+            for c in per_cpu.iter() {
+                sum.captured += c.captured;
+                sum.passthrough += c.passthrough;
+                sum.dropped += c.dropped;
+                sum.inbound_captured += c.inbound_captured;
+                sum.dns += c.dns;
+            }
+        }
+        sum
+    }
+
+    pub fn states(&self) -> Result<Vec<PodState>, Error> {
+        Ok(self
+            .pods()?
+            .into_iter()
+            .map(|(netns, config)| PodState { netns, config, counters: self.counters(netns) })
+            .collect())
+    }
+
+    /// Installs `new` for the pod: its rules under its own policy id, then the switch, then
+    /// the removal of `old`'s rules (when given and under another id).
+    pub fn write(&mut self, netns: u64, new: &Generation, old: Option<&Generation>) -> Result<(), Error> {
+        self.insert_rules(new)?;
+        if self.counters.get(&netns, 0).is_err() {
+            let cpus = aya::util::nr_cpus().map_err(|(path, source)| Error::Io { path: path.into(), source })?;
+            let zero = aya::maps::PerCpuValues::try_from(vec![PodCounters::default(); cpus])
+                .map_err(|source| Error::Io { path: "COUNTERS".into(), source })?;
+            // Another writer may have created it meanwhile: that is fine.
+            let _ = self.counters.insert(netns, zero, BPF_NOEXIST);
+        }
+        self.pods
+            .insert(netns, new.pod, 0)
+            .map_err(|source| Error::Map { name: "PODS", source })?;
+        if let Some(old) = old {
+            if old.pod.policy != new.pod.policy {
+                self.remove_rules(old)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a pod: its `PODS` entry first (capture stops), then its rules and counters.
+    pub fn remove_pod(&mut self, netns: u64, generation: Option<&Generation>) -> Result<(), Error> {
+        match self.pods.remove(&netns) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(Error::Map { name: "PODS", source }),
+        }
+        let _ = self.counters.remove(&netns);
+        if let Some(g) = generation {
+            self.remove_rules(g)?;
+        }
+        Ok(())
+    }
+
+    fn insert_rules(&mut self, g: &Generation) -> Result<(), Error> {
+        let e = |name| move |source| Error::Map { name, source };
+        for (k, v) in &g.out_ports {
+            self.out_ports.insert(k, v, 0).map_err(e("OUT_PORTS"))?;
+        }
+        for ((len, k), v) in &g.out_cidrs {
+            self.out_cidrs.insert(&Key::new(*len, *k), v, 0).map_err(e("OUT_CIDRS"))?;
+        }
+        for ((len, k), v) in &g.listeners {
+            self.listeners.insert(&Key::new(*len, *k), v, 0).map_err(e("OUT_LISTENERS"))?;
+        }
+        for (k, v) in &g.in_ports {
+            self.in_ports.insert(k, v, 0).map_err(e("IN_PORTS"))?;
+        }
+        Ok(())
+    }
+
+    fn remove_rules(&mut self, g: &Generation) -> Result<(), Error> {
+        // A missing key is fine: removal is idempotent.
+        for k in g.out_ports.keys() {
+            let _ = self.out_ports.remove(k);
+        }
+        for (len, k) in g.out_cidrs.keys() {
+            let _ = self.out_cidrs.remove(&Key::new(*len, *k));
+        }
+        for (len, k) in g.listeners.keys() {
+            let _ = self.listeners.remove(&Key::new(*len, *k));
+        }
+        for k in g.in_ports.keys() {
+            let _ = self.in_ports.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Policy ids in use by some pod.
+    pub fn live_policies(&self) -> Result<BTreeSet<u32>, Error> {
+        Ok(self.pods()?.into_iter().map(|(_, c)| c.policy).collect())
+    }
+
+    /// Deletes every rule whose policy id no pod uses (after a restart, when the previous
+    /// agent's generations are not in memory). Returns how many entries went.
+    pub fn collect_garbage(&mut self) -> Result<usize, Error> {
+        let live = self.live_policies()?;
+        let mut n = 0;
+        let dead_ports: Vec<_> =
+            self.out_ports.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.policy)).collect();
+        for k in dead_ports {
+            n += usize::from(self.out_ports.remove(&k).is_ok());
+        }
+        let dead_in: Vec<_> =
+            self.in_ports.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.policy)).collect();
+        for k in dead_in {
+            n += usize::from(self.in_ports.remove(&k).is_ok());
+        }
+        let dead_cidrs: Vec<_> = self
+            .out_cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().policy)))
+            .collect();
+        for k in dead_cidrs {
+            n += usize::from(self.out_cidrs.remove(&k).is_ok());
+        }
+        let dead_listeners: Vec<_> = self
+            .listeners
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&u32::from_be_bytes(k.data().policy)))
+            .collect();
+        for k in dead_listeners {
+            n += usize::from(self.listeners.remove(&k).is_ok());
+        }
+        Ok(n)
+    }
+}
+
+/// `(prefix len, port, address, action)` of every listener entry, grouped by policy id.
+pub type ListenerEntries = BTreeMap<u32, Vec<(u32, u16, [u8; 16], u8)>>;
+
+/// Reads `OUT_LISTENERS` whole (for inspection; the kernel never scans it).
+pub fn listeners_by_policy(bpffs: &Path) -> Result<ListenerEntries, Error> {
+    let trie: LpmTrie<MapData, ListenerKey, ListenerRule> = typed!(bpffs, "OUT_LISTENERS");
+    let mut out: ListenerEntries = BTreeMap::new();
+    for kv in trie.iter() {
+        let (k, v) = kv.map_err(|source| Error::Map { name: "OUT_LISTENERS", source })?;
+        let d = k.data();
+        out.entry(u32::from_be_bytes(d.policy)).or_default().push((
+            k.prefix_len(),
+            u16::from_be_bytes(d.port),
+            d.addr,
+            v.action,
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,177 @@
+//! `sidecap inspect`: what the kernel is doing, read straight from the pinned maps, so it
+//! works while the agent is down.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+};
+
+use serde::Serialize;
+use sidecap_common::{LISTENER_FIXED_BITS, PodConfig, action, pod_flags};
+
+use crate::{datapath, netns};
+
+#[derive(Debug, Serialize)]
+pub struct PodView {
+    pub netns_cookie: u64,
+    /// Where the netns was found (`/run/netns/NAME` or `/proc/PID/ns/net`), when found.
+    pub netns: Option<String>,
+    pub policy: u32,
+    pub generation: u32,
+    pub flags: Vec<&'static str>,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub no_listener: &'static str,
+    pub ips: Vec<IpAddr>,
+    pub counters: Counters,
+    /// In the seed article's `ADDR_PORT::ADDR:PORT` form.
+    pub listeners: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Counters {
+    pub captured: u64,
+    pub passthrough: u64,
+    pub dropped: u64,
+    pub inbound_captured: u64,
+    pub dns: u64,
+}
+
+fn action_name(a: u8) -> &'static str {
+    match a {
+        action::CAPTURE => "capture",
+        action::PASSTHROUGH => "passthrough",
+        action::DROP => "drop",
+        _ => "none",
+    }
+}
+
+fn flag_names(f: u32) -> Vec<&'static str> {
+    [
+        (pod_flags::OUTBOUND_CAPTURE, "outbound"),
+        (pod_flags::INCLUDE_ALL_CIDRS, "all-cidrs"),
+        (pod_flags::INBOUND_CAPTURE, "inbound"),
+        (pod_flags::INBOUND_ALL_PORTS, "all-inbound-ports"),
+        (pod_flags::DNS_CAPTURE, "dns"),
+    ]
+    .into_iter()
+    .filter(|(b, _)| f & b != 0)
+    .map(|(_, n)| n)
+    .collect()
+}
+
+pub fn ip_of(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+}
+
+/// Listener name as istiod writes it, from an LPM entry: `0.0.0.0_PORT` for a wildcard,
+/// `VIP_PORT` for an address, `CIDR_PORT` for a prefix.
+pub fn listener_name(prefix: u32, port: u16, addr: [u8; 16]) -> String {
+    let bits = prefix.saturating_sub(LISTENER_FIXED_BITS);
+    if bits == 0 {
+        return format!("0.0.0.0_{port}::0.0.0.0:{port}");
+    }
+    let ip = ip_of(addr);
+    let (shown, bind) = match ip {
+        IpAddr::V4(_) if bits < 128 => (format!("{ip}/{}", bits.saturating_sub(96)), ip.to_string()),
+        IpAddr::V4(_) => (ip.to_string(), ip.to_string()),
+        IpAddr::V6(_) if bits < 128 => (format!("{ip}/{bits}"), format!("[{ip}]")),
+        IpAddr::V6(_) => (ip.to_string(), format!("[{ip}]")),
+    };
+    format!("{shown}_{port}::{bind}:{port}")
+}
+
+/// Netns cookies of the namespaces visible on this host: `/run/netns/*` and processes'.
+fn known_netns() -> BTreeMap<u64, String> {
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let p = e.path();
+            if let Ok(c) = netns::cookie_of_path(&p) {
+                out.entry(c).or_insert_with(|| p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+pub fn collect(bpffs: &Path) -> Result<Vec<PodView>, datapath::Error> {
+    let maps = datapath::Maps::open(bpffs)?;
+    let listeners = datapath::listeners_by_policy(bpffs)?;
+    let names = known_netns();
+    let mut out = Vec::new();
+    for st in maps.states()? {
+        let c: PodConfig = st.config;
+        let ls = listeners
+            .get(&c.policy)
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, _, _, a)| *a == action::CAPTURE)
+                    .map(|(len, port, addr, _)| listener_name(*len, *port, *addr))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(PodView {
+            netns_cookie: st.netns,
+            netns: names.get(&st.netns).cloned(),
+            policy: c.policy,
+            generation: c.generation,
+            flags: flag_names(c.flags),
+            proxy_uid: c.proxy_uid,
+            proxy_gid: c.proxy_gid,
+            outbound_port: c.outbound_port,
+            inbound_port: c.inbound_port,
+            no_listener: action_name(c.default_action),
+            ips: c.ips.iter().take(c.n_ips as usize).map(|a| ip_of(*a)).collect(),
+            counters: Counters {
+                captured: st.counters.captured,
+                passthrough: st.counters.passthrough,
+                dropped: st.counters.dropped,
+                inbound_captured: st.counters.inbound_captured,
+                dns: st.counters.dns,
+            },
+            listeners: ls,
+        });
+    }
+    Ok(out)
+}
+
+pub fn render_text(pods: &[PodView]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if pods.is_empty() {
+        s.push_str("no meshed pods in the maps\n");
+    }
+    for p in pods {
+        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            s,
+            "pod netns {} ({})\n  ips: {}\n  policy {} generation {}  flags: {}  no-listener: {}\n  proxy uid/gid {}/{}  outbound :{}  inbound :{}\n  counters: captured {} passthrough {} dropped {} inbound {} dns {}",
+            p.netns_cookie,
+            p.netns.as_deref().unwrap_or("netns path unknown"),
+            ips.join(", "),
+            p.policy,
+            p.generation,
+            p.flags.join(","),
+            p.no_listener,
+            p.proxy_uid,
+            p.proxy_gid,
+            p.outbound_port,
+            p.inbound_port,
+            p.counters.captured,
+            p.counters.passthrough,
+            p.counters.dropped,
+            p.counters.inbound_captured,
+            p.counters.dns,
+        );
+        let _ = writeln!(s, "  outbound listeners ({}):", p.listeners.len());
+        for l in &p.listeners {
+            let _ = writeln!(s, "    {l}");
+        }
+    }
+    s
+}

@@ -1,0 +1,10 @@
+//! sidecap: the node agent that replaces istio-init's iptables with eBPF.
+//!
+//! Data flows one way: sources (a directory of YAML here) → `sidecap_policy` (pure:
+//! model, selection, listeners, compile) → [`datapath`] (thin: pinned maps and links) → kernel.
+
+// pub mod agent; (waits for the policy crate)
+pub mod cgroup;
+pub mod datapath;
+pub mod inspect;
+pub mod netns;
