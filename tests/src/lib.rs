@@ -6,6 +6,7 @@
 //! that never touch the root netns; only 127/8, ::1, 10.251.0.0/16 and fd00:5ca9::/64 are
 //! ever used; everything is removed on Drop (also when a test panics).
 
+pub mod bpffs;
 pub mod cgroup;
 pub mod haproxy;
 pub mod netns;
@@ -15,6 +16,7 @@ pub mod topology;
 pub mod upstream;
 pub mod util;
 
+pub use bpffs::{BpfPinDir, bpffs_mount};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use haproxy::{Haproxy, HaproxyConfig, HaproxyLogEntry, OutboundBackend};
 pub use netns::{Netns, current_netns_cookie};

@@ -38,8 +38,9 @@ pub fn spawn_in(pod: &Pod, uid: u32, gid: u32, cmd: Command) -> io::Result<Spawn
 
 /// Start `cmd` in `netns` and `cgroup` as `creds`. In the child, before exec: join the
 /// cgroup (write 0 to cgroup.procs), setns(CLONE_NEWNET), drop supplementary groups,
-/// setgid, setuid, and ask for SIGKILL if the spawning thread dies. Any stdio the caller
-/// did not set is captured: stdout/stderr to files in a temp dir, stdin from /dev/null.
+/// setgid, setuid, and ask for SIGKILL if the spawning thread dies (so spawn from the
+/// test's own thread, not a short-lived helper). stdout/stderr always go to files in a
+/// temp dir (read them with [`Spawned::stdout`]/[`Spawned::stderr`]); stdin is /dev/null.
 pub fn spawn_with(netns: &Netns, cgroup: &TestCgroup, creds: Creds, mut cmd: Command) -> io::Result<Spawned> {
     let dir = TempDir::new("proc")?;
     let stdout_path = dir.path().join("stdout");

@@ -293,3 +293,24 @@ fn cleanup_happens_when_a_test_panics() {
         assert!(!p.exists(), "{} left behind after panic", p.display());
     }
 }
+
+#[test]
+fn bpffs_pin_dir_is_removed_with_its_pins() {
+    require_root!();
+    let path;
+    {
+        let d = sidecap_tests::BpfPinDir::new("pins").expect("bpffs pin dir");
+        path = d.path().to_owned();
+        // A real pin: bpftool creates a map pinned inside the dir.
+        let pin = d.path().join("m");
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(["type", "hash", "key", "4", "value", "4", "entries", "4", "name", "sc_test"])
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(pin.exists(), "pinned map at {}", pin.display());
+    }
+    assert!(!path.exists(), "{} left behind", path.display());
+}
