@@ -16,7 +16,7 @@ use sidecap_common::{
     PortRule,
 };
 
-pub use install::{Installed, install, is_installed, uninstall};
+pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, is_installed, pod_links, uninstall};
 pub use maps::{ListenerEntries, Maps, PodState, listeners_by_policy};
 pub use probe::{ProbeError, probe};
 
@@ -35,6 +35,8 @@ pub const MAP_NAMES: &[&str] = &[
     "COUNTERS",
     "DROP_EVENTS",
     "INBOUND_LISTENERS",
+    "POD_ADDRS",
+    "DNS_ORIG",
 ];
 
 /// Cgroup programs: (function name in the object, link pin name, attach type).
@@ -43,7 +45,15 @@ pub const CGROUP_PROGRAMS: &[(&str, &str, u32)] = &[
     ("sidecap_connect6", "connect6", link::attach_type::CGROUP_INET6_CONNECT),
     ("sidecap_sockops", "sockops", link::attach_type::CGROUP_SOCK_OPS),
     ("sidecap_getsockopt", "getsockopt", link::attach_type::CGROUP_GETSOCKOPT),
+    ("sidecap_sendmsg4", "sendmsg4", link::attach_type::CGROUP_UDP4_SENDMSG),
+    ("sidecap_sendmsg6", "sendmsg6", link::attach_type::CGROUP_UDP6_SENDMSG),
+    ("sidecap_recvmsg4", "recvmsg4", link::attach_type::CGROUP_UDP4_RECVMSG),
+    ("sidecap_recvmsg6", "recvmsg6", link::attach_type::CGROUP_UDP6_RECVMSG),
 ];
+
+/// The sk_lookup program: loaded with the others, pinned as a program (`progs/sk_lookup`)
+/// so that any later agent can link it into new pods' netns.
+pub const SK_LOOKUP_PROGRAM: &str = "sidecap_sk_lookup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -33,6 +33,15 @@ fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
 }
 
+fn progs_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("progs")
+}
+
+/// Per-pod sk_lookup links: `links/netns/<cookie>`.
+fn netns_links_dir(bpffs: &Path) -> PathBuf {
+    links_dir(bpffs).join("netns")
+}
+
 pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {
     maps_dir(bpffs).join(name)
 }
@@ -41,10 +50,15 @@ fn link_pin(bpffs: &Path, name: &str) -> PathBuf {
     links_dir(bpffs).join(name)
 }
 
-/// True when every cgroup link is pinned under `bpffs`.
+fn sk_lookup_pin(bpffs: &Path) -> PathBuf {
+    progs_dir(bpffs).join("sk_lookup")
+}
+
+/// True when every cgroup link, map and the sk_lookup program are pinned under `bpffs`.
 pub fn is_installed(bpffs: &Path) -> bool {
     CGROUP_PROGRAMS.iter().all(|(_, l, _)| link_pin(bpffs, l).exists())
         && MAP_NAMES.iter().all(|m| map_pin(bpffs, m).exists())
+        && sk_lookup_pin(bpffs).exists()
 }
 
 fn is_bpffs(dir: &Path) -> bool {
@@ -88,7 +102,8 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
 pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
-    std::fs::create_dir_all(links_dir(bpffs)).map_err(Error::io(links_dir(bpffs)))?;
+    std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
+    std::fs::create_dir_all(progs_dir(bpffs)).map_err(Error::io(progs_dir(bpffs)))?;
 
     let mut out = Installed::default();
     let missing: Vec<_> =
@@ -96,7 +111,7 @@ pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
     for (_, l, _) in CGROUP_PROGRAMS.iter().filter(|p| !missing.contains(p)) {
         out.adopted.push(*l);
     }
-    if missing.is_empty() && MAP_NAMES.iter().all(|m| map_pin(bpffs, m).exists()) {
+    if missing.is_empty() && is_installed(bpffs) {
         return Ok(out);
     }
 
@@ -124,7 +139,48 @@ pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
         super::link::pin(fd.as_fd(), &path).map_err(Error::io(&path))?;
         out.attached.push(*link);
     }
+    let skl = sk_lookup_pin(bpffs);
+    if !skl.exists() {
+        let name = super::SK_LOOKUP_PROGRAM;
+        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
+        let perr = |source| Error::Program { name, source };
+        let Program::SkLookup(p) = program else { return Err(Error::MissingProgram { name }) };
+        p.load().map_err(perr)?;
+        p.pin(&skl).map_err(|e| Error::Io { path: skl.clone(), source: std::io::Error::other(e) })?;
+    }
     Ok(out)
+}
+
+/// Links the sk_lookup program into a pod's netns (idempotent) and pins the link under
+/// `links/netns/<cookie>`, so it outlives the agent and goes away with `detach_pod_netns`.
+pub fn attach_pod_netns(bpffs: &Path, netns_cookie: u64, netns_path: &Path) -> Result<bool, Error> {
+    let pin = netns_links_dir(bpffs).join(netns_cookie.to_string());
+    if pin.exists() {
+        return Ok(false);
+    }
+    let prog = super::link::get(&sk_lookup_pin(bpffs)).map_err(Error::io(sk_lookup_pin(bpffs)))?;
+    let ns = File::open(netns_path).map_err(Error::io(netns_path))?;
+    let fd = super::link::create(prog.as_fd(), ns.as_fd(), super::link::attach_type::SK_LOOKUP)
+        .map_err(|source| Error::Attach { name: super::SK_LOOKUP_PROGRAM, cgroup: netns_path.into(), source })?;
+    super::link::pin(fd.as_fd(), &pin).map_err(Error::io(&pin))?;
+    Ok(true)
+}
+
+/// Removes a pod's sk_lookup link (unpinning the last reference detaches it).
+pub fn detach_pod_netns(bpffs: &Path, netns_cookie: u64) -> Result<bool, Error> {
+    let pin = netns_links_dir(bpffs).join(netns_cookie.to_string());
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::Io { path: pin, source: e }),
+    }
+}
+
+/// Netns cookies that have a pinned sk_lookup link.
+pub fn pod_links(bpffs: &Path) -> Vec<u64> {
+    std::fs::read_dir(netns_links_dir(bpffs))
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// Detaches every link and removes every pin under `bpffs` that sidecap made.
@@ -135,7 +191,7 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>, Error> {
         return Ok(removed);
     }
     // Links first: once unpinned (and no one else holds them) they detach.
-    for dir in [links_dir(bpffs), maps_dir(bpffs)] {
+    for dir in [links_dir(bpffs), progs_dir(bpffs), maps_dir(bpffs)] {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for e in entries {
             let e = e.map_err(Error::io(&dir))?;

@@ -9,6 +9,7 @@ use std::{
 };
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// `enum bpf_attach_type` values (include/uapi/linux/bpf.h).
@@ -16,6 +17,10 @@ pub mod attach_type {
     pub const CGROUP_SOCK_OPS: u32 = 3;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
     pub const CGROUP_INET6_CONNECT: u32 = 11;
+    pub const CGROUP_UDP4_SENDMSG: u32 = 14;
+    pub const CGROUP_UDP6_SENDMSG: u32 = 15;
+    pub const CGROUP_UDP4_RECVMSG: u32 = 19;
+    pub const CGROUP_UDP6_RECVMSG: u32 = 20;
     pub const CGROUP_GETSOCKOPT: u32 = 21;
     pub const SK_LOOKUP: u32 = 36;
 }
@@ -66,4 +71,13 @@ pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
     let mut attr = ObjPinAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// Opens a pinned bpf object (program, link, map).
+pub fn get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    let mut attr = ObjPinAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

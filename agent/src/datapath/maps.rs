@@ -20,6 +20,11 @@ pub struct Maps {
     listeners: LpmTrie<MapData, ListenerKey, ListenerRule>,
     in_ports: HashMap<MapData, InPortKey, InPortRule>,
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
+    pod_addrs: HashMap<MapData, [u8; 16], u64>,
+}
+
+fn pod_ips(c: &PodConfig) -> &[[u8; 16]] {
+    &c.ips[..(c.n_ips as usize).min(c.ips.len())]
 }
 
 /// One pod as the kernel sees it.
@@ -55,6 +60,7 @@ impl Maps {
             listeners: typed!(bpffs, "OUT_LISTENERS"),
             in_ports: typed!(bpffs, "IN_PORTS"),
             counters: typed!(bpffs, "COUNTERS"),
+            pod_addrs: typed!(bpffs, "POD_ADDRS"),
         })
     }
 
@@ -104,9 +110,18 @@ impl Maps {
             // Another writer may have created it meanwhile: that is fine.
             let _ = self.counters.insert(netns, zero, BPF_NOEXIST);
         }
+        for ip in pod_ips(&new.pod) {
+            self.pod_addrs.insert(ip, netns, 0).map_err(|source| Error::Map { name: "POD_ADDRS", source })?;
+        }
+        let previous = self.pod(netns);
         self.pods
             .insert(netns, new.pod, 0)
             .map_err(|source| Error::Map { name: "PODS", source })?;
+        if let Some(prev) = previous {
+            for ip in pod_ips(&prev).iter().filter(|ip| !pod_ips(&new.pod).contains(ip)) {
+                self.forget_addr(ip, netns);
+            }
+        }
         if let Some(old) = old {
             if old.pod.policy != new.pod.policy {
                 self.remove_rules(old)?;
@@ -117,15 +132,28 @@ impl Maps {
 
     /// Forgets a pod: its `PODS` entry first (capture stops), then its rules and counters.
     pub fn remove_pod(&mut self, netns: u64, generation: Option<&Generation>) -> Result<(), Error> {
+        let previous = self.pod(netns);
         match self.pods.remove(&netns) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(Error::Map { name: "PODS", source }),
         }
         let _ = self.counters.remove(&netns);
+        if let Some(prev) = previous {
+            for ip in pod_ips(&prev) {
+                self.forget_addr(ip, netns);
+            }
+        }
         if let Some(g) = generation {
             self.remove_rules(g)?;
         }
         Ok(())
+    }
+
+    /// Drops an address → pod mapping unless another pod took the address meanwhile.
+    fn forget_addr(&mut self, ip: &[u8; 16], netns: u64) {
+        if self.pod_addrs.get(ip, 0).ok() == Some(netns) {
+            let _ = self.pod_addrs.remove(ip);
+        }
     }
 
     fn insert_rules(&mut self, g: &Generation) -> Result<(), Error> {

@@ -6,13 +6,15 @@
 mod addr;
 mod connect;
 mod counters;
+mod dns;
+mod inbound;
 mod maps;
 mod origdst;
 mod outbound;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -27,7 +29,33 @@ pub fn sidecap_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn sidecap_sockops(ctx: SockOpsContext) -> u32 {
+    inbound::on_listen(&ctx);
     origdst::sockops(&ctx)
+}
+
+#[sk_lookup]
+pub fn sidecap_sk_lookup(ctx: SkLookupContext) -> u32 {
+    inbound::sk_lookup(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sidecap_sendmsg4(ctx: SockAddrContext) -> i32 {
+    dns::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sidecap_sendmsg6(ctx: SockAddrContext) -> i32 {
+    dns::sendmsg6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sidecap_recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::recvmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sidecap_recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::recvmsg6(&ctx)
 }
 
 #[cgroup_sockopt(getsockopt)]

@@ -51,3 +51,12 @@ pub static DROP_EVENTS: RingBuf<sidecap_common::DropEvent, { 256 * 1024 }> = Rin
 /// netns cookie → the proxy's inbound listener in that netns (registered at LISTEN).
 #[btf_map]
 pub static INBOUND_LISTENERS: SockHash<u64, 4096> = SockHash::new();
+
+/// A pod address (IPv4-mapped or IPv6) → the pod's netns cookie, so that sk_lookup, which
+/// runs before any socket exists, can tell whose address a connection is for.
+#[btf_map]
+pub static POD_ADDRS: HashMap<[u8; 16], u64, 16384> = HashMap::new();
+
+/// UDP socket cookie → the DNS server the app asked, to restore it on replies.
+#[btf_map]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();

@@ -14,7 +14,7 @@ use sidecap_common::{OrigDst, TupleKey};
 
 use crate::{
     addr::{self, Addr},
-    maps::{ORIG_DST, ORIG_DST_BY_COOKIE},
+    maps::{ORIG_DST, ORIG_DST_BY_COOKIE, PODS},
 };
 
 const AF_INET: u32 = 2;
@@ -138,8 +138,30 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
     };
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The client's view: its local end is our remote end.
-    let od: OrigDst = unsafe { *ORIG_DST.get_ptr(&key(netns, remote, rport, local, lport))? };
+    let od: OrigDst = match ORIG_DST.get_ptr(&key(netns, remote, rport, local, lport)) {
+        Some(od) => unsafe { *od },
+        // Inbound capture (sk_lookup) does no NAT: a socket accepted on one of the pod's
+        // own addresses was addressed to exactly that address.
+        None => inbound_local(netns, &local, lport)?,
+    };
     unsafe { write_sockaddr(so, &od, v6) }
+}
+
+#[inline(always)]
+fn inbound_local(netns: u64, local: &Addr, lport: u16) -> Option<OrigDst> {
+    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    if lport == pod.outbound_port || lport == pod.inbound_port {
+        return None;
+    }
+    let mut i = 0;
+    while i < sidecap_common::MAX_POD_IPS {
+        if i < pod.n_ips as usize && addr::eq(&addr::from_bytes(&pod.ips[i]), local) {
+            let family = if addr::is_v4_mapped(local) { AF_INET } else { AF_INET6 } as u16;
+            return Some(OrigDst { addr: addr::to_bytes(local), port: lport, family, _pad: 0 });
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Writes sockaddr_in (16 bytes) or sockaddr_in6 (28 bytes) into optval.

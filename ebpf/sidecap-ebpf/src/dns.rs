@@ -1,0 +1,142 @@
+//! DNS capture for unconnected UDP (sendmsg/recvmsg): queries to port 53 go to the DNS
+//! proxy on loopback; replies look as if the resolver the app asked had sent them.
+//! (Connected UDP and TCP port 53 are handled by connect4/6.)
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use sidecap_common::{OrigDst, pod_flags};
+
+use crate::{
+    addr::{self, Addr},
+    counters::{self, Counter},
+    maps::{DNS_ORIG, PODS},
+};
+
+const ALLOW: i32 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+#[inline(always)]
+unsafe fn rd(p: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// The DNS port to redirect to, when this socket's pod captures DNS and the caller is the app.
+#[inline(always)]
+fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
+    if port != 53 {
+        return None;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    if pod.flags & pod_flags::DNS_CAPTURE == 0 {
+        return None;
+    }
+    let ids = bpf_get_current_uid_gid();
+    // The DNS proxy itself runs as the proxy user and must reach the real resolver.
+    if ids as u32 == pod.proxy_uid || (ids >> 32) as u32 == pod.proxy_gid {
+        return None;
+    }
+    Some((netns, pod.dns_port))
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, dst: &Addr, port: u16, family: u16) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let od = OrigDst { addr: addr::to_bytes(dst), port, family, _pad: 0 };
+    let _ = DNS_ORIG.insert(cookie, od, 0);
+}
+
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (ip, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let port = u16::from_be(port_be as u16);
+    let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
+    let dst = addr::from_v4(ip);
+    if addr::is_loopback(&dst) {
+        return ALLOW;
+    }
+    remember(ctx, &dst, port, AF_INET);
+    counters::add(netns, Counter::Dns);
+    unsafe {
+        (*sa).user_ip4 = addr::LOCALHOST_V4;
+        (*sa).user_port = to.to_be() as u32;
+    }
+    ALLOW
+}
+
+pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (dst, port_be) = unsafe {
+        let d = &(*sa).user_ip6;
+        ([rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])], (*sa).user_port)
+    };
+    let port = u16::from_be(port_be as u16);
+    let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
+    if addr::is_loopback(&dst) {
+        return ALLOW;
+    }
+    remember(ctx, &dst, port, AF_INET6);
+    counters::add(netns, Counter::Dns);
+    let lo = addr::localhost_like(&dst, true);
+    unsafe {
+        let d = &mut (*sa).user_ip6;
+        core::ptr::write_volatile(&mut d[0], lo[0]);
+        core::ptr::write_volatile(&mut d[1], lo[1]);
+        core::ptr::write_volatile(&mut d[2], lo[2]);
+        core::ptr::write_volatile(&mut d[3], lo[3]);
+        (*sa).user_port = to.to_be() as u32;
+    }
+    ALLOW
+}
+
+/// The resolver to show for a reply from the DNS proxy, if this socket sent to one.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext, src: &Addr, port: u16) -> Option<OrigDst> {
+    if !addr::is_loopback(src) {
+        return None;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    if port != pod.dns_port {
+        return None;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    Some(unsafe { *DNS_ORIG.get_ptr(&cookie)? })
+}
+
+pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (ip, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let Some(od) = restore(ctx, &addr::from_v4(ip), u16::from_be(port_be as u16)) else {
+        return ALLOW;
+    };
+    let a = addr::from_bytes(&od.addr);
+    unsafe {
+        (*sa).user_ip4 = a[3];
+        (*sa).user_port = od.port.to_be() as u32;
+    }
+    ALLOW
+}
+
+pub fn recvmsg6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (src, port_be) = unsafe {
+        let d = &(*sa).user_ip6;
+        ([rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])], (*sa).user_port)
+    };
+    let Some(od) = restore(ctx, &src, u16::from_be(port_be as u16)) else { return ALLOW };
+    let a = addr::from_bytes(&od.addr);
+    unsafe {
+        let d = &mut (*sa).user_ip6;
+        core::ptr::write_volatile(&mut d[0], a[0]);
+        core::ptr::write_volatile(&mut d[1], a[1]);
+        core::ptr::write_volatile(&mut d[2], a[2]);
+        core::ptr::write_volatile(&mut d[3], a[3]);
+        (*sa).user_port = od.port.to_be() as u32;
+    }
+    ALLOW
+}

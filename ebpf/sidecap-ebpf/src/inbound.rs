@@ -1,0 +1,116 @@
+//! Inbound capture without NAT: sockops registers the proxy's inbound listener per netns
+//! at LISTEN; sk_lookup hands connections for captured ports straight to it. The accepted
+//! socket's local address *is* the original destination.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_SOCK_OPS_TCP_LISTEN_CB,
+    helpers::bpf_get_netns_cookie,
+    programs::{SkLookupContext, SockOpsContext},
+};
+use sidecap_common::{InPortKey, action, pod_flags, proto};
+
+use crate::{
+    addr::{self, Addr},
+    counters::{self, Counter},
+    maps::{IN_PORTS, INBOUND_LISTENERS, POD_ADDRS, PODS},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// SockHash key bit for a netns's IPv6 listener (cookies are small counters).
+pub const V6_LISTENER: u64 = 1 << 63;
+const SK_PASS: u32 = 1;
+/// Envoy's IPv6 inbound passthrough source, `::6`.
+const INBOUND_PASSTHROUGH_V6_W3: u32 = u32::from_ne_bytes([0, 0, 0, 6]);
+
+#[inline(always)]
+unsafe fn rd(p: &u32) -> u32 {
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+/// sockops TCP_LISTEN_CB: remember the proxy's inbound listener of each meshed netns.
+pub fn on_listen(ctx: &SockOpsContext) {
+    if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(pod) = PODS.get_ptr(&netns) else { return };
+    let inbound_port = unsafe { (*pod).inbound_port };
+    if ctx.local_port() != inbound_port as u32 {
+        return;
+    }
+    let key = if ctx.family() == AF_INET6 { netns | V6_LISTENER } else { netns };
+    let _ = INBOUND_LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0);
+}
+
+pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
+    let _ = try_sk_lookup(ctx);
+    // Always pass: either we assigned the proxy's socket, or the normal lookup goes on.
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
+    let l = ctx.lookup;
+    let (family, protocol, lport) = unsafe { ((*l).family, (*l).protocol, (*l).local_port) };
+    if protocol != proto::TCP as u32 {
+        return None;
+    }
+    let (local, remote): (Addr, Addr) = unsafe {
+        match family {
+            AF_INET => (addr::from_v4((*l).local_ip4), addr::from_v4((*l).remote_ip4)),
+            AF_INET6 => {
+                let a = &(*l).local_ip6;
+                let b = &(*l).remote_ip6;
+                (
+                    [rd(&a[0]), rd(&a[1]), rd(&a[2]), rd(&a[3])],
+                    [rd(&b[0]), rd(&b[1]), rd(&b[2]), rd(&b[3])],
+                )
+            }
+            _ => return None,
+        }
+    };
+    let netns = unsafe { *POD_ADDRS.get_ptr(&addr::to_bytes(&local))? };
+    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    if pod.flags & pod_flags::INBOUND_CAPTURE == 0 {
+        return None;
+    }
+    // Envoy's inbound passthrough (127.0.0.6 / ::6) and the pod talking to itself.
+    if addr::eq(&remote, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4))
+        || (remote[0] == 0 && remote[1] == 0 && remote[2] == 0 && remote[3] == INBOUND_PASSTHROUGH_V6_W3)
+        || addr::is_loopback(&remote)
+    {
+        return None;
+    }
+    let mut i = 0;
+    while i < sidecap_common::MAX_POD_IPS {
+        if i < pod.n_ips as usize && addr::eq(&addr::from_bytes(&pod.ips[i]), &remote) {
+            return None;
+        }
+        i += 1;
+    }
+    let rule = IN_PORTS
+        .get_ptr(&InPortKey { policy: pod.policy, port: lport as u16, _pad: 0 })
+        .map(|r| unsafe { (*r).action });
+    let capture = match rule {
+        Some(action::PASSTHROUGH) => false,
+        Some(action::CAPTURE) => true,
+        _ => pod.flags & pod_flags::INBOUND_ALL_PORTS != 0,
+    };
+    if !capture {
+        return None;
+    }
+    // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the
+    // proxy is not up: the connection goes to the app as if uncaptured.
+    let assigned = if family == AF_INET {
+        INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns, 0).is_ok()
+            || INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+    } else {
+        INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+    };
+    if assigned {
+        counters::add(netns, Counter::InboundCaptured);
+    }
+    Some(())
+}
