@@ -1,0 +1,165 @@
+//! Decisions → kernel map entries for one generation (types from `sidecap-common`, meaning
+//! from docs/kernel-contract.md), and the diff between two generations.
+
+mod diff;
+pub mod simulate;
+
+use std::collections::BTreeMap;
+
+use sidecap_common::{
+    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule,
+    MAX_POD_IPS, PodConfig, PortKey, PortRule, action, cidr_flags, defaults, pod_flags, port_flags, proto,
+};
+
+pub use diff::{GenerationDiff, MapDiff, diff};
+
+use crate::engine::{AllowAnyMode, PodPolicy};
+use crate::knobs::{Include, Interception};
+use crate::listeners::ListenerAction;
+use crate::model::cidr::mask;
+use crate::model::{Cidr, OutboundMode};
+
+/// Every map entry of one pod's rule set. LPM keys carry their prefix length next to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Generation {
+    pub pod: PodConfig,
+    pub out_ports: BTreeMap<PortKey, PortRule>,
+    pub out_cidrs: BTreeMap<(u32, CidrKey), CidrRule>,
+    pub listeners: BTreeMap<(u32, ListenerKey), ListenerRule>,
+    pub in_ports: BTreeMap<InPortKey, InPortRule>,
+    /// listener_id → Envoy listener name (`10.96.0.10_53`).
+    pub listener_names: Vec<String>,
+}
+
+pub fn compile(p: &PodPolicy, policy_id: u32, generation: u32) -> Generation {
+    let mut g = Generation { pod: pod_config(p, policy_id, generation), ..Generation::default() };
+    if !p.meshed {
+        return g; // No flags: the kernel leaves every connection alone.
+    }
+    let k = &p.knobs;
+    let pol = policy_id.to_be_bytes();
+
+    for port in &k.exclude_outbound_ports {
+        for pr in [proto::TCP, proto::UDP] {
+            let key = PortKey { policy: policy_id, port: *port, proto: pr, _pad: 0 };
+            g.out_ports.entry(key).or_default().flags |= port_flags::EXCLUDED;
+        }
+    }
+    for port in &k.include_outbound_ports {
+        let key = PortKey { policy: policy_id, port: *port, proto: proto::TCP, _pad: 0 };
+        g.out_ports.entry(key).or_default().flags |= port_flags::INCLUDED;
+    }
+
+    for c in &k.exclude_cidrs {
+        g.out_cidrs.entry(cidr_key(pol, c)).or_default().flags |= cidr_flags::EXCLUDED;
+    }
+    if let Include::List(includes) = &k.include_cidrs {
+        // An include nested in an exclude is dropped, so that longest-prefix match gives
+        // istio-iptables' "excludes first" answer.
+        for c in includes.iter().filter(|c| !k.exclude_cidrs.iter().any(|e| e.covers(c))) {
+            g.out_cidrs.entry(cidr_key(pol, c)).or_default().flags |= cidr_flags::INCLUDED;
+        }
+    }
+
+    for (id, l) in p.listeners.iter().enumerate() {
+        g.listener_names.push(l.name.clone());
+        let act = match l.action {
+            ListenerAction::Capture => action::CAPTURE,
+            ListenerAction::Passthrough => action::PASSTHROUGH,
+        };
+        let rule = ListenerRule { action: act, _pad: [0; 3], listener_id: u32::try_from(id).unwrap_or(u32::MAX) };
+        let mut put = |len: u32, addr: [u8; 16]| {
+            let key = ListenerKey { policy: pol, port: l.port.to_be_bytes(), proto: proto::TCP, _pad: 0, addr };
+            match g.listeners.get(&(len, key)) {
+                // At equal specificity a capturing listener wins (as `listener_for` decides).
+                Some(existing) if existing.action == action::CAPTURE => {}
+                _ => {
+                    g.listeners.insert((len, key), rule);
+                }
+            }
+        };
+        if l.any {
+            put(LISTENER_FIXED_BITS, [0; 16]);
+        } else {
+            for c in &l.prefixes {
+                put(LISTENER_FIXED_BITS + c.mapped_len(), c.mapped_network());
+            }
+        }
+    }
+
+    if k.inbound_capture() {
+        let mut set = |port: u16, act: u8| {
+            g.in_ports.insert(InPortKey { policy: policy_id, port, _pad: 0 }, InPortRule { action: act, _pad: [0; 3] });
+        };
+        match &k.include_inbound_ports {
+            Include::All => {
+                for port in k.inbound_exempt() {
+                    set(port, action::PASSTHROUGH);
+                }
+            }
+            Include::List(ports) => {
+                for port in ports {
+                    set(*port, action::CAPTURE);
+                }
+            }
+        }
+        for i in p.ingress.iter().filter(|i| !i.captured) {
+            set(i.port, action::PASSTHROUGH);
+        }
+        set(defaults::TUNNEL_PORT, action::PASSTHROUGH);
+    }
+    g
+}
+
+fn cidr_key(pol: [u8; 4], c: &Cidr) -> (u32, CidrKey) {
+    let len = c.mapped_len();
+    (CIDR_FIXED_BITS + len, CidrKey { policy: pol, addr: mask(c.mapped_network(), len) })
+}
+
+fn pod_config(p: &PodPolicy, policy_id: u32, generation: u32) -> PodConfig {
+    let k = &p.knobs;
+    let mut flags = 0;
+    if p.meshed {
+        if k.include_cidrs == Include::All {
+            flags |= pod_flags::INCLUDE_ALL_CIDRS;
+        }
+        if k.include_inbound_ports == Include::All {
+            flags |= pod_flags::INBOUND_ALL_PORTS;
+        }
+        if k.dns_capture && k.interception != Interception::None {
+            flags |= pod_flags::DNS_CAPTURE;
+        }
+        if k.inbound_capture() {
+            flags |= pod_flags::INBOUND_CAPTURE;
+        }
+        if k.outbound_capture() {
+            flags |= pod_flags::OUTBOUND_CAPTURE;
+        }
+    }
+    let default_action = match (p.outbound_traffic_policy, p.allow_any) {
+        (OutboundMode::RegistryOnly, _) => action::DROP,
+        (OutboundMode::AllowAny, AllowAnyMode::Passthrough) => action::PASSTHROUGH,
+        (OutboundMode::AllowAny, AllowAnyMode::Capture) => action::CAPTURE,
+    };
+    let mut ips = [[0u8; 16]; MAX_POD_IPS];
+    let mut n = 0;
+    for (slot, ip) in ips.iter_mut().zip(p.ips.iter()) {
+        *slot = Cidr::mapped(*ip);
+        n += 1;
+    }
+    PodConfig {
+        policy: policy_id,
+        flags,
+        generation,
+        proxy_uid: k.proxy_uid,
+        proxy_gid: k.proxy_gid,
+        outbound_port: defaults::OUTBOUND_PORT,
+        inbound_port: defaults::INBOUND_PORT,
+        dns_port: defaults::DNS_PORT,
+        tunnel_port: defaults::TUNNEL_PORT,
+        default_action,
+        n_ips: n,
+        _pad: [0; 2],
+        ips,
+    }
+}

@@ -1,0 +1,230 @@
+//! The outbound listener set istiod builds for a sidecar
+//! (pilot/pkg/networking/core/listener.go `buildSidecarOutboundListeners`,
+//! `buildSidecarOutboundListener`; names from `getListenerName`: `BIND_PORT`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::import::Imported;
+use crate::model::cidr::canonical;
+use crate::model::sidecar::{CaptureMode, EgressListener};
+use crate::model::{Cidr, Protocol};
+use crate::registry::{Registry, Resolution, SvcAddress, SvcPort};
+
+/// What a listener does with a connection it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerAction {
+    /// Through Envoy's outbound port.
+    Capture,
+    /// The listener binds its port itself (captureMode NONE, interception NONE): no redirect.
+    Passthrough,
+}
+
+/// One Envoy outbound listener, and the destinations it receives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutboundListener {
+    /// Envoy's name, e.g. `10.96.0.10_53` or `0.0.0.0_8080`.
+    pub name: String,
+    /// The listener's address (`0.0.0.0` for wildcard and CIDR listeners).
+    pub address: String,
+    pub port: u16,
+    /// Every destination on the port (`0.0.0.0_PORT` for HTTP and address-less services).
+    pub any: bool,
+    /// Otherwise, the prefixes it matches (a VIP is a host prefix).
+    pub prefixes: Vec<Cidr>,
+    pub action: ListenerAction,
+    /// `NS/NAME` of the services behind it, in the order they were added.
+    pub services: Vec<String>,
+}
+
+impl OutboundListener {
+    pub fn matches(&self, ip: IpAddr) -> Option<u32> {
+        if self.any {
+            return Some(0);
+        }
+        self.prefixes.iter().filter(|c| c.contains(ip)).map(Cidr::mapped_len).max().map(|l| l + 1)
+    }
+
+    /// The seed article's form: `NAME::ADDR:PORT`.
+    pub fn seed_line(&self) -> String {
+        let addr = if self.address.contains(':') { format!("[{}]", self.address) } else { self.address.clone() };
+        format!("{}::{}:{}", self.name, addr, self.port)
+    }
+}
+
+struct Entry {
+    listener: OutboundListener,
+    /// Entries from port-specific egress listeners can't be changed by the catch-all.
+    locked: bool,
+}
+
+/// Inputs that differ per pod.
+pub struct BuildContext<'a> {
+    /// `sidecar.istio.io/interceptionMode: NONE`: every listener binds its port.
+    pub interception_none: bool,
+    /// The pod's first IP: headless endpoints equal to it get no listener.
+    pub pod_ip: Option<IpAddr>,
+    /// Each egress listener (None = the implicit `*/*`) with the services it imported.
+    pub egress: Vec<(Option<&'a EgressListener>, Vec<Imported<'a>>)>,
+}
+
+const WILDCARD: &str = "0.0.0.0";
+const LOCALHOST: &str = "127.0.0.1";
+/// Envoy's static (15021, 15090) and virtual (15001, 15006) listeners win over wildcard ones.
+const RESERVED_PORTS: [u16; 4] = [15001, 15006, 15021, 15090];
+
+pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
+    let mut map: BTreeMap<(String, u16), Entry> = BTreeMap::new();
+    let mut order: Vec<(String, u16)> = Vec::new();
+    for (egress, services) in &ctx.egress {
+        let mut bind_to_port = ctx.interception_none;
+        if let Some(e) = egress {
+            if e.capture_mode == CaptureMode::None || e.bind.starts_with("unix://") {
+                bind_to_port = true;
+            }
+        }
+        let bind: Option<String> = match egress {
+            Some(e) if !e.bind.is_empty() => Some(e.bind.clone()),
+            _ if bind_to_port => Some(LOCALHOST.to_string()),
+            _ => None,
+        };
+        if bind.as_deref().is_some_and(|b| b.starts_with("unix://")) {
+            continue; // UDS listeners carry no TCP destination.
+        }
+        let action = if bind_to_port { ListenerAction::Passthrough } else { ListenerAction::Capture };
+        let mut add = |bind: Option<&str>, cidr: Option<Cidr>, port: &SvcPort, svc: &Imported<'_>, lock: bool| {
+            add_listener(&mut map, &mut order, bind, cidr, port, svc, action, lock);
+        };
+        match egress.and_then(|e| e.port.as_ref()) {
+            Some(p) => {
+                let Ok(number) = u16::try_from(p.number) else { continue };
+                if number == 0 {
+                    continue;
+                }
+                let listen = SvcPort { name: p.name.clone(), port: number, protocol: Protocol::parse(&p.protocol) };
+                if conflicts_with_reserved(bind.as_deref(), &listen) {
+                    continue;
+                }
+                for s in services {
+                    add(bind.as_deref(), None, &listen, s, true);
+                }
+            }
+            None => {
+                for e in map.values_mut() {
+                    e.locked = true;
+                }
+                let mut add = |bind: Option<&str>, cidr: Option<Cidr>, port: &SvcPort, svc: &Imported<'_>| {
+                    add_listener(&mut map, &mut order, bind, cidr, port, svc, action, false);
+                };
+                for s in services {
+                    for port in &s.ports {
+                        if conflicts_with_reserved(bind.as_deref(), port) {
+                            continue;
+                        }
+                        let headless = bind.is_none()
+                            && s.svc.resolution == Resolution::Passthrough
+                            && s.svc.address == SvcAddress::Unspecified
+                            && (port.protocol.is_tcp() || port.protocol == Protocol::Unsupported);
+                        if !headless {
+                            add(bind.as_deref(), None, port, s);
+                            continue;
+                        }
+                        let instances = s.svc.endpoints_for(port);
+                        if s.svc.registry != Registry::Kubernetes && instances.is_empty() && !s.svc.has_label_selector {
+                            add(None, None, port, s);
+                            continue;
+                        }
+                        // One listener per endpoint address, except the pod's own.
+                        for ip in instances {
+                            if Some(canonical(ip)) == ctx.pod_ip.map(canonical) {
+                                continue;
+                            }
+                            add(Some(&ip.to_string()), None, port, s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    order.into_iter().filter_map(|k| map.remove(&k)).map(|e| e.listener).collect()
+}
+
+fn conflicts_with_reserved(bind: Option<&str>, port: &SvcPort) -> bool {
+    let wildcard_bound = match bind {
+        Some(b) => b == WILDCARD,
+        None => port.protocol.is_http(),
+    };
+    wildcard_bound && RESERVED_PORTS.contains(&port.port)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_listener(
+    map: &mut BTreeMap<(String, u16), Entry>,
+    order: &mut Vec<(String, u16)>,
+    bind: Option<&str>,
+    _cidr: Option<Cidr>,
+    port: &SvcPort,
+    svc: &Imported<'_>,
+    action: ListenerAction,
+    lock: bool,
+) {
+    if svc.svc.resolution == Resolution::Alias || port.protocol == Protocol::Udp {
+        return; // ExternalName services and UDP ports get no listener.
+    }
+    // Resolve the bind address and what the listener matches.
+    let (address, any, prefix): (String, bool, Option<Cidr>) = match bind {
+        Some(b) => {
+            let prefix = b.parse::<IpAddr>().ok().map(Cidr::host);
+            let any = b == WILDCARD || b == "::";
+            (b.to_string(), any, prefix)
+        }
+        None if port.protocol.is_http() => (WILDCARD.to_string(), true, None),
+        None => match svc.svc.address {
+            SvcAddress::Vip(ip) => (ip.to_string(), false, Some(Cidr::host(ip))),
+            SvcAddress::Cidr(c) => (WILDCARD.to_string(), false, Some(c)),
+            SvcAddress::Unspecified => (WILDCARD.to_string(), true, None),
+        },
+    };
+    // A passthrough (bound) listener owns its port for every destination.
+    let any = any || action == ListenerAction::Passthrough;
+    let key = (address.clone(), port.port);
+    let origin = svc.svc.origin.clone();
+    match map.get_mut(&key) {
+        Some(e) => {
+            if e.locked && !lock {
+                return;
+            }
+            let l = &mut e.listener;
+            l.any |= any;
+            if let Some(p) = prefix {
+                if !l.prefixes.contains(&p) {
+                    l.prefixes.push(p);
+                }
+            }
+            if !l.services.contains(&origin) {
+                l.services.push(origin);
+            }
+        }
+        None => {
+            order.push(key.clone());
+            map.insert(
+                key,
+                Entry {
+                    listener: OutboundListener {
+                        name: format!("{address}_{}", port.port),
+                        address,
+                        port: port.port,
+                        any,
+                        prefixes: prefix.into_iter().collect(),
+                        action,
+                        services: vec![origin],
+                    },
+                    locked: false,
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Which Sidecar governs a pod (pilot/pkg/model/push_context.go `initSidecarScopes`,
+//! `getSidecarScope`).
+
+use std::collections::BTreeMap;
+
+use crate::cluster::{Cluster, Loaded};
+use crate::model::Sidecar;
+
+/// The governing Sidecar and the namespace its `.` means (the pod's, also for a root default).
+#[derive(Clone, Debug)]
+pub struct Selected<'a> {
+    pub sidecar: Option<&'a Loaded<Sidecar>>,
+    pub config_namespace: String,
+    /// True when the Sidecar is the root namespace's mesh-wide default.
+    pub from_root: bool,
+}
+
+/// Sidecars in Istio's order: oldest first (then name, then namespace), and every Sidecar with
+/// a `workloadSelector` (even `{}`) before every Sidecar without one.
+pub fn ordered(cluster: &Cluster) -> Vec<&Loaded<Sidecar>> {
+    let mut all: Vec<&Loaded<Sidecar>> = cluster.sidecars.iter().collect();
+    all.sort_by(|a, b| {
+        let (a, b) = (&a.obj.metadata, &b.obj.metadata);
+        (a.created(), &a.name, a.ns()).cmp(&(b.created(), &b.name, b.ns()))
+    });
+    let (mut with, without): (Vec<_>, Vec<_>) = all.into_iter().partition(|s| s.obj.spec.workload_selector.is_some());
+    with.extend(without);
+    with
+}
+
+/// First match in the pod's namespace wins (selector labels ⊆ pod labels, or no selector);
+/// else the root namespace's first selector-less Sidecar, evaluated in the pod's namespace;
+/// else none (the implicit default, `*/*`).
+pub fn select<'a>(cluster: &'a Cluster, pod_ns: &str, pod_labels: &BTreeMap<String, String>) -> Selected<'a> {
+    let order = ordered(cluster);
+    for s in &order {
+        if s.obj.metadata.ns() != pod_ns {
+            continue;
+        }
+        let matches = match &s.obj.spec.workload_selector {
+            Some(sel) => sel.labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            None => true,
+        };
+        if matches {
+            return Selected { sidecar: Some(s), config_namespace: pod_ns.to_string(), from_root: false };
+        }
+    }
+    let root = &cluster.mesh.root_namespace;
+    let root_default =
+        order.into_iter().find(|s| s.obj.metadata.ns() == root.as_str() && s.obj.spec.workload_selector.is_none());
+    Selected { sidecar: root_default, config_namespace: pod_ns.to_string(), from_root: root_default.is_some() }
+}
