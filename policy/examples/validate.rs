@@ -1,0 +1,5 @@
+fn main() {
+    let args: Vec<std::path::PathBuf> = std::env::args().skip(1).map(Into::into).collect();
+    let mut out = std::io::stdout();
+    std::process::exit(sidecap_policy::cli::validate(&args, &mut out));
+}
