@@ -61,6 +61,17 @@ pub fn compile(p: &PodPolicy, policy_id: u32, generation: u32) -> Generation {
         }
     }
 
+    // A v6 prefix such as `::/0` also spans the v4-mapped space in the trie; a neutral /96
+    // entry keeps IPv4 destinations governed by IPv4 prefixes only.
+    let v6_wide = k.exclude_cidrs.iter().chain(match &k.include_cidrs {
+        Include::List(l) => l.iter(),
+        Include::All => [].iter(),
+    });
+    if v6_wide.into_iter().any(Cidr::covers_v4_mapped_space) {
+        let space = Cidr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)), 96);
+        g.out_cidrs.entry(cidr_key(pol, &space)).or_default();
+    }
+
     for (id, l) in p.listeners.iter().enumerate() {
         g.listener_names.push(l.name.clone());
         let act = match l.action {

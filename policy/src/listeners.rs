@@ -45,7 +45,7 @@ impl OutboundListener {
         if self.any {
             return Some(0);
         }
-        self.prefixes.iter().filter(|c| c.contains(ip)).map(Cidr::mapped_len).max().map(|l| l + 1)
+        self.prefixes.iter().filter(|c| c.contains_mapped(ip)).map(Cidr::mapped_len).max().map(|l| l + 1)
     }
 
     /// The seed article's form: `NAME::ADDR:PORT`.

@@ -18,6 +18,29 @@ pub enum CidrError {
 }
 
 impl Cidr {
+    /// A prefix; an IPv4-mapped IPv6 address with a length ≥ 96 becomes the IPv4 prefix it is.
+    pub fn new(addr: IpAddr, len: u8) -> Cidr {
+        match addr {
+            IpAddr::V6(v6) if len >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr { addr: IpAddr::V4(v4), len: (len - 96).min(32) },
+                None => Cidr { addr, len: len.min(128) },
+            },
+            IpAddr::V6(_) => Cidr { addr, len: len.min(128) },
+            IpAddr::V4(_) => Cidr { addr, len: len.min(32) },
+        }
+    }
+
+    /// True for an IPv6 prefix that also covers `::ffff:0:0/96` in the maps' address space
+    /// (e.g. `::/0`), which must not capture or exclude IPv4 destinations.
+    pub fn covers_v4_mapped_space(&self) -> bool {
+        self.addr.is_ipv6() && self.len < 96 && mask(V4_MAPPED_SPACE, u32::from(self.len)) == self.mapped_network()
+    }
+
+    /// Containment in the maps' 128-bit space, as the kernel's LPM trie sees it.
+    pub fn contains_mapped(&self, ip: IpAddr) -> bool {
+        mask(Self::mapped(canonical(ip)), self.mapped_len()) == self.mapped_network()
+    }
+
     pub fn host(addr: IpAddr) -> Cidr {
         let len = if addr.is_ipv4() { 32 } else { 128 };
         Cidr { addr, len }
@@ -92,7 +115,7 @@ impl FromStr for Cidr {
         let s = s.trim();
         let bad = || CidrError::Invalid(s.to_string());
         match s.split_once('/') {
-            None => s.parse::<IpAddr>().map(Cidr::host).map_err(|_| bad()),
+            None => s.parse::<IpAddr>().map(|a| Cidr::host(canonical(a))).map_err(|_| bad()),
             Some((a, l)) => {
                 let addr: IpAddr = a.parse().map_err(|_| bad())?;
                 if l.is_empty() || !l.bytes().all(|c| c.is_ascii_digit()) || l.len() > 3 {
@@ -103,7 +126,7 @@ impl FromStr for Cidr {
                 if len > max {
                     return Err(bad());
                 }
-                Ok(Cidr { addr, len })
+                Ok(Cidr::new(addr, len))
             }
         }
     }
@@ -120,6 +143,9 @@ impl fmt::Display for Cidr {
         write!(f, "{}/{}", self.addr, self.len)
     }
 }
+
+/// `::ffff:0.0.0.0`, the start of the IPv4-mapped space.
+const V4_MAPPED_SPACE: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
 
 /// Unspecified addresses, used for wildcard listeners.
 pub const V4_ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
