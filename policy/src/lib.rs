@@ -9,6 +9,8 @@ pub mod cli;
 pub mod cluster;
 pub mod compile;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod import;
 pub mod knobs;
 pub mod listeners;
