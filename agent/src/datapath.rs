@@ -9,12 +9,10 @@ pub mod link;
 mod maps;
 mod probe;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::path::PathBuf;
 
-use sidecap_common::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PortKey,
-    PortRule,
-};
+/// One pod's compiled policy: exactly the map entries the kernel reads.
+pub use sidecap_policy::Generation;
 
 pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, is_installed, pod_links, uninstall};
 pub use maps::{ListenerEntries, Maps, PodState, listeners_by_policy};
@@ -80,18 +78,4 @@ impl Error {
         let path = path.into();
         move |source| Error::Io { path, source }
     }
-}
-
-/// One pod's compiled policy: exactly the map entries the kernel will read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Generation {
-    pub pod: PodConfig,
-    pub out_ports: BTreeMap<PortKey, PortRule>,
-    /// (LPM prefix length, key) → rule.
-    pub out_cidrs: BTreeMap<(u32, CidrKey), CidrRule>,
-    /// (LPM prefix length, key) → rule.
-    pub listeners: BTreeMap<(u32, ListenerKey), ListenerRule>,
-    pub in_ports: BTreeMap<InPortKey, InPortRule>,
-    /// listener_id → name ("10.96.0.10_53").
-    pub listener_names: Vec<String>,
 }

@@ -3,7 +3,7 @@
 //! Data flows one way: sources (a directory of YAML here) → `sidecap_policy` (pure:
 //! model, selection, listeners, compile) → [`datapath`] (thin: pinned maps and links) → kernel.
 
-// pub mod agent; (waits for the policy crate)
+pub mod agent;
 pub mod cgroup;
 pub mod datapath;
 pub mod inspect;

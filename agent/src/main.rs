@@ -75,9 +75,9 @@ enum Cmd {
         /// The pod, as NAMESPACE/NAME.
         #[arg(long, value_name = "NS/NAME")]
         pod: String,
-        /// An outbound destination to decide (repeatable).
+        /// An outbound destination to decide (repeatable); IPv6 as `[ADDR]:PORT`.
         #[arg(long = "to", value_name = "ADDR:PORT")]
-        to: Vec<String>,
+        to: Vec<std::net::SocketAddr>,
         /// An inbound port to decide (repeatable).
         #[arg(long, value_name = "PORT")]
         inbound: Vec<u16>,
@@ -105,6 +105,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -150,13 +151,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
         Cmd::Explain { config, pod, to, inbound, output, allow_any } => {
+            let pod: sidecap_policy::PodRef =
+                pod.parse().map_err(|e| anyhow::anyhow!("--pod {pod:?}: {e}"))?;
             let args = sidecap_policy::cli::ExplainArgs {
-                config,
+                config: vec![config],
                 pod,
                 to,
                 inbound,
-                json: matches!(output, Output::Json),
-                engine: engine(allow_any),
+                output: match output {
+                    Output::Json => sidecap_policy::cli::OutputFormat::Json,
+                    Output::Text => sidecap_policy::cli::OutputFormat::Text,
+                },
+                allow_any: engine(allow_any).allow_any,
             };
             sidecap_policy::cli::explain(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)

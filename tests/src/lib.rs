@@ -6,9 +6,11 @@
 //! that never touch the root netns; only 127/8, ::1, 10.251.0.0/16 and fd00:5ca9::/64 are
 //! ever used; everything is removed on Drop (also when a test panics).
 
+pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
 pub mod haproxy;
+pub mod mesh;
 pub mod netns;
 pub mod probe;
 pub mod process;
@@ -17,8 +19,10 @@ pub mod upstream;
 pub mod util;
 
 pub use bpffs::{BpfPinDir, bpffs_mount};
+pub use agent::{Agent, inspect, sidecap, sidecap_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use haproxy::{Haproxy, HaproxyConfig, HaproxyLogEntry, OutboundBackend};
+pub use mesh::MeshDir;
 pub use netns::{Netns, current_netns_cookie};
 pub use probe::{ConnectOpts, ConnectResult, ListenConn, Probe, ProbeListener};
 pub use process::{Creds, Spawned, spawn_in, spawn_with};

@@ -73,6 +73,8 @@ pub struct ConnectOpts {
     /// Default 3000 ms.
     pub timeout_ms: Option<u64>,
     pub udp: bool,
+    /// Keep the connection open this long after connecting, before sending.
+    pub hold_ms: Option<u64>,
 }
 
 impl ConnectOpts {
@@ -93,6 +95,9 @@ impl ConnectOpts {
         }
         if self.udp {
             a.push("--udp".to_owned());
+        }
+        if let Some(h) = self.hold_ms {
+            a.extend(["--hold-ms".to_owned(), h.to_string()]);
         }
         a
     }
@@ -140,12 +145,22 @@ impl Probe {
     /// Run `sc-probe connect TARGET …` in `pod` as `creds` and parse its line. Panics with
     /// the probe's output if it does not print a result (a result with ok=false is returned).
     pub fn connect(&self, pod: &Pod, creds: Creds, target: &str, opts: &ConnectOpts) -> ConnectResult {
+        let mut p = self.start_connect(pod, creds, target, opts);
+        self.finish_connect(&mut p, target, opts)
+    }
+
+    /// Starts `sc-probe connect` without waiting (e.g. to hold connections open at once);
+    /// collect it with [`Probe::finish_connect`].
+    pub fn start_connect(&self, pod: &Pod, creds: Creds, target: &str, opts: &ConnectOpts) -> Spawned {
         check_target(target);
         let mut args = vec!["connect".to_owned(), target.to_owned()];
         args.extend(opts.args());
-        let limit = Duration::from_millis(opts.timeout_ms.unwrap_or(3000) + 5000);
-        let mut p = spawn_in(pod, creds.uid, creds.gid, self.command(&args))
-            .unwrap_or_else(|e| panic!("spawn sc-probe connect {target} in pod {}: {e}", pod.name()));
+        spawn_in(pod, creds.uid, creds.gid, self.command(&args))
+            .unwrap_or_else(|e| panic!("spawn sc-probe connect {target} in pod {}: {e}", pod.name()))
+    }
+
+    pub fn finish_connect(&self, p: &mut Spawned, target: &str, opts: &ConnectOpts) -> ConnectResult {
+        let limit = Duration::from_millis(opts.timeout_ms.unwrap_or(3000) + opts.hold_ms.unwrap_or(0) + 5000);
         let (_, out) = p.finish(limit);
         let line = out.lines().last().unwrap_or("");
         serde_json::from_str(line).unwrap_or_else(|e| {

@@ -96,7 +96,10 @@ impl Syncer {
 
         let mut seen = HashSet::new();
         for pod_ref in cluster.meshed_pods() {
-            let Some(netns_path) = cluster.pod(&pod_ref).and_then(|p| p.netns_path()) else {
+            let Some(netns_path) = cluster
+                .pod(&pod_ref)
+                .and_then(|p| p.metadata.annotations.get(sidecap_policy::knobs::ANN_NETNS).cloned())
+            else {
                 continue;
             };
             report.pods += 1;
@@ -109,7 +112,7 @@ impl Syncer {
                 }
             };
             seen.insert(cookie);
-            match self.sync_pod(&cluster, &pod_ref, cookie) {
+            match self.sync_pod(&cluster, &pod_ref, cookie, std::path::Path::new(&netns_path)) {
                 Ok(true) => report.written += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -133,6 +136,10 @@ impl Syncer {
                 continue;
             }
             let gone = self.managed.remove(&netns);
+            if let Err(e) = datapath::detach_pod_netns(&self.cfg.bpffs, netns) {
+                tracing::error!(netns, error = %e, "removing the pod's sk_lookup link");
+                report.errors += 1;
+            }
             match self.maps.remove_pod(netns, gone.as_ref().map(|m| &m.generation)) {
                 Ok(()) => {
                     report.removed += 1;
@@ -149,7 +156,13 @@ impl Syncer {
     }
 
     /// Returns whether the maps changed.
-    fn sync_pod(&mut self, cluster: &Cluster, pod_ref: &PodRef, netns: u64) -> Result<bool, String> {
+    fn sync_pod(
+        &mut self,
+        cluster: &Cluster,
+        pod_ref: &PodRef,
+        netns: u64,
+        netns_path: &std::path::Path,
+    ) -> Result<bool, String> {
         let policy = sidecap_policy::evaluate(cluster, pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
         if let Some(m) = self.managed.get(&netns) {
             let same = sidecap_policy::compile(&policy, m.generation.pod.policy, m.generation.pod.generation);
@@ -157,16 +170,22 @@ impl Syncer {
                 return Ok(false);
             }
         }
-        let old = self.managed.get(&netns).map(|m| &m.generation);
-        let gen_no = old.map(|g| g.pod.generation.wrapping_add(1)).unwrap_or(1);
+        // Generations continue across agent restarts: the kernel remembers the last one.
+        let last = match self.managed.get(&netns) {
+            Some(m) => Some(m.generation.pod.generation),
+            None => self.maps.pod(netns).map(|c| c.generation),
+        };
+        let gen_no = last.map(|g| g.wrapping_add(1)).unwrap_or(1);
         let id = self.fresh_policy_id();
         let new = sidecap_policy::compile(&policy, id, gen_no);
         let old = self.managed.get(&netns).map(|m| m.generation.clone());
         self.maps.write(netns, &new, old.as_ref()).map_err(|e| e.to_string())?;
+        // Inbound capture needs the sk_lookup program linked into the pod's own netns.
+        datapath::attach_pod_netns(&self.cfg.bpffs, netns, netns_path).map_err(|e| e.to_string())?;
         tracing::info!(
             pod = %pod_ref,
             netns,
-            sidecar = policy.sidecar_name().unwrap_or("(default)"),
+            sidecar = policy.sidecar.as_deref().unwrap_or("(default)"),
             policy = id,
             generation = gen_no,
             listeners = new.listener_names.len(),
@@ -178,7 +197,14 @@ impl Syncer {
 
     /// Deletes rules no pod references (left by a previous agent process).
     pub fn collect_garbage(&mut self) -> Result<usize, datapath::Error> {
-        self.maps.collect_garbage()
+        let live: HashSet<u64> = self.maps.pods()?.into_iter().map(|(n, _)| n).collect();
+        let mut n = 0;
+        for netns in datapath::pod_links(&self.cfg.bpffs) {
+            if !live.contains(&netns) && datapath::detach_pod_netns(&self.cfg.bpffs, netns)? {
+                n += 1;
+            }
+        }
+        Ok(n + self.maps.collect_garbage()?)
     }
 
     /// Logs denied connects, naming the pod and destination, rate-limited.

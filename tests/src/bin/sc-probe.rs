@@ -48,6 +48,8 @@ struct Opts {
     once: bool,
     max_conns: u64,
     max_secs: u64,
+    /// Keep the connection open this long after connecting, before sending.
+    hold: Duration,
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -85,6 +87,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--interval-ms" => o.interval = Duration::from_millis(num(val(a)?, a)?.min(60_000)),
             "--summary-only" => o.summary_only = true,
             "--once" => o.once = true,
+            "--hold-ms" => o.hold = Duration::from_millis(num(val(a)?, a)?.min(60_000)),
             "--max-conns" => o.max_conns = num(val(a)?, a)?.clamp(1, 100_000),
             "--max-secs" => o.max_secs = num(val(a)?, a)?.clamp(1, 3600),
             s if !s.starts_with("--") && o.target.is_none() => o.target = Some(parse_addr(s)?),
@@ -191,6 +194,9 @@ fn connect_once(target: SocketAddr, o: &Opts) -> Value {
         return result("connect", Some(&e), local, None, b"", Some(connect_us));
     }
     let peer = sockname(fd, true);
+    if !o.hold.is_zero() {
+        std::thread::sleep(o.hold);
+    }
     if o.udp {
         let sock = UdpSocket::from(owned);
         let _ = sock.set_nonblocking(false);

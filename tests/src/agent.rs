@@ -1,0 +1,175 @@
+//! Running the real `sidecap` binary against a sandbox: the agent as its own process (so a
+//! test can SIGKILL it), attached to the topology's cgroup, pinning under a test bpffs dir.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::TempDir;
+
+/// The `sidecap` binary: `$SIDECAP_BIN` (set by `cargo xtask test`), else the one built next
+/// to this test executable (`target/<profile>/sidecap`).
+pub fn sidecap_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SIDECAP_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/sidecap
+    let p = exe.parent().and_then(Path::parent).expect("target dir").join("sidecap");
+    assert!(p.exists(), "{} not built: run `cargo xtask test` (or `cargo build -p sidecap`)", p.display());
+    p
+}
+
+/// Runs `sidecap ARGS` to completion (bounded) and returns (exit code, stdout, stderr).
+pub fn sidecap(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(sidecap_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running sidecap {args:?}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `sidecap inspect --output json` parsed.
+pub fn inspect(bpffs: &Path) -> serde_json::Value {
+    try_inspect(bpffs).unwrap_or_else(|e| panic!("sidecap inspect failed: {e}"))
+}
+
+/// Like [`inspect`], but an error (e.g. the agent is still pinning) is returned.
+pub fn try_inspect(bpffs: &Path) -> Result<serde_json::Value, String> {
+    let (code, out, err) = sidecap(&["inspect", "--bpffs", &bpffs.display().to_string(), "--output", "json"]);
+    if code != 0 {
+        return Err(err);
+    }
+    serde_json::from_str(&out).map_err(|e| format!("inspect output is not JSON ({e}): {out}"))
+}
+
+/// A running `sidecap agent`; killed (SIGKILL) on Drop. Its pins stay: the test's
+/// `BpfPinDir` removes them.
+pub struct Agent {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: TempDir,
+    pub bpffs: PathBuf,
+}
+
+impl Agent {
+    pub fn start(cgroup: &Path, bpffs: &Path, config_dir: &Path, extra: &[&str]) -> Agent {
+        let dir = TempDir::new("agent").expect("agent temp dir");
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--config".into(),
+            config_dir.display().to_string(),
+            "--cgroup".into(),
+            cgroup.display().to_string(),
+            "--bpffs".into(),
+            bpffs.display().to_string(),
+            "--poll-interval-ms".into(),
+            "100".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.path().join("agent.log");
+        let mut a = Agent { child: None, args, log, _dir: dir, bpffs: bpffs.into() };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let child = Command::new(sidecap_bin())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting sidecap agent: {e}"));
+        self.child = Some(child);
+    }
+
+    /// Starts the agent again with the same arguments (after `kill9` or `stop`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL, as a crash or OOM kill would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    /// Panics with the agent's log if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                panic!("sidecap agent exited ({st}); log:\n{}", self.log());
+            }
+        }
+    }
+
+    /// Waits until `inspect` shows every netns cookie in `cookies` with at least
+    /// `min_generation`; returns the inspect output.
+    pub fn wait_pods(&mut self, cookies: &[u64], min_generation: u64, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            if let Ok(v) = try_inspect(&self.bpffs) {
+                let ready = cookies.iter().all(|c| {
+                    v.as_array().into_iter().flatten().any(|p| {
+                        p["netns_cookie"].as_u64() == Some(*c)
+                            && p["generation"].as_u64().unwrap_or(0) >= min_generation
+                    })
+                });
+                if ready {
+                    return v;
+                }
+                if Instant::now() >= deadline {
+                    panic!("pods {cookies:?} not in the maps after {timeout:?}; inspect: {v:#}\nagent log:\n{}", self.log());
+                }
+            } else if Instant::now() >= deadline {
+                panic!("agent did not install within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
