@@ -40,6 +40,24 @@ pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    bpffs()?;
+    Ok(())
+}
+
+/// The privileged tests pin under /sys/fs/bpf: mount a bpffs there when the machine has none.
+fn bpffs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(" - ").nth(1).is_some_and(|r| r.starts_with("bpf ")) && l.split_whitespace().nth(4) == Some("/sys/fs/bpf"));
+    if mounted || !is_root() {
+        return Ok(());
+    }
+    eprintln!("setup: mounting a bpf filesystem at /sys/fs/bpf");
+    let st = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
+    if !st.success() {
+        bail!("`mount -t bpf bpf /sys/fs/bpf` failed");
+    }
     Ok(())
 }
 
