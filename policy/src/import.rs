@@ -125,7 +125,7 @@ pub fn import<'a>(
                 chosen.insert(&i.svc.hostname, np);
             }
             Some(ex) => {
-                if np.0 == config_ns || (!ex.1 && np.1 && (np.0 == config_ns || ex.0 != config_ns)) {
+                if np.0 == config_ns || (!ex.1 && np.1 && ex.0 != config_ns) {
                     chosen.insert(&i.svc.hostname, np);
                 }
             }

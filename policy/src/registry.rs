@@ -70,7 +70,7 @@ impl ServiceView {
     pub fn endpoints_for(&self, port: &SvcPort) -> Vec<IpAddr> {
         self.endpoints
             .iter()
-            .filter(|(_, names)| names.is_empty() || names.iter().any(|n| *n == port.name))
+            .filter(|(_, names)| names.is_empty() || names.contains(&port.name))
             .map(|(ip, _)| *ip)
             .collect()
     }

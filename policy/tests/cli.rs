@@ -102,7 +102,7 @@ fn validate_reports_malformed_input_with_file_and_line() {
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(&f, "kind: Sidecar\nmetadata: {name: a, namespace: b}\nspec:\n  egress:\n  - hosts: [\"*/*\"]\n---\nkind: Sidecar\nmetadata: {name: c}\nspec: {egress: [{port: {number: x}}]}\n")
         .unwrap_or_else(|e| panic!("{e}"));
-    let code = cli::validate(&[f.clone()], &mut out);
+    let code = cli::validate(std::slice::from_ref(&f), &mut out);
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out);
     assert_eq!(code, 1, "{text}");

@@ -50,8 +50,21 @@ pub enum LoadError {
     Yaml { file: PathBuf, document: usize, line: usize, message: String },
     #[error("{}:{line}: document {document}: {message}", file.display())]
     Shape { file: PathBuf, document: usize, line: usize, message: String },
-    #[error("{}:{line}: document {document}: {kind} {object}: field {field}: {message}", file.display())]
-    Field { file: PathBuf, document: usize, line: usize, kind: String, object: String, field: String, message: String },
+    #[error(transparent)]
+    Field(Box<FieldError>),
+}
+
+/// A field of a known object that does not have the expected type or value.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}: document {document}: {kind} {object}: field {field}: {message}", file.display())]
+pub struct FieldError {
+    pub file: PathBuf,
+    pub document: usize,
+    pub line: usize,
+    pub kind: String,
+    pub object: String,
+    pub field: String,
+    pub message: String,
 }
 
 impl LoadError {
@@ -190,7 +203,7 @@ fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, err
         return;
     }
     if name.is_empty() {
-        return errs.push(LoadError::Field {
+        return errs.push(LoadError::Field(Box::new(FieldError {
             file: src.file.clone(),
             document: src.document,
             line: src.line,
@@ -198,7 +211,7 @@ fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, err
             object,
             field: "metadata.name".into(),
             message: "missing or empty".into(),
-        });
+        })));
     }
     let obj = match kind.as_str() {
         "Sidecar" => typed(value, src, &kind, &object).map(Object::Sidecar),
@@ -218,7 +231,7 @@ fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, err
 fn typed<T: DeserializeOwned>(value: Value, src: &Source, kind: &str, object: &str) -> Result<T, LoadError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
-        LoadError::Field {
+        LoadError::Field(Box::new(FieldError {
             file: src.file.clone(),
             document: src.document,
             line: src.line,
@@ -226,13 +239,13 @@ fn typed<T: DeserializeOwned>(value: Value, src: &Source, kind: &str, object: &s
             object: object.to_string(),
             field,
             message: e.into_inner().to_string(),
-        }
+        }))
     })
 }
 
 /// The `mesh` key of the `istio` ConfigMap: a YAML document of its own.
 pub fn parse_mesh(text: &str, src: &Source, object: &str) -> Result<MeshConfig, LoadError> {
-    let field_err = |field: String, message: String| LoadError::Field {
+    let field_err = |field: String, message: String| LoadError::Field(Box::new(FieldError {
         file: src.file.clone(),
         document: src.document,
         line: src.line,
@@ -240,7 +253,7 @@ pub fn parse_mesh(text: &str, src: &Source, object: &str) -> Result<MeshConfig, 
         object: object.to_string(),
         field,
         message,
-    };
+    }));
     let value: Value = serde_norway::from_str(text).map_err(|e| field_err("data.mesh".into(), e.to_string()))?;
     if value.is_null() {
         return Ok(MeshConfig::default());
