@@ -41,11 +41,13 @@ pub struct OutboundListener {
 }
 
 impl OutboundListener {
+    /// The matched prefix length over the 128-bit mapped address (0 for a wildcard), the same
+    /// ranking the kernel's LPM trie uses.
     pub fn matches(&self, ip: IpAddr) -> Option<u32> {
         if self.any {
             return Some(0);
         }
-        self.prefixes.iter().filter(|c| c.contains_mapped(ip)).map(Cidr::mapped_len).max().map(|l| l + 1)
+        self.prefixes.iter().filter(|c| c.contains_mapped(ip)).map(Cidr::mapped_len).max()
     }
 
     /// The seed article's form: `NAME::ADDR:PORT`.

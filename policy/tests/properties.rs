@@ -209,3 +209,50 @@ fn seed_cluster_compiles_to_the_same_decisions() {
         }
     }
 }
+
+/// Found by the simulator property: a v6 `::/0` prefix and a wildcard listener rank equally
+/// in the trie (same key), so the engine must not rank the prefix higher; capture wins ties.
+#[test]
+fn v6_default_prefix_ties_with_wildcard_and_capture_wins() {
+    let mk = |any: bool, prefixes: Vec<Cidr>, action| OutboundListener {
+        name: "l".into(),
+        address: "0.0.0.0".into(),
+        port: 15008,
+        any,
+        prefixes,
+        action,
+        services: Vec::new(),
+    };
+    let v6_all = Cidr::new("2001:db8::1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0);
+    let mut p = PodPolicy {
+        pod: PodRef::new("ns", "pod"),
+        sidecar: None,
+        outbound_traffic_policy: OutboundMode::RegistryOnly,
+        allow_any: AllowAnyMode::Passthrough,
+        listeners: vec![mk(true, Vec::new(), ListenerAction::Capture), mk(false, vec![v6_all], ListenerAction::Passthrough)],
+        services: Vec::new(),
+        knobs: Knobs {
+            interception: Interception::Redirect,
+            include_cidrs: Include::All,
+            exclude_cidrs: Vec::new(),
+            include_outbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            include_inbound_ports: Include::All,
+            exclude_inbound_ports: Vec::new(),
+            status_port: 15020,
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            dns_capture: false,
+        },
+        ingress: Vec::new(),
+        ips: Vec::new(),
+        netns: None,
+        meshed: true,
+    };
+    let dst = common::addr("10.0.0.1:15008");
+    assert_eq!(p.decide_outbound(dst).action, Action::Capture);
+    assert_eq!(simulate::outbound(&compile(&p, 0, 1), dst, proto::TCP), Action::Capture);
+    p.listeners.reverse();
+    assert_eq!(p.decide_outbound(dst).action, Action::Capture);
+    assert_eq!(simulate::outbound(&compile(&p, 0, 1), dst, proto::TCP), Action::Capture);
+}
