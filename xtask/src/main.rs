@@ -97,7 +97,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: not root: privileged end-to-end tests will report themselves skipped");
     }
     let mut c = cargo();
-    c.args(["test", "--workspace", "--exclude", "sidecap-ebpf"]);
+    c.args(["test", "--workspace", "--exclude", "sidecap-ebpf", "--no-fail-fast"]);
     c.env("SIDECAP_BIN", workspace_root().join("target/debug/sidecap"));
     if !extra.is_empty() {
         c.arg("--").args(extra);

@@ -28,6 +28,12 @@ pub fn is_loopback(a: &Addr) -> bool {
     a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == LOOPBACK_V6_W3
 }
 
+/// 127.0.0.1 (also v4-mapped) or ::1: where the iptables rules say `-d 127.0.0.1/32`.
+#[inline(always)]
+pub fn is_localhost(a: &Addr) -> bool {
+    (is_v4_mapped(a) && a[3] == LOCALHOST_V4) || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == LOOPBACK_V6_W3)
+}
+
 #[inline(always)]
 pub fn eq(a: &Addr, b: &Addr) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]

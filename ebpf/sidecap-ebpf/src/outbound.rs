@@ -56,27 +56,31 @@ fn is_pod_ip(pod: &PodConfig, a: &Addr) -> bool {
 
 #[inline(always)]
 pub fn decide(pod: &PodConfig, c: &Connect) -> Verdict {
-    // 1. Envoy's inbound passthrough source and the proxy itself (ISTIO_OUTPUT's owner rules).
+    // 1. Excluded outbound ports: the very first ISTIO_OUTPUT rules, before even the
+    //    proxy's own exemptions.
+    let port_key = PortKey { policy: pod.policy, port: c.port, proto: c.proto, _pad: 0 };
+    let port_rule = OUT_PORTS.get_ptr(&port_key).map(|p| unsafe { (*p).flags }).unwrap_or(0);
+    if port_rule & port_flags::EXCLUDED != 0 {
+        return Verdict::Passthrough;
+    }
+
+    // 2. Envoy's inbound passthrough source and the proxy itself (the owner rules): the
+    //    proxy calling its own pod (`-o lo ! -d 127.0.0.1`) goes through inbound.
     if addr::eq(&c.bound_src, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4)) {
         return Verdict::Untouched;
     }
     if c.uid == pod.proxy_uid || c.gid == pod.proxy_gid {
-        if c.proto == proto::TCP && c.port != pod.tunnel_port && is_pod_ip(pod, &c.dst) {
+        let dns_port = pod.flags & pod_flags::DNS_CAPTURE != 0 && c.port == 53;
+        let local = (addr::is_loopback(&c.dst) && !addr::is_localhost(&c.dst)) || is_pod_ip(pod, &c.dst);
+        if c.proto == proto::TCP && c.port != pod.tunnel_port && !dns_port && local {
             return Verdict::Redirect { port: pod.inbound_port, kind: RedirectKind::ProxyToSelf };
         }
         return Verdict::Untouched;
     }
 
-    // 2. DNS capture.
+    // 3. DNS capture (ISTIO_OUTPUT_DNS), for every destination, loopback included.
     if pod.flags & pod_flags::DNS_CAPTURE != 0 && c.port == 53 {
         return Verdict::Redirect { port: pod.dns_port, kind: RedirectKind::Dns };
-    }
-
-    // 3. Excluded outbound ports.
-    let port_key = PortKey { policy: pod.policy, port: c.port, proto: c.proto, _pad: 0 };
-    let port_rule = OUT_PORTS.get_ptr(&port_key).map(|p| unsafe { (*p).flags }).unwrap_or(0);
-    if port_rule & port_flags::EXCLUDED != 0 {
-        return Verdict::Passthrough;
     }
 
     // 4. Loopback and the pod's own addresses.

@@ -67,14 +67,14 @@ pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
     let ip = canonical(dst.ip());
     let addr = Cidr::mapped(ip);
     let port = dst.port();
-    // 2. DNS capture.
-    if pod.flags & pod_flags::DNS_CAPTURE != 0 && port == 53 {
-        return Action::Capture;
-    }
-    // 3. Excluded ports.
+    // 1. Excluded ports (first, as in istio-iptables' ISTIO_OUTPUT).
     let port_rule = g.out_ports.get(&PortKey { policy: pod.policy, port, proto: l4, _pad: 0 });
     if port_rule.is_some_and(|r| r.flags & port_flags::EXCLUDED != 0) {
         return Action::Passthrough;
+    }
+    // 3. DNS capture.
+    if pod.flags & pod_flags::DNS_CAPTURE != 0 && port == 53 {
+        return Action::Capture;
     }
     // 4. Loopback and the pod's own addresses.
     let loopback = match ip {

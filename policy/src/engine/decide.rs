@@ -32,11 +32,12 @@ impl PodPolicy {
         if !self.meshed {
             return Decision::new(Action::Passthrough, "pod is not meshed (no istio-proxy with sidecar.istio.io/status)");
         }
-        if k.interception != Interception::None && k.dns_capture && port == 53 {
-            return Decision::new(Action::Capture, format!("DNS capture: port 53 to 127.0.0.1:{}", sidecap_common::defaults::DNS_PORT));
-        }
+        // istio-iptables: the excluded-port RETURNs are the first ISTIO_OUTPUT rules.
         if k.exclude_outbound_ports.contains(&port) {
             return Decision::new(Action::Passthrough, format!("excludeOutboundPorts has {port}"));
+        }
+        if k.interception != Interception::None && k.dns_capture && port == 53 {
+            return Decision::new(Action::Capture, format!("DNS capture: port 53 to 127.0.0.1:{}", sidecap_common::defaults::DNS_PORT));
         }
         if is_loopback(ip) {
             return Decision::new(Action::Passthrough, format!("loopback destination {ip}"));
