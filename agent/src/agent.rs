@@ -11,7 +11,10 @@ use std::{
 
 pub use sync::{Syncer, SyncReport};
 
-use crate::datapath;
+use crate::{
+    datapath,
+    source::{Source, dir::DirSource},
+};
 
 /// The agent's configuration, parsed from flags into a pure struct.
 #[derive(Debug, Clone)]
@@ -21,6 +24,9 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub engine: sidecap_policy::EngineOptions,
     pub poll_interval: Duration,
+    /// Re-apply the last good snapshot this often even without a change (pods whose
+    /// netns appeared late, maps edited behind the agent's back).
+    pub resync_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,39 +62,56 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         "programs in place"
     );
     let mut syncer = Syncer::new(cfg, datapath::Maps::open(&cfg.bpffs)?)?;
-    let mut first = true;
+    let mut source: Box<dyn Source> = Box::new(DirSource::new(&cfg.config_dir));
+    tracing::info!(source = %source.describe(), "watching");
+    let mut last_good = None;
+    let mut last_error: Option<String> = None;
+    let mut last_apply = std::time::Instant::now();
+    let mut collected = false;
     while !STOP.load(Ordering::SeqCst) {
-        let report = syncer.sync();
-        if first || report.changed() {
-            tracing::info!(
-                pods = report.pods,
-                written = report.written,
-                removed = report.removed,
-                errors = report.errors,
-                "synced"
-            );
-        }
-        if first {
-            match syncer.collect_garbage() {
-                Ok(n) if n > 0 => tracing::info!(entries = n, "removed rules left by a previous run"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        let update = source.next(cfg.poll_interval);
+        let fresh = match update {
+            Some(Ok(cluster)) => {
+                last_error = None;
+                last_good = Some(cluster);
+                true
             }
-            first = false;
+            Some(Err(msg)) => {
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(error = %msg, "configuration rejected; previous policy stays in force");
+                    last_error = Some(msg);
+                }
+                false
+            }
+            None => false,
+        };
+        let due = last_apply.elapsed() >= cfg.resync_interval;
+        if let Some(cluster) = last_good.as_ref().filter(|_| fresh || due) {
+            let report = syncer.apply(cluster);
+            last_apply = std::time::Instant::now();
+            if fresh || report.changed() {
+                tracing::info!(
+                    pods = report.pods,
+                    written = report.written,
+                    removed = report.removed,
+                    errors = report.errors,
+                    "synced"
+                );
+            }
+            // Once the first complete view is applied, whatever a previous agent left
+            // and no pod uses any more can go.
+            if !collected {
+                collected = true;
+                match syncer.collect_garbage() {
+                    Ok(n) if n > 0 => tracing::info!(entries = n, "removed state left by a previous run"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            }
         }
         syncer.drain_drop_events();
-        sleep_unless_stopped(cfg.poll_interval);
     }
     tracing::info!("stopping; capture stays in place (pinned)");
     Ok(())
 }
 
-fn sleep_unless_stopped(d: Duration) {
-    let step = Duration::from_millis(50);
-    let mut left = d;
-    while !STOP.load(Ordering::SeqCst) && !left.is_zero() {
-        let s = left.min(step);
-        std::thread::sleep(s);
-        left -= s;
-    }
-}

@@ -8,3 +8,4 @@ pub mod cgroup;
 pub mod datapath;
 pub mod inspect;
 pub mod netns;
+pub mod source;

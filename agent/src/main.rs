@@ -45,7 +45,8 @@ enum Cmd {
         /// What ALLOW_ANY does with a destination that no outbound listener matches.
         #[arg(long, value_enum, default_value = "passthrough")]
         allow_any: AllowAny,
-        /// How often the configuration directory is re-read, in milliseconds.
+        /// Longest wait for a configuration change before checking again, in milliseconds
+        /// (changes to the directory wake the agent at once through inotify).
         #[arg(long, value_name = "MS", default_value_t = 500)]
         poll_interval_ms: u64,
     },
@@ -129,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bpffs,
                 engine: engine(allow_any),
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                resync_interval: Duration::from_secs(5),
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -25,7 +25,8 @@ pub struct Syncer {
     drops: Option<RingBuf<MapData>>,
     managed: BTreeMap<u64, Managed>,
     next_policy: u32,
-    last_error: Option<String>,
+    /// Last message logged per pod, so a persistent problem is logged once, not every pass.
+    pod_errors: BTreeMap<String, String>,
     drop_log: RateLimit,
 }
 
@@ -63,7 +64,7 @@ impl Syncer {
             drops,
             managed: BTreeMap::new(),
             next_policy,
-            last_error: None,
+            pod_errors: BTreeMap::new(),
             drop_log: RateLimit::new(20, Duration::from_secs(10)),
         })
     }
@@ -74,26 +75,10 @@ impl Syncer {
         id
     }
 
-    /// Reads the source and brings the maps in line. Never leaves a pod half-written:
-    /// a pod whose new policy cannot be built keeps its previous one.
-    pub fn sync(&mut self) -> SyncReport {
+    /// Brings the maps in line with `cluster`. Never leaves a pod half-written: a pod whose
+    /// new policy cannot be built keeps its previous one.
+    pub fn apply(&mut self, cluster: &Cluster) -> SyncReport {
         let mut report = SyncReport::default();
-        let cluster = match Cluster::load_paths(std::slice::from_ref(&self.cfg.config_dir)) {
-            Ok(c) => {
-                self.last_error = None;
-                c
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::error!(error = %msg, "configuration rejected; previous policy stays in force");
-                    self.last_error = Some(msg);
-                }
-                report.errors += 1;
-                return report;
-            }
-        };
-
         let mut seen = HashSet::new();
         for pod_ref in cluster.meshed_pods() {
             let Some(netns_path) = cluster
@@ -106,17 +91,23 @@ impl Syncer {
             let cookie = match netns::cookie_of_path(std::path::Path::new(&netns_path)) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(pod = %pod_ref, error = %e, "pod netns not usable yet");
+                    if self.note_pod_error(&pod_ref, &e.to_string()) {
+                        tracing::warn!(pod = %pod_ref, error = %e, "pod netns not usable yet");
+                    }
                     report.errors += 1;
                     continue;
                 }
             };
             seen.insert(cookie);
-            match self.sync_pod(&cluster, &pod_ref, cookie, std::path::Path::new(&netns_path)) {
-                Ok(true) => report.written += 1,
-                Ok(false) => {}
+            match self.sync_pod(cluster, &pod_ref, cookie, std::path::Path::new(&netns_path)) {
+                Ok(changed) => {
+                    self.pod_errors.remove(&pod_ref.to_string());
+                    report.written += usize::from(changed);
+                }
                 Err(e) => {
-                    tracing::error!(pod = %pod_ref, error = %e, "policy not applied; previous stays in force");
+                    if self.note_pod_error(&pod_ref, &e) {
+                        tracing::error!(pod = %pod_ref, error = %e, "policy not applied; previous stays in force");
+                    }
                     report.errors += 1;
                 }
             }
@@ -153,6 +144,11 @@ impl Syncer {
             }
         }
         report
+    }
+
+    /// Records a pod's problem; true when it is new (worth logging).
+    fn note_pod_error(&mut self, pod: &PodRef, msg: &str) -> bool {
+        self.pod_errors.insert(pod.to_string(), msg.to_string()).as_deref() != Some(msg)
     }
 
     /// Returns whether the maps changed.

@@ -1,0 +1,112 @@
+//! The directory source: YAML files, re-read when they change. inotify wakes the agent at
+//! once; a fingerprint of every file (path, size, mtime) decides whether anything really
+//! changed, which also covers subdirectories and editors that replace files.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use sidecap_policy::Cluster;
+
+use super::Source;
+
+type Fingerprint = BTreeMap<PathBuf, (u64, SystemTime)>;
+
+pub struct DirSource {
+    dir: PathBuf,
+    inotify: Option<OwnedFd>,
+    last: Option<Fingerprint>,
+    synced: bool,
+}
+
+impl DirSource {
+    pub fn new(dir: &Path) -> DirSource {
+        DirSource { dir: dir.to_path_buf(), inotify: watch(dir), last: None, synced: false }
+    }
+}
+
+/// inotify on the directory; None (fall back to polling) if it cannot be set up.
+fn watch(dir: &Path) -> Option<OwnedFd> {
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mask = libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_MODIFY
+        | libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF;
+    if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
+        tracing::warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "inotify unavailable; polling");
+        return None;
+    }
+    Some(fd)
+}
+
+fn fingerprint(dir: &Path, out: &mut Fingerprint, depth: u32) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(md) = std::fs::metadata(&p) else { continue };
+        if md.is_dir() {
+            if depth < 8 {
+                fingerprint(&p, out, depth + 1);
+            }
+        } else {
+            out.insert(p, (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        }
+    }
+}
+
+impl DirSource {
+    /// Blocks until inotify reports something or `timeout` passes; drains the events.
+    fn wait(&self, timeout: Duration) {
+        let Some(fd) = &self.inotify else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        if unsafe { libc::poll(&mut pfd, 1, ms) } > 0 {
+            // Let a burst of writes settle, then drain.
+            std::thread::sleep(Duration::from_millis(20));
+            let mut buf = [0u8; 4096];
+            while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        }
+    }
+}
+
+impl Source for DirSource {
+    fn next(&mut self, timeout: Duration) -> Option<Result<Cluster, String>> {
+        if self.last.is_some() {
+            self.wait(timeout);
+        }
+        let mut fp = Fingerprint::new();
+        fingerprint(&self.dir, &mut fp, 0);
+        if self.last.as_ref() == Some(&fp) {
+            return None;
+        }
+        self.last = Some(fp);
+        let snap = Cluster::load_paths(std::slice::from_ref(&self.dir)).map_err(|e| e.to_string());
+        if snap.is_ok() {
+            self.synced = true;
+        }
+        Some(snap)
+    }
+
+    fn synced(&self) -> bool {
+        self.synced
+    }
+
+    fn describe(&self) -> String {
+        format!("directory {}", self.dir.display())
+    }
+}
