@@ -49,6 +49,9 @@ pub struct HaproxyConfig {
     pub maxconn: u32,
     /// Connect/client/server timeouts.
     pub timeout_ms: u64,
+    /// Outbound routing by original destination, as Envoy routes a service VIP to one of
+    /// its endpoints: (original destination, endpoint).
+    pub routes: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Default for HaproxyConfig {
@@ -62,6 +65,7 @@ impl Default for HaproxyConfig {
             gid: Creds::PROXY.gid,
             maxconn: 64,
             timeout_ms: 5000,
+            routes: Vec::new(),
         }
     }
 }
@@ -92,10 +96,16 @@ defaults
 frontend outbound
     bind 127.0.0.1:{op}
     bind [::1]:{op}
-{guard}    default_backend outbound_dst
+{guard}{routes}    default_backend outbound_dst
 
 backend outbound_dst
 ",
+            routes = self
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, (dst, _))| format!("    use_backend route_{i} if {{ dst {} }} {{ dst_port {} }}\n", dst.ip(), dst.port()))
+                .collect::<String>(),
             maxconn = self.maxconn,
             op = self.outbound_port,
             guard = match self.outbound {
@@ -108,6 +118,9 @@ backend outbound_dst
             OutboundBackend::Server(a) => {
                 let _ = writeln!(c, "    server upstream {a}");
             }
+        }
+        for (i, (_, endpoint)) in self.routes.iter().enumerate() {
+            let _ = write!(c, "\nbackend route_{i}\n    server endpoint {endpoint}\n");
         }
         if let Some(ip) = self.inbound_port {
             let _ = write!(c, "\nfrontend inbound\n    bind 0.0.0.0:{ip}\n");

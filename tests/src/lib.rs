@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
+pub mod differential;
+pub mod fixture;
 pub mod haproxy;
 pub mod mesh;
 pub mod netns;
@@ -22,7 +24,8 @@ pub use bpffs::{BpfPinDir, bpffs_mount};
 pub use agent::{Agent, inspect, sidecap, sidecap_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use haproxy::{Haproxy, HaproxyConfig, HaproxyLogEntry, OutboundBackend};
-pub use mesh::MeshDir;
+pub use fixture::{Mesh, MeshSpec};
+pub use mesh::{MeshDir, ProxyContainer};
 pub use netns::{Netns, current_netns_cookie};
 pub use probe::{ConnectOpts, ConnectResult, ListenConn, Probe, ProbeListener};
 pub use process::{Creds, Spawned, spawn_in, spawn_with};

@@ -75,6 +75,8 @@ pub struct ConnectOpts {
     pub udp: bool,
     /// Keep the connection open this long after connecting, before sending.
     pub hold_ms: Option<u64>,
+    /// Unconnected UDP (sendto/recvfrom); the result's `peer` is the reply's source.
+    pub sendto: bool,
 }
 
 impl ConnectOpts {
@@ -95,6 +97,9 @@ impl ConnectOpts {
         }
         if self.udp {
             a.push("--udp".to_owned());
+        }
+        if self.sendto {
+            a.push("--sendto".to_owned());
         }
         if let Some(h) = self.hold_ms {
             a.extend(["--hold-ms".to_owned(), h.to_string()]);
@@ -219,6 +224,16 @@ impl ProbeListener {
             .lines()
             .filter(|l| l.contains("\"event\":\"conn\""))
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad listen line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Datagrams a `listen --udp` answered: `{local, peer, received}` each.
+    pub fn datagrams(&self) -> Vec<serde_json::Value> {
+        self.proc
+            .stdout()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"datagram\""))
+            .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
 

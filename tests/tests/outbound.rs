@@ -5,56 +5,20 @@
 //! bpffs dir, and HAProxy (`option transparent`, uid 1337) as the pod's sidecar.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
 use sidecap_tests::*;
 
-const SVC: Ipv4Addr = Ipv4Addr::new(10, 251, 100, 10);
-const SVC2: Ipv4Addr = Ipv4Addr::new(10, 251, 100, 20);
-const SVC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x5ca9, 0, 0, 0, 0, 0x100, 0x10);
-const WAIT: Duration = Duration::from_secs(20);
+use sidecap_tests::fixture::{SVC, SVC2, WAIT};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
-/// A sandbox with the agent running on it.
-struct Mesh {
-    topo: Topology,
-    mesh: MeshDir,
-    agent: Agent,
-    // Declared last: dropped after the agent, so pins go once it is dead.
-    pins: BpfPinDir,
-}
-
-impl Mesh {
-    /// Pods `names` (all meshed, in namespace `default`), services `web` (SVC:80,8082),
-    /// `web2` (SVC2:80) and `web6` (SVC6:80); `annotations` go on every pod.
-    fn start(names: &[&str], annotations: &[(&str, &str)]) -> Mesh {
-        let mut b = Topology::builder();
-        for n in names {
-            b = b.pod(n);
-        }
-        let topo = b.service_addr(SVC).service_addr(SVC2).service_addr(SVC6).build().expect("topology");
-        let mesh = MeshDir::new();
-        for p in topo.pods() {
-            mesh.pod(p, "default", &[("app", p.name())], annotations);
-        }
-        mesh.service("default", "web", SVC.into(), &[("tcp-web", 80), ("tcp-alt", 8082)]);
-        mesh.service("default", "web2", SVC2.into(), &[("tcp-web", 80)]);
-        mesh.service("default", "web6", SVC6.into(), &[("tcp-web", 80)]);
-        let pins = BpfPinDir::new("e2e").expect("bpffs pin dir");
-        let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &[]);
-        let cookies: Vec<u64> = topo.pods().iter().map(|p| p.cookie().expect("cookie")).collect();
-        agent.wait_pods(&cookies, 1, WAIT);
-        Mesh { topo, mesh, agent, pins }
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.topo.pod(name)
-    }
+fn mesh(pods: &[&str], annotations: &[(&str, &str)]) -> Mesh {
+    Mesh::start(MeshSpec { pods, annotations, ..Default::default() })
 }
 
 fn probe() -> Probe {
@@ -69,7 +33,7 @@ fn forwarded_to(hp: &Haproxy, dst: SocketAddr) -> Vec<HaproxyLogEntry> {
 #[test]
 fn captured_connect_reaches_upstream_through_haproxy_and_its_original_destination() {
     require_root!();
-    let m = Mesh::start(&["a"], &[]);
+    let m = mesh(&["a"], &[]);
     let a = m.topo.pod("a");
     let up = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
@@ -97,7 +61,7 @@ fn captured_connect_reaches_upstream_through_haproxy_and_its_original_destinatio
     assert_eq!(up.connections().len(), 1);
 
     // The kernel counted it.
-    let v = inspect(&m.pins.path().to_path_buf());
+    let v = inspect(m.pins.path());
     assert_eq!(v[0]["counters"]["captured"], 1, "{v:#}");
 }
 
@@ -106,7 +70,7 @@ fn without_capture_for_the_port_the_client_reaches_the_upstream_directly() {
     require_root!();
     // 8082 is a service port, excluded by the pod's annotation; 8081 has no listener
     // (ALLOW_ANY: passthrough, the seed article's 透传).
-    let m = Mesh::start(&["a"], &[("traffic.sidecar.istio.io/excludeOutboundPorts", "8082")]);
+    let m = mesh(&["a"], &[("traffic.sidecar.istio.io/excludeOutboundPorts", "8082")]);
     let a = m.topo.pod("a");
     let up_excluded = Upstream::start(m.topo.services(), sa(SVC, 8082)).expect("upstream 8082");
     let up_unlisted = Upstream::start(m.topo.services(), sa(SVC, 8081)).expect("upstream 8081");
@@ -122,7 +86,7 @@ fn without_capture_for_the_port_the_client_reaches_the_upstream_directly() {
     }
     std::thread::sleep(Duration::from_millis(200));
     assert!(hp.log_lines().is_empty(), "HAProxy saw uncaptured traffic: {:?}", hp.log_lines());
-    let v = inspect(&m.pins.path().to_path_buf());
+    let v = inspect(m.pins.path());
     assert_eq!(v[0]["counters"]["passthrough"], 2, "{v:#}");
     assert_eq!(v[0]["counters"]["captured"], 0, "{v:#}");
 }
@@ -130,7 +94,7 @@ fn without_capture_for_the_port_the_client_reaches_the_upstream_directly() {
 #[test]
 fn pods_with_identical_loopback_tuples_keep_their_own_original_destinations() {
     require_root!();
-    let m = Mesh::start(&["a", "b"], &[]);
+    let m = mesh(&["a", "b"], &[]);
     let (a, b) = (m.topo.pod("a"), m.topo.pod("b"));
     let _up1 = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream 1");
     let _up2 = Upstream::start(m.topo.services(), sa(SVC2, 80)).expect("upstream 2");
@@ -167,7 +131,7 @@ fn pods_with_identical_loopback_tuples_keep_their_own_original_destinations() {
 #[test]
 fn ipv6_is_captured_like_ipv4() {
     require_root!();
-    let m = Mesh::start(&["a"], &[]);
+    let m = mesh(&["a"], &[]);
     let a = m.topo.pod("a");
     let _up = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream v4");
 
@@ -195,7 +159,7 @@ fn ipv6_is_captured_like_ipv4() {
 #[test]
 fn agent_killed_and_restarted_during_a_connection_loop_loses_no_connect() {
     require_root!();
-    let mut m = Mesh::start(&["a"], &[]);
+    let mut m = mesh(&["a"], &[]);
     let a = m.topo.pod("a");
     let _up = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
@@ -229,7 +193,7 @@ fn agent_killed_and_restarted_during_a_connection_loop_loses_no_connect() {
 #[test]
 fn bpftool_prints_map_field_names() {
     require_root!();
-    let m = Mesh::start(&["a"], &[]);
+    let m = mesh(&["a"], &[]);
     let pods = m.pins.path().join("maps/PODS");
     let out = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
@@ -248,7 +212,7 @@ fn bpftool_prints_map_field_names() {
 #[test]
 fn sigterm_leaves_capture_in_place_and_uninstall_removes_everything() {
     require_root!();
-    let mut m = Mesh::start(&["a"], &[]);
+    let mut m = mesh(&["a"], &[]);
     let a = m.topo.pod("a");
     let _up = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");

@@ -50,6 +50,8 @@ struct Opts {
     max_secs: u64,
     /// Keep the connection open this long after connecting, before sending.
     hold: Duration,
+    /// UDP without connect(): sendto/recvfrom; `peer` is the reply's source address.
+    sendto: bool,
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -87,6 +89,10 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--interval-ms" => o.interval = Duration::from_millis(num(val(a)?, a)?.min(60_000)),
             "--summary-only" => o.summary_only = true,
             "--once" => o.once = true,
+            "--sendto" => {
+                o.sendto = true;
+                o.udp = true;
+            }
             "--hold-ms" => o.hold = Duration::from_millis(num(val(a)?, a)?.min(60_000)),
             "--max-conns" => o.max_conns = num(val(a)?, a)?.clamp(1, 100_000),
             "--max-secs" => o.max_secs = num(val(a)?, a)?.clamp(1, 3600),
@@ -170,7 +176,29 @@ fn bind_for(target: SocketAddr, bind: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Unconnected UDP: what cgroup sendmsg/recvmsg programs see.
+fn sendto_once(target: SocketAddr, o: &Opts) -> Value {
+    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let sock = match UdpSocket::bind(o.bind.unwrap_or(any)) {
+        Ok(s) => s,
+        Err(e) => return result("bind", Some(&e), None, None, b"", None),
+    };
+    let _ = sock.set_read_timeout(Some(o.timeout));
+    let local = sock.local_addr().ok();
+    if let Err(e) = sock.send_to(o.send.as_bytes(), target) {
+        return result("send", Some(&e), local, None, b"", None);
+    }
+    let mut buf = vec![0u8; 65536];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => result("done", None, local, Some(from), &buf[..n], None),
+        Err(e) => result("recv", Some(&e), local, None, b"", None),
+    }
+}
+
 fn connect_once(target: SocketAddr, o: &Opts) -> Value {
+    if o.sendto {
+        return sendto_once(target, o);
+    }
     let deadline = Instant::now() + o.timeout;
     let ty = if o.udp { libc::SOCK_DGRAM } else { libc::SOCK_STREAM };
     let fd = match new_socket(target, ty) {
