@@ -6,7 +6,7 @@ mod pod_ref;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub use load::{LoadError, Loaded, Object, Source, load_documents, load_text};
+pub use load::{LoadError, Loaded, Object, Source, load_documents, load_json, load_text};
 pub use pod_ref::{PodRef, PodRefError};
 
 use crate::model::mesh::ConfigMap;

@@ -164,6 +164,19 @@ pub fn load_text(path: &Path, text: &str) -> (Vec<Loaded<Object>>, Vec<LoadError
     (objs, errs)
 }
 
+/// One object as the Kubernetes API serves it (JSON), typed exactly as a file's document is;
+/// `src` names it in errors. A `kind: List` expands into its items.
+pub fn load_json(value: &serde_json::Value, src: &Source) -> (Vec<Loaded<Object>>, Vec<LoadError>) {
+    let mut objs = Vec::new();
+    let mut errs = Vec::new();
+    match serde_norway::to_value(value) {
+        Ok(v) if v.is_null() => {}
+        Ok(v) => collect_value(v, src, &mut objs, &mut errs, 0),
+        Err(e) => errs.push(LoadError::shape(src, e.to_string())),
+    }
+    (objs, errs)
+}
+
 /// One document's value; `kind: List` is expanded into its items.
 fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, errs: &mut Vec<LoadError>, depth: usize) {
     let Some(map) = value.as_mapping() else {
@@ -318,6 +331,29 @@ mod tests {
         let (objs, errs) = load("kind: List\nitems:\n- kind: Namespace\n  metadata: {name: a}\n- kind: Namespace\n  metadata: {name: b}\n");
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(objs.len(), 2);
+    }
+
+    #[test]
+    fn json_objects_type_as_documents_do() {
+        let src = Source { file: "kubernetes:Sidecar/ns/s".into(), document: 1, line: 1 };
+        let sc = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+            "metadata": {"name": "s", "namespace": "ns", "resourceVersion": "7", "uid": "u"},
+            "spec": {"egress": [{"hosts": ["./*"], "port": {"number": 80, "protocol": "HTTP", "name": "http"}}]},
+        });
+        let (objs, errs) = load_json(&sc, &src);
+        assert!(errs.is_empty(), "{errs:?}");
+        let [Loaded { obj: Object::Sidecar(s), .. }] = objs.as_slice() else { panic!("{objs:?}") };
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s, namespace: ns}\nspec:\n  egress:\n  - hosts: [./*]\n    port: {number: 80, protocol: HTTP, name: http}\n";
+        let (from_yaml, _) = load(yaml);
+        let [Loaded { obj: Object::Sidecar(y), .. }] = from_yaml.as_slice() else { panic!("{from_yaml:?}") };
+        assert_eq!(s.spec, y.spec);
+
+        let bad = serde_json::json!({"kind": "Sidecar", "metadata": {"name": "s", "namespace": "ns"}, "spec": {"egress": [{"port": {"number": "many"}}]}});
+        let (_, errs) = load_json(&bad, &src);
+        let msg = errs.first().map(ToString::to_string).unwrap_or_default();
+        assert!(msg.starts_with("kubernetes:Sidecar/ns/s:1: document 1: Sidecar ns/s: field spec.egress[0].port.number:"), "{msg}");
+        assert!(load_json(&serde_json::Value::Null, &src).0.is_empty());
     }
 
     #[test]
