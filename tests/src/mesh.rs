@@ -13,6 +13,14 @@ pub struct MeshDir {
     dir: TempDir,
 }
 
+/// The istio-proxy container's fields that istio-cni reads (see [`MeshDir::pod_with_proxy`]).
+#[derive(Clone, Debug, Default)]
+pub struct ProxyContainer {
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub env: Vec<(String, String)>,
+}
+
 impl MeshDir {
     pub fn new() -> MeshDir {
         MeshDir { dir: TempDir::new("mesh").expect("mesh config dir") }
@@ -38,6 +46,20 @@ impl MeshDir {
     /// A meshed pod (istio-proxy container + `sidecar.istio.io/status`) in `namespace`,
     /// with the sandbox pod's addresses and netns, labels and extra annotations.
     pub fn pod(&self, pod: &Pod, namespace: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> PathBuf {
+        self.pod_with_proxy(pod, namespace, labels, annotations, &ProxyContainer::default())
+    }
+
+    /// Like [`MeshDir::pod`], with the istio-proxy container's `securityContext`
+    /// (runAsUser/runAsGroup: istio-cni's proxy UID/GID) and `env` (e.g.
+    /// `ISTIO_META_DNS_CAPTURE`).
+    pub fn pod_with_proxy(
+        &self,
+        pod: &Pod,
+        namespace: &str,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        proxy: &ProxyContainer,
+    ) -> PathBuf {
         let mut y = String::new();
         let _ = writeln!(y, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}", pod.name());
         if !labels.is_empty() {
@@ -52,9 +74,25 @@ impl MeshDir {
         for (k, v) in annotations {
             let _ = writeln!(y, "    {k}: {v:?}");
         }
+        y.push_str("spec:\n  containers:\n  - name: app\n  - name: istio-proxy\n");
+        if proxy.run_as_user.is_some() || proxy.run_as_group.is_some() {
+            y.push_str("    securityContext:\n");
+            if let Some(u) = proxy.run_as_user {
+                let _ = writeln!(y, "      runAsUser: {u}");
+            }
+            if let Some(g) = proxy.run_as_group {
+                let _ = writeln!(y, "      runAsGroup: {g}");
+            }
+        }
+        if !proxy.env.is_empty() {
+            y.push_str("    env:\n");
+            for (k, v) in &proxy.env {
+                let _ = writeln!(y, "    - name: {k}\n      value: {v:?}");
+            }
+        }
         let _ = writeln!(
             y,
-            "spec:\n  containers:\n  - name: app\n  - name: istio-proxy\nstatus:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}",
+            "status:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}",
             pod.ipv4(),
             pod.ipv4(),
             pod.ipv6()
