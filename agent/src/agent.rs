@@ -4,22 +4,41 @@
 mod sync;
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 pub use sync::{Syncer, SyncReport};
 
 use crate::{
+    admin::{self, Health},
     datapath,
-    source::{Source, dir::DirSource},
+    metrics::{ErrorLabels, KernelCounters, Metrics, PodNames},
+    source::{
+        Source,
+        dir::DirSource,
+        kube::{self, KubeOptions, KubeSource},
+    },
 };
+
+/// Where the cluster's objects come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A directory of YAML, re-read on change.
+    Dir(PathBuf),
+    /// The Kubernetes API (watchers; this node's pods only).
+    Kubernetes(KubeOptions),
+}
 
 /// The agent's configuration, parsed from flags into a pure struct.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub config_dir: PathBuf,
+    pub source: SourceConfig,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub engine: sidecap_policy::EngineOptions,
@@ -27,6 +46,8 @@ pub struct Config {
     /// Re-apply the last good snapshot this often even without a change (pods whose
     /// netns appeared late, maps edited behind the agent's back).
     pub resync_interval: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: not at all).
+    pub admin_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +56,10 @@ pub enum Error {
     Probe(#[from] datapath::ProbeError),
     #[error(transparent)]
     Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -52,6 +77,16 @@ fn install_signal_handlers() {
 /// Runs until SIGTERM/SIGINT. Capture stays in place after exit (everything is pinned).
 pub fn run(cfg: &Config) -> Result<(), Error> {
     install_signal_handlers();
+    let health = Arc::new(Health::default());
+    health.beat();
+    let names: PodNames = Arc::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    registry.register_collector(Box::new(KernelCounters { bpffs: cfg.bpffs.clone(), names: names.clone() }));
+    if let Some(addr) = cfg.admin_addr {
+        let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone())?;
+        tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
+    }
     datapath::probe(&cfg.cgroup)?;
     let installed = datapath::install(&cfg.bpffs, &cfg.cgroup)?;
     tracing::info!(
@@ -61,8 +96,12 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         attached = ?installed.attached,
         "programs in place"
     );
-    let mut syncer = Syncer::new(cfg, datapath::Maps::open(&cfg.bpffs)?)?;
-    let mut source: Box<dyn Source> = Box::new(DirSource::new(&cfg.config_dir));
+    health.attached.store(true, Ordering::Relaxed);
+    let mut syncer = Syncer::new(cfg, datapath::Maps::open(&cfg.bpffs)?, metrics.clone(), names)?;
+    let mut source: Box<dyn Source> = match &cfg.source {
+        SourceConfig::Dir(dir) => Box::new(DirSource::new(dir)),
+        SourceConfig::Kubernetes(opts) => Box::new(KubeSource::connect(opts.clone())?),
+    };
     tracing::info!(source = %source.describe(), "watching");
     let mut last_good = None;
     let mut last_error: Option<String> = None;
@@ -70,6 +109,8 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     let mut collected = false;
     while !STOP.load(Ordering::SeqCst) {
         let update = source.next(cfg.poll_interval);
+        health.beat();
+        let seen_at = Instant::now();
         let fresh = match update {
             Some(Ok(cluster)) => {
                 last_error = None;
@@ -77,6 +118,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 true
             }
             Some(Err(msg)) => {
+                metrics.sync_errors.get_or_create(&ErrorLabels { kind: "config".into() }).inc();
                 if last_error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(error = %msg, "configuration rejected; previous policy stays in force");
                     last_error = Some(msg);
@@ -88,7 +130,11 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         let due = last_apply.elapsed() >= cfg.resync_interval;
         if let Some(cluster) = last_good.as_ref().filter(|_| fresh || due) {
             let report = syncer.apply(cluster);
-            last_apply = std::time::Instant::now();
+            last_apply = Instant::now();
+            if fresh && report.written + report.removed > 0 {
+                metrics.convergence_seconds.observe(seen_at.elapsed().as_secs_f64());
+            }
+            health.applied.store(true, Ordering::Relaxed);
             if fresh || report.changed() {
                 tracing::info!(
                     pods = report.pods,
@@ -109,6 +155,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 }
             }
         }
+        health.synced.store(source.synced(), Ordering::Relaxed);
         syncer.drain_drop_events();
     }
     tracing::info!("stopping; capture stays in place (pinned)");

@@ -3,9 +3,11 @@
 //! Data flows one way: sources (a directory of YAML here) → `sidecap_policy` (pure:
 //! model, selection, listeners, compile) → [`datapath`] (thin: pinned maps and links) → kernel.
 
+pub mod admin;
 pub mod agent;
 pub mod cgroup;
 pub mod datapath;
 pub mod inspect;
+pub mod metrics;
 pub mod netns;
 pub mod source;

@@ -31,11 +31,22 @@ enum Output {
 enum Cmd {
     /// Run the node agent: attach the programs once, then keep every meshed pod's maps in
     /// step with the configuration. Stopping it leaves capture in place (all state is pinned).
+    #[command(group(clap::ArgGroup::new("source").required(true).multiple(false)))]
     Agent {
         /// Directory of YAML (Pods with a `sidecap.io/netns` annotation, Sidecars, Services,
         /// ServiceEntries, EndpointSlices, Namespaces, the `istio` mesh ConfigMap); re-read on change.
-        #[arg(long, value_name = "DIR")]
-        config: PathBuf,
+        #[arg(long, value_name = "DIR", group = "source")]
+        config: Option<PathBuf>,
+        /// Read the cluster from the Kubernetes API instead: this node's Pods, Sidecars,
+        /// Services, EndpointSlices, ServiceEntries, Namespaces, the `istio` mesh ConfigMap.
+        #[arg(long, group = "source")]
+        kubernetes: bool,
+        /// kubeconfig for --kubernetes [default: $KUBECONFIG or ~/.kube/config, else in-cluster].
+        #[arg(long, value_name = "PATH", requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name for --kubernetes: only pods scheduled here are read [default: $NODE_NAME].
+        #[arg(long, value_name = "NAME", requires = "kubernetes")]
+        node_name: Option<String>,
         /// cgroup v2 directory to attach to [default: the cgroup v2 root, from /proc/self/mountinfo].
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
@@ -49,6 +60,9 @@ enum Cmd {
         /// (changes to the directory wake the agent at once through inotify).
         #[arg(long, value_name = "MS", default_value_t = 500)]
         poll_interval_ms: u64,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address ("off" to disable).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9977")]
+        admin_addr: String,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory.
     Uninstall {
@@ -111,26 +125,59 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sidecap: {e:#}");
+            eprintln!("sidecap: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes on one line, skipping a cause whose text is already shown
+/// (most of our errors name their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, cgroup, bpffs, allow_any, poll_interval_ms } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr } => {
+            let source = match config {
+                Some(dir) => agent::SourceConfig::Dir(dir),
+                None => {
+                    debug_assert!(kubernetes, "clap: --config or --kubernetes");
+                    let node = node_name
+                        .or_else(|| std::env::var("NODE_NAME").ok())
+                        .filter(|n| !n.is_empty())
+                        .context("--kubernetes needs the node's name: --node-name or NODE_NAME")?;
+                    let mut opts = sidecap::source::kube::KubeOptions::new(node);
+                    opts.kubeconfig = kubeconfig;
+                    agent::SourceConfig::Kubernetes(opts)
+                }
+            };
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup::v2_root().context("finding the cgroup v2 root")?,
             };
             let cfg = agent::Config {
-                config_dir: config,
+                source,
                 cgroup,
                 bpffs,
                 engine: engine(allow_any),
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 resync_interval: Duration::from_secs(5),
+                admin_addr: match admin_addr.as_str() {
+                    "off" => None,
+                    a => Some(a.parse().with_context(|| format!("--admin-addr {a:?}: want ADDR:PORT or off"))?),
+                },
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)

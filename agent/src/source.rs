@@ -2,6 +2,7 @@
 //! (`sidecap_policy::Cluster`); the agent diffs what it compiles, not what it reads.
 
 pub mod dir;
+pub mod kube;
 
 use std::time::Duration;
 

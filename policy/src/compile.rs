@@ -146,6 +146,9 @@ fn pod_config(p: &PodPolicy, policy_id: u32, generation: u32) -> PodConfig {
         if k.outbound_capture() {
             flags |= pod_flags::OUTBOUND_CAPTURE;
         }
+        if k.include_has_loopback() {
+            flags |= pod_flags::LOOPBACK_IN_RANGE;
+        }
     }
     let default_action = match (p.outbound_traffic_policy, p.allow_any) {
         (OutboundMode::RegistryOnly, _) => action::DROP,

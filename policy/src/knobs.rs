@@ -201,6 +201,16 @@ impl Knobs {
             && !(self.include_cidrs.is_empty() && self.include_outbound_ports.is_empty())
     }
 
+    /// istio-iptables' `HasLoopBackIP`: an include prefix whose address is loopback
+    /// (tools/istio-iptables/pkg/capture/run.go `separateV4V6`). Then the
+    /// "`-o lo` and not the proxy → RETURN" rule is left out.
+    pub fn include_has_loopback(&self) -> bool {
+        match &self.include_cidrs {
+            Include::List(l) => l.iter().any(|c| c.addr.is_loopback()),
+            Include::All => false,
+        }
+    }
+
     pub fn inbound_capture(&self) -> bool {
         self.interception != Interception::None && !self.include_inbound_ports.is_empty()
     }

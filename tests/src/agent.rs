@@ -74,6 +74,10 @@ impl Agent {
             "--poll-interval-ms".into(),
             "100".into(),
         ];
+        // Tests run agents side by side: an ephemeral admin port unless one is asked for.
+        if !extra.contains(&"--admin-addr") {
+            args.extend(["--admin-addr".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.path().join("agent.log");
         let mut a = Agent { child: None, args, log, _dir: dir, bpffs: bpffs.into() };
@@ -102,6 +106,23 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The admin endpoint's address, from the agent's log (bounded wait).
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(a) = log
+                .lines()
+                .filter(|l| l.contains("serving /metrics"))
+                .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok())
+            {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "no admin endpoint in the agent log:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {

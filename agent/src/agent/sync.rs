@@ -11,7 +11,11 @@ use sidecap_common::{DropEvent, drop_reason};
 use sidecap_policy::{Cluster, Generation, PodRef};
 
 use super::{Config, Error};
-use crate::{datapath, netns};
+use crate::{
+    datapath,
+    metrics::{ErrorLabels, Metrics, PodNames},
+    netns,
+};
 
 /// What the agent knows about one pod it manages.
 struct Managed {
@@ -28,6 +32,8 @@ pub struct Syncer {
     /// Last message logged per pod, so a persistent problem is logged once, not every pass.
     pod_errors: BTreeMap<String, String>,
     drop_log: RateLimit,
+    metrics: Metrics,
+    names: PodNames,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +55,7 @@ impl SyncReport {
 }
 
 impl Syncer {
-    pub fn new(cfg: &Config, maps: datapath::Maps) -> Result<Self, Error> {
+    pub fn new(cfg: &Config, maps: datapath::Maps, metrics: Metrics, names: PodNames) -> Result<Self, Error> {
         let next_policy = maps.live_policies()?.into_iter().max().unwrap_or(0).wrapping_add(1).max(1);
         let drops = Map::from_map_data(
             MapData::from_pin(cfg.bpffs.join("maps/DROP_EVENTS"))
@@ -66,6 +72,8 @@ impl Syncer {
             next_policy,
             pod_errors: BTreeMap::new(),
             drop_log: RateLimit::new(20, Duration::from_secs(10)),
+            metrics,
+            names,
         })
     }
 
@@ -143,6 +151,15 @@ impl Syncer {
                 }
             }
         }
+        self.metrics.pods_managed.set(self.managed.len() as i64);
+        self.metrics.generations_written.inc_by(report.written as u64);
+        self.metrics.pods_removed.inc_by(report.removed as u64);
+        if report.errors > 0 {
+            self.metrics.sync_errors.get_or_create(&ErrorLabels { kind: "pod".into() }).inc_by(report.errors as u64);
+        }
+        if let Ok(mut n) = self.names.lock() {
+            *n = self.managed.iter().map(|(k, m)| (*k, m.pod.to_string())).collect();
+        }
         report
     }
 
@@ -211,6 +228,7 @@ impl Syncer {
                 continue;
             }
             let ev: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            self.metrics.drop_events.inc();
             if !self.drop_log.allow() {
                 continue;
             }

@@ -52,6 +52,9 @@ pub mod pod_flags {
     pub const INBOUND_CAPTURE: u32 = 1 << 3;
     /// Outbound capture is on for this pod (false when nothing is included).
     pub const OUTBOUND_CAPTURE: u32 = 1 << 4;
+    /// includeOutboundIPRanges names a loopback prefix: istio-iptables then omits its
+    /// "loopback, not the proxy → RETURN" rule, so only 127.0.0.1/::1 bypass the ranges.
+    pub const LOOPBACK_IN_RANGE: u32 = 1 << 5;
 }
 
 /// Per-pod configuration: `PODS[netns cookie]`.

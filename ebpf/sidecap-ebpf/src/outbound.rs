@@ -64,15 +64,36 @@ pub fn decide(pod: &PodConfig, c: &Connect) -> Verdict {
         return Verdict::Passthrough;
     }
 
-    // 2. Envoy's inbound passthrough source and the proxy itself (the owner rules): the
-    //    proxy calling its own pod (`-o lo ! -d 127.0.0.1`) goes through inbound.
+    // 2. Envoy's inbound passthrough source and the proxy itself: istio-iptables' owner
+    //    rules, in their order (the uid block, then the gid block).
     if addr::eq(&c.bound_src, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4)) {
         return Verdict::Untouched;
     }
-    if c.uid == pod.proxy_uid || c.gid == pod.proxy_gid {
-        let dns_port = pod.flags & pod_flags::DNS_CAPTURE != 0 && c.port == 53;
-        let local = (addr::is_loopback(&c.dst) && !addr::is_localhost(&c.dst)) || is_pod_ip(pod, &c.dst);
-        if c.proto == proto::TCP && c.port != pod.tunnel_port && !dns_port && local {
+    let uid_match = c.uid == pod.proxy_uid;
+    if uid_match || c.gid == pod.proxy_gid {
+        let dns = pod.flags & pod_flags::DNS_CAPTURE != 0;
+        let lo_routed = addr::is_loopback(&c.dst) || is_pod_ip(pod, &c.dst);
+        // `-o lo ! -d 127.0.0.1 -p tcp ! --dport 15008 … -j ISTIO_IN_REDIRECT`: the proxy
+        // calling its own pod goes through inbound.
+        let self_call = c.proto == proto::TCP
+            && lo_routed
+            && !addr::is_localhost(&c.dst)
+            && c.port != pod.tunnel_port;
+        if uid_match {
+            // The uid rule also spares port 53 under DNS capture.
+            if self_call && !(dns && c.port == 53) {
+                return Verdict::Redirect { port: pod.inbound_port, kind: RedirectKind::ProxyToSelf };
+            }
+            return Verdict::Untouched;
+        }
+        // Only the gid matches: the uid block's "-o lo, not the proxy uid → RETURN" comes
+        // first (left out when loopback is in the include ranges; under DNS capture it
+        // spares TCP port 53).
+        let tcp53 = dns && c.proto == proto::TCP && c.port == 53;
+        if lo_routed && pod.flags & pod_flags::LOOPBACK_IN_RANGE == 0 && !tcp53 {
+            return Verdict::Passthrough;
+        }
+        if self_call {
             return Verdict::Redirect { port: pod.inbound_port, kind: RedirectKind::ProxyToSelf };
         }
         return Verdict::Untouched;
@@ -83,8 +104,12 @@ pub fn decide(pod: &PodConfig, c: &Connect) -> Verdict {
         return Verdict::Redirect { port: pod.dns_port, kind: RedirectKind::Dns };
     }
 
-    // 4. Loopback and the pod's own addresses.
-    if addr::is_loopback(&c.dst) || is_pod_ip(pod, &c.dst) {
+    // 4. Loopback and the pod's own addresses (`-o lo … RETURN`, absent when loopback is
+    //    in the include ranges; `-d 127.0.0.1/32 RETURN` always).
+    if addr::is_localhost(&c.dst) {
+        return Verdict::Passthrough;
+    }
+    if pod.flags & pod_flags::LOOPBACK_IN_RANGE == 0 && (addr::is_loopback(&c.dst) || is_pod_ip(pod, &c.dst)) {
         return Verdict::Passthrough;
     }
 

@@ -82,7 +82,12 @@ pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
         IpAddr::V6(v6) => v6.is_loopback(),
     };
     let n = usize::from(pod.n_ips).min(pod.ips.len());
-    if loopback || pod.ips[..n].contains(&addr) {
+    let localhost = match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6.is_loopback(),
+    };
+    let lo_routed = loopback || pod.ips[..n].contains(&addr);
+    if localhost || (lo_routed && pod.flags & pod_flags::LOOPBACK_IN_RANGE == 0) {
         return Action::Passthrough;
     }
     // 5. Capture range.

@@ -39,11 +39,18 @@ impl PodPolicy {
         if k.interception != Interception::None && k.dns_capture && port == 53 {
             return Decision::new(Action::Capture, format!("DNS capture: port 53 to 127.0.0.1:{}", sidecap_common::defaults::DNS_PORT));
         }
-        if is_loopback(ip) {
+        // `-o lo ! --uid-owner PROXY -j RETURN`, left out when an include range is
+        // loopback; `-d 127.0.0.1/32 -j RETURN` is always there.
+        if is_localhost(ip) {
             return Decision::new(Action::Passthrough, format!("loopback destination {ip}"));
         }
-        if self.ips.iter().any(|p| canonical(*p) == ip) {
-            return Decision::new(Action::Passthrough, format!("the pod's own address {ip}"));
+        if !k.include_has_loopback() {
+            if is_loopback(ip) {
+                return Decision::new(Action::Passthrough, format!("loopback destination {ip}"));
+            }
+            if self.ips.iter().any(|p| canonical(*p) == ip) {
+                return Decision::new(Action::Passthrough, format!("the pod's own address {ip}"));
+            }
         }
         if !k.outbound_capture() {
             let why = if k.interception == Interception::None {
@@ -119,5 +126,13 @@ fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.octets()[0] == 127,
         IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
+
+/// 127.0.0.1 or ::1 (the address the always-present `-d 127.0.0.1/32 RETURN` names).
+fn is_localhost(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST,
     }
 }

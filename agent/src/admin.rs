@@ -1,0 +1,106 @@
+//! The agent's admin endpoint: `/metrics`, `/healthz` (the loop is alive), `/readyz`
+//! (programs attached, source synced, its first snapshot applied). Plain HTTP/1.1 on a
+//! thread of its own: a scrape never blocks the reconciliation loop.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::registry::Registry;
+
+/// What health and readiness are computed from; the loop updates it.
+#[derive(Default, Debug)]
+pub struct Health {
+    pub attached: AtomicBool,
+    pub synced: AtomicBool,
+    pub applied: AtomicBool,
+    /// Unix millis of the loop's last turn.
+    pub heartbeat_ms: AtomicU64,
+}
+
+/// The loop is considered stuck after this long without a turn.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Health {
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn alive(&self) -> bool {
+        now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)) < STUCK_AFTER.as_millis() as u64
+    }
+
+    /// None when ready, else why not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.attached.load(Ordering::Relaxed) {
+            Some("programs not attached yet")
+        } else if !self.synced.load(Ordering::Relaxed) {
+            Some("configuration source not synced yet")
+        } else if !self.applied.load(Ordering::Relaxed) {
+            Some("first snapshot not applied yet")
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("admin endpoint on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Serves until the process exits.
+pub fn serve(addr: SocketAddr, registry: Arc<Mutex<Registry>>, health: Arc<Health>) -> Result<SocketAddr, Error> {
+    let listener = TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = handle(stream, &registry, &health);
+            }
+        })
+        .map_err(|source| Error::Bind { addr, source })?;
+    Ok(local)
+}
+
+fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream.try_clone()?);
+    reader.read_line(&mut line)?;
+    // Drain the headers (bounded by the read timeout).
+    let mut h = String::new();
+    while reader.read_line(&mut h)? > 2 {
+        h.clear();
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            let mut out = String::new();
+            let reg = registry.lock().map_err(|_| std::io::Error::other("registry poisoned"))?;
+            prometheus_client::encoding::text::encode(&mut out, &reg).map_err(std::io::Error::other)?;
+            ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", out)
+        }
+        "/healthz" if health.alive() => ("200 OK", "text/plain", "ok\n".to_string()),
+        "/healthz" => ("503 Service Unavailable", "text/plain", "reconciliation loop stuck\n".to_string()),
+        "/readyz" => match health.not_ready() {
+            None => ("200 OK", "text/plain", "ready\n".to_string()),
+            Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+        },
+        _ => ("404 Not Found", "text/plain", "try /metrics, /healthz, /readyz\n".to_string()),
+    };
+    write!(stream, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+}

@@ -1,0 +1,116 @@
+//! Prometheus metrics: the agent's own (pods, generations, errors, convergence) and, read
+//! from the kernel's per-CPU counters at scrape time, each pod's connection counts.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+use crate::datapath;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `config` (a snapshot rejected), `pod` (one pod's policy not applied), `kernel`.
+    pub kind: String,
+}
+
+/// The agent's own metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub pods_managed: Gauge,
+    pub generations_written: Counter,
+    pub pods_removed: Counter,
+    pub sync_errors: Family<ErrorLabels, Counter>,
+    /// Seconds from a source change being seen to the maps holding it.
+    pub convergence_seconds: Histogram,
+    pub drop_events: Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            pods_managed: Gauge::default(),
+            generations_written: Counter::default(),
+            pods_removed: Counter::default(),
+            sync_errors: Family::default(),
+            convergence_seconds: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            drop_events: Counter::default(),
+        };
+        registry.register("sidecap_pods_managed", "Meshed pods whose policy is in the kernel", m.pods_managed.clone());
+        registry.register(
+            "sidecap_policy_generations_written",
+            "Pod policy generations written to the maps",
+            m.generations_written.clone(),
+        );
+        registry.register("sidecap_pods_removed", "Pods whose state was removed", m.pods_removed.clone());
+        registry.register("sidecap_sync_errors", "Problems that left the previous policy in force", m.sync_errors.clone());
+        registry.register(
+            "sidecap_convergence_seconds",
+            "Time from a configuration change to the maps updated",
+            m.convergence_seconds.clone(),
+        );
+        registry.register("sidecap_drop_events", "Denied connects reported by the kernel", m.drop_events.clone());
+        m
+    }
+}
+
+/// netns cookie → "namespace/name", kept by the agent for labels.
+pub type PodNames = Arc<Mutex<BTreeMap<u64, String>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+    action: &'static str,
+}
+
+/// Reads `COUNTERS` from the pinned maps on every scrape.
+#[derive(Debug)]
+pub struct KernelCounters {
+    pub bpffs: PathBuf,
+    pub names: PodNames,
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(states) = datapath::Maps::open(&self.bpffs).and_then(|m| m.states()) else {
+            return Ok(());
+        };
+        let names = self.names.lock().map(|n| n.clone()).unwrap_or_default();
+        let mut family = encoder.encode_descriptor(
+            "sidecap_pod_connections",
+            "Connections per pod and decision, counted in the kernel",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for st in states {
+            let who = names.get(&st.netns).cloned().unwrap_or_else(|| format!("unknown/netns-{}", st.netns));
+            let (namespace, pod) = who.split_once('/').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+            let c = st.counters;
+            for (action, v) in [
+                ("captured", c.captured),
+                ("passthrough", c.passthrough),
+                ("dropped", c.dropped),
+                ("inbound_captured", c.inbound_captured),
+                ("dns", c.dns),
+            ] {
+                let labels = PodLabels { namespace: namespace.clone(), pod: pod.clone(), action };
+                ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
