@@ -35,6 +35,7 @@ pub const MAP_NAMES: &[&str] = &[
     "INBOUND_LISTENERS",
     "POD_ADDRS",
     "DNS_ORIG",
+    "POD_NAMES",
 ];
 
 /// Cgroup programs: (function name in the object, link pin name, attach type).

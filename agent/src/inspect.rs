@@ -14,6 +14,8 @@ use crate::{datapath, netns};
 
 #[derive(Debug, Serialize)]
 pub struct PodView {
+    /// `namespace/name`, as the agent recorded it.
+    pub pod: Option<String>,
     pub netns_cookie: u64,
     /// Where the netns was found (`/run/netns/NAME` or `/proc/PID/ns/net`), when found.
     pub netns: Option<String>,
@@ -99,12 +101,16 @@ fn known_netns() -> BTreeMap<u64, String> {
     out
 }
 
-pub fn collect(bpffs: &Path) -> Result<Vec<PodView>, datapath::Error> {
+/// Every pod in the maps, or only `only` (`namespace/name`).
+pub fn collect(bpffs: &Path, only: Option<&str>) -> Result<Vec<PodView>, datapath::Error> {
     let maps = datapath::Maps::open(bpffs)?;
     let listeners = datapath::listeners_by_policy(bpffs)?;
     let names = known_netns();
     let mut out = Vec::new();
     for st in maps.states()? {
+        if only.is_some() && st.name.as_deref() != only {
+            continue;
+        }
         let c: PodConfig = st.config;
         let ls = listeners
             .get(&c.policy)
@@ -116,6 +122,7 @@ pub fn collect(bpffs: &Path) -> Result<Vec<PodView>, datapath::Error> {
             })
             .unwrap_or_default();
         out.push(PodView {
+            pod: st.name.clone(),
             netns_cookie: st.netns,
             netns: names.get(&st.netns).cloned(),
             policy: c.policy,
@@ -150,7 +157,8 @@ pub fn render_text(pods: &[PodView]) -> String {
         let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             s,
-            "pod netns {} ({})\n  ips: {}\n  policy {} generation {}  flags: {}  no-listener: {}\n  proxy uid/gid {}/{}  outbound :{}  inbound :{}\n  counters: captured {} passthrough {} dropped {} inbound {} dns {}",
+            "pod {} (netns {}, {})\n  ips: {}\n  policy {} generation {}  flags: {}  no-listener: {}\n  proxy uid/gid {}/{}  outbound :{}  inbound :{}\n  counters: captured {} passthrough {} dropped {} inbound {} dns {}",
+            p.pod.as_deref().unwrap_or("(name unknown)"),
             p.netns_cookie,
             p.netns.as_deref().unwrap_or("netns path unknown"),
             ips.join(", "),

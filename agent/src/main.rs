@@ -75,6 +75,9 @@ enum Cmd {
         bpffs: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+        /// Only this pod (NAMESPACE/NAME).
+        #[arg(long, value_name = "NS/NAME")]
+        pod: Option<String>,
     },
     /// Validate Sidecar resources with Istio's rules: one line per Sidecar (`NS/NAME: ok`,
     /// `NS/NAME: warning: MSG`, `NS/NAME: error: MSG`); exit 1 on any error.
@@ -187,8 +190,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("removed {} pins under {}", removed.len(), bpffs.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Inspect { bpffs, output } => {
-            let pods = inspect::collect(&bpffs)?;
+        Cmd::Inspect { bpffs, output, pod } => {
+            let pods = inspect::collect(&bpffs, pod.as_deref())?;
+            if let (Some(p), true) = (&pod, pods.is_empty()) {
+                anyhow::bail!("pod {p} is not in the maps under {} (not meshed on this node, or not synced yet)", bpffs.display());
+            }
             match output {
                 Output::Text => print!("{}", inspect::render_text(&pods)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&pods)?),

@@ -192,6 +192,7 @@ impl Syncer {
         let id = self.fresh_policy_id();
         let new = sidecap_policy::compile(&policy, id, gen_no);
         let old = self.managed.get(&netns).map(|m| m.generation.clone());
+        self.maps.set_name(netns, &pod_ref.to_string()).map_err(|e| e.to_string())?;
         self.maps.write(netns, &new, old.as_ref()).map_err(|e| e.to_string())?;
         // Inbound capture needs the sk_lookup program linked into the pod's own netns.
         datapath::attach_pod_netns(&self.cfg.bpffs, netns, netns_path).map_err(|e| e.to_string())?;

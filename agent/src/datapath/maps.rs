@@ -6,7 +6,7 @@ use std::{collections::{BTreeMap, BTreeSet}, path::Path};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, lpm_trie::{Key, LpmTrie}};
 use sidecap_common::{
     CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PodCounters,
-    PortKey, PortRule,
+    PodName, PortKey, PortRule,
 };
 
 use super::{Error, Generation, install::map_pin};
@@ -21,6 +21,7 @@ pub struct Maps {
     in_ports: HashMap<MapData, InPortKey, InPortRule>,
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
     pod_addrs: HashMap<MapData, [u8; 16], u64>,
+    names: HashMap<MapData, u64, PodName>,
 }
 
 fn pod_ips(c: &PodConfig) -> &[[u8; 16]] {
@@ -31,6 +32,8 @@ fn pod_ips(c: &PodConfig) -> &[[u8; 16]] {
 #[derive(Debug, Clone)]
 pub struct PodState {
     pub netns: u64,
+    /// `namespace/name` as the agent recorded it.
+    pub name: Option<String>,
     pub config: PodConfig,
     pub counters: PodCounters,
 }
@@ -61,6 +64,7 @@ impl Maps {
             in_ports: typed!(bpffs, "IN_PORTS"),
             counters: typed!(bpffs, "COUNTERS"),
             pod_addrs: typed!(bpffs, "POD_ADDRS"),
+            names: typed!(bpffs, "POD_NAMES"),
         })
     }
 
@@ -91,11 +95,18 @@ impl Maps {
         sum
     }
 
+    /// The pod's `namespace/name`, when the agent recorded it.
+    pub fn name(&self, netns: u64) -> Option<String> {
+        let n = self.names.get(&netns, 0).ok()?;
+        let end = n.name.iter().position(|b| *b == 0).unwrap_or(n.name.len());
+        Some(String::from_utf8_lossy(&n.name[..end]).into_owned())
+    }
+
     pub fn states(&self) -> Result<Vec<PodState>, Error> {
         Ok(self
             .pods()?
             .into_iter()
-            .map(|(netns, config)| PodState { netns, config, counters: self.counters(netns) })
+            .map(|(netns, config)| PodState { netns, name: self.name(netns), config, counters: self.counters(netns) })
             .collect())
     }
 
@@ -130,6 +141,14 @@ impl Maps {
         Ok(())
     }
 
+    /// Records the pod's `namespace/name` for inspection (truncated to 127 bytes).
+    pub fn set_name(&mut self, netns: u64, name: &str) -> Result<(), Error> {
+        let mut n = PodName::default();
+        let len = name.len().min(n.name.len() - 1);
+        n.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+        self.names.insert(netns, n, 0).map_err(|source| Error::Map { name: "POD_NAMES", source })
+    }
+
     /// Forgets a pod: its `PODS` entry first (capture stops), then its rules and counters.
     pub fn remove_pod(&mut self, netns: u64, generation: Option<&Generation>) -> Result<(), Error> {
         let previous = self.pod(netns);
@@ -138,6 +157,7 @@ impl Maps {
             Err(source) => return Err(Error::Map { name: "PODS", source }),
         }
         let _ = self.counters.remove(&netns);
+        let _ = self.names.remove(&netns);
         if let Some(prev) = previous {
             for ip in pod_ips(&prev) {
                 self.forget_addr(ip, netns);

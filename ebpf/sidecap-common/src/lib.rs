@@ -215,6 +215,20 @@ pub struct TupleKey {
     pub _pad: u32,
 }
 
+/// A pod's name, `namespace/name`, NUL-padded (`POD_NAMES[netns]`): only for people and
+/// tools reading the pinned maps while the agent is down; the programs never read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodName {
+    pub name: [u8; 128],
+}
+
+impl Default for PodName {
+    fn default() -> Self {
+        PodName { name: [0; 128] }
+    }
+}
+
 /// Per-pod counters (`COUNTERS[netns]`, per-CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -279,6 +293,7 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for PodCounters {}
+    unsafe impl aya::Pod for PodName {}
     unsafe impl aya::Pod for DropEvent {}
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use sidecap_common::{
     CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig,
-    PodCounters, PortKey, PortRule, TupleKey,
+    PodCounters, PodName, PortKey, PortRule, TupleKey,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -60,3 +60,7 @@ pub static POD_ADDRS: HashMap<[u8; 16], u64, 16384> = HashMap::new();
 /// UDP socket cookie → the DNS server the app asked, to restore it on replies.
 #[btf_map]
 pub static DNS_ORIG: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+
+/// netns cookie → "namespace/name": for inspection only (the programs never read it).
+#[btf_map]
+pub static POD_NAMES: HashMap<u64, PodName, 4096, NO_PREALLOC> = HashMap::new();

@@ -1,0 +1,64 @@
+//! What an operator sees: `/metrics`, `/healthz`, `/readyz`, `sidecap inspect --pod`.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use sidecap_tests::{fixture::SVC, *};
+
+/// A plain HTTP/1.1 GET to the agent's admin endpoint on 127.0.0.1.
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    assert!(addr.ip().is_loopback(), "admin endpoint must be on loopback in tests: {addr}");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn metrics_health_and_readiness_reflect_the_kernel() {
+    require_root!();
+    let m = Mesh::start(MeshSpec::default());
+    let a = m.pod("a");
+    let _up = Upstream::start(m.topo.services(), (SVC, 80).into()).expect("upstream");
+    let _hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
+    let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("m"));
+    assert!(r.ok, "{r:?}");
+
+    let admin = m.agent.admin_addr();
+    assert_eq!(get(admin, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(admin, "/readyz"), (200, "ready\n".into()));
+    let (code, body) = get(admin, "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "sidecap_pod_connections_total{namespace=\"default\",pod=\"a\",action=\"captured\"} 1",
+        "sidecap_pods_managed 1",
+        "sidecap_policy_generations_written_total 1",
+        "sidecap_convergence_seconds_count 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no `{line}` in /metrics:\n{body}");
+    }
+    assert_eq!(get(admin, "/nope").0, 404);
+}
+
+#[test]
+fn inspect_names_pods_and_filters_by_pod_with_the_agent_down() {
+    require_root!();
+    let mut m = Mesh::start(MeshSpec { pods: &["a", "b"], ..Default::default() });
+    m.agent.kill9();
+    let bpffs = m.pins.path().display().to_string();
+    let (code, out, err) = sidecap(&["inspect", "--bpffs", &bpffs, "--pod", "default/b"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("pod default/b (netns "), "{out}");
+    assert!(!out.contains("default/a"), "{out}");
+    assert!(out.contains("10.251.100.10_80::10.251.100.10:80"), "listeners in the seed's form:\n{out}");
+    let (code, _, err) = sidecap(&["inspect", "--bpffs", &bpffs, "--pod", "default/nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("pod default/nope is not in the maps"), "{err}");
+}
