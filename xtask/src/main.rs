@@ -1,5 +1,6 @@
 //! Project commands: `cargo xtask setup | build | test | demo`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -33,6 +34,8 @@ enum Cmd {
     },
     /// Show capture working end to end in a throwaway sandbox.
     Demo,
+    /// Benchmark sidecap against istio-init's iptables and no capture (see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::run()?;
             build(false)?;
             demo::run()
+        }
+        Cmd::Bench(args) => {
+            if args.bin_dir.is_none() {
+                setup::run()?;
+            }
+            bench::run(args)
         }
     }
 }

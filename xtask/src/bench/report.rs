@@ -1,0 +1,368 @@
+//! Tables (stdout and markdown), plots and `benchmarks.md`, all from results.json.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde_json::Value;
+
+use super::stats::med;
+use super::svg::{self, Series};
+
+const MODES: [&str; 3] = ["direct", "iptables", "sidecap"];
+
+/// `median (min–max)` with a precision that suits the magnitude.
+pub fn cell(spread: &Value) -> String {
+    let Some(m) = spread["median"].as_f64() else { return "–".into() };
+    let (lo, hi) = (spread["min"].as_f64().unwrap_or(m), spread["max"].as_f64().unwrap_or(m));
+    if spread["n"].as_u64().unwrap_or(1) <= 1 || (hi - lo).abs() < f64::EPSILON {
+        return num(m);
+    }
+    format!("{} ({}–{})", num(m), num(lo), num(hi))
+}
+
+pub fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn cases(summary: &Value) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for s in summary.as_array().into_iter().flatten() {
+        let c = s["case"].as_str().unwrap_or("").to_string();
+        if !v.contains(&c) {
+            v.push(c);
+        }
+    }
+    v
+}
+
+fn table(summary: &Value, metrics: &[(&str, &str)]) -> String {
+    let mut t = String::from("| case | mode |");
+    for (_, label) in metrics {
+        let _ = write!(t, " {label} |");
+    }
+    t.push_str("\n|---|---|");
+    t.push_str(&"---:|".repeat(metrics.len()));
+    t.push('\n');
+    for s in summary.as_array().into_iter().flatten() {
+        let _ = write!(t, "| {} | {} |", s["case"].as_str().unwrap_or(""), s["mode"].as_str().unwrap_or(""));
+        for (k, _) in metrics {
+            let _ = write!(t, " {} |", cell(&s["metrics"][*k]));
+        }
+        t.push('\n');
+    }
+    t
+}
+
+fn ratios(summary: &Value, metrics: &[(&str, &str)]) -> String {
+    let mut t = String::from("| case |");
+    for (_, label) in metrics {
+        let _ = write!(t, " {label}: sidecap/iptables | {label}: sidecap/direct |");
+    }
+    t.push_str("\n|---|");
+    t.push_str(&"---:|".repeat(2 * metrics.len()));
+    t.push('\n');
+    for c in cases(summary) {
+        let _ = write!(t, "| {c} |");
+        for (k, _) in metrics {
+            let sc = med(summary, &c, "sidecap", k);
+            let _ = write!(t, " {} | {} |", ratio(sc, med(summary, &c, "iptables", k)), ratio(sc, med(summary, &c, "direct", k)));
+        }
+        t.push('\n');
+    }
+    t
+}
+
+const CONNECT_METRICS: [(&str, &str); 5] = [
+    ("rate", "conn/s"),
+    ("ttfb_p50_us", "first byte p50 µs"),
+    ("ttfb_p99_us", "p99 µs"),
+    ("ttfb_p999_us", "p99.9 µs"),
+    ("connect_p50_us", "connect() p50 µs"),
+];
+const CONNECT_RATIOS: [(&str, &str); 2] = [("rate", "conn/s"), ("ttfb_p50_us", "first byte p50")];
+const RULE_METRICS: [(&str, &str); 4] =
+    [("connect_p50_us", "connect() p50 µs"), ("connect_p99_us", "connect() p99 µs"), ("ttfb_p50_us", "first byte p50 µs"), ("rate", "conn/s (c=1)")];
+const PASSDROP_METRICS: [(&str, &str); 4] = [
+    ("connect_p50_us", "connect() p50 µs"),
+    ("connect_p99_us", "connect() p99 µs"),
+    ("ttfb_p50_us", "first byte / failure p50 µs"),
+    ("ttfb_p99_us", "first byte / failure p99 µs"),
+];
+
+/// The markdown table(s) of one scenario.
+pub fn table_for(name: &str, v: &Value) -> String {
+    let s = &v["summary"];
+    match name {
+        "connect" | "inbound" => format!("{}\n{}", table(s, &CONNECT_METRICS), ratios(s, &CONNECT_RATIOS)),
+        "rules" => format!("{}\n{}", table(s, &RULE_METRICS), ratios(s, &[("connect_p50_us", "connect() p50")])),
+        "passdrop" => format!("{}\n{}", table(s, &PASSDROP_METRICS), ratios(s, &[("connect_p50_us", "connect() p50"), ("ttfb_p50_us", "first byte / failure p50")])),
+        "controlplane" => controlplane_table(v),
+        "micro" => micro_table(v),
+        _ => String::new(),
+    }
+}
+
+fn ms(v: &Value) -> String {
+    format!("{} ms", cell(v))
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+fn controlplane_table(v: &Value) -> String {
+    let mut t = String::from("| measurement | value (median, min–max) |\n|---|---:|\n");
+    let one = &v["one_pod"];
+    let a = &v["agent"];
+    let s = &v["sync"];
+    let row = |t: &mut String, k: &str, val: String| {
+        let _ = writeln!(t, "| {k} | {val} |");
+    };
+    row(&mut t, "Sidecar change → maps, 1 pod (real agent, inotify)", ms(&one["converge_ms"]));
+    let (ap, asv) = (a["pods"].as_u64().unwrap_or(0), a["services"].as_u64().unwrap_or(0));
+    row(&mut t, &format!("Sidecar change → maps, {ap} pods × {asv} services (real agent)"), ms(&a["converge_ms"]));
+    row(&mut t, &format!("agent start → all {ap} pods in the maps"), format!("{:.0} ms", a["initial_ms"].as_f64().unwrap_or(f64::NAN)));
+    row(&mut t, &format!("agent RSS, {ap} pods × {asv} services (VmRSS / VmHWM)"), format!(
+        "{:.1} MiB / {:.1} MiB",
+        a["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        a["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
+    ));
+    row(&mut t, &format!("kernel map memory (memlock), {ap} pods"), mib(a["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN)));
+    let (sp, ss) = (s["pods"].as_u64().unwrap_or(0), s["services"].as_u64().unwrap_or(0));
+    row(&mut t, &format!("sync pass, {sp} pods × {ss} services: reload the config dir"), ms(&s["reload_ms"]));
+    row(&mut t, &format!("sync pass, {sp} pods × {ss} services: evaluate + compile + write ({} pods changed)", s["pods_changed"]), ms(&s["sync_ms"]));
+    row(&mut t, &format!("sync pass, {sp} pods × {ss} services: Sidecar change → maps (total)"), ms(&s["total_ms"]));
+    row(&mut t, &format!("initial sync of {sp} pods (evaluate + compile + write all)"), format!("{:.0} ms", s["initial_sync_ms"].as_f64().unwrap_or(f64::NAN)));
+    row(&mut t, &format!("map entries for {sp} pods / kernel map memory"), format!(
+        "{} / {}",
+        s["map_entries"],
+        mib(s["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN))
+    ));
+    t
+}
+
+fn micro_table(v: &Value) -> String {
+    let mut t = String::from("| benchmark | median | 95% CI of the median |\n|---|---:|---:|\n");
+    let time = |ns: f64| {
+        if ns >= 1e6 {
+            format!("{:.2} ms", ns / 1e6)
+        } else if ns >= 1e3 {
+            format!("{:.2} µs", ns / 1e3)
+        } else {
+            format!("{ns:.0} ns")
+        }
+    };
+    for b in v["benches"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} – {} |",
+            b["id"].as_str().unwrap_or(""),
+            time(b["median_ns"].as_f64().unwrap_or(f64::NAN)),
+            time(b["low_ns"].as_f64().unwrap_or(f64::NAN)),
+            time(b["high_ns"].as_f64().unwrap_or(f64::NAN))
+        );
+    }
+    t
+}
+
+fn point(summary: &Value, case: &str, mode: &str, metric: &str) -> svg::Point {
+    let s = summary.as_array()?.iter().find(|s| s["case"] == case && s["mode"] == mode)?;
+    let m = &s["metrics"][metric];
+    Some((m["median"].as_f64()?, m["min"].as_f64()?, m["max"].as_f64()?))
+}
+
+fn mode_bars(summary: &Value, metric: &str, title: &str, y: &str) -> String {
+    let groups = cases(summary);
+    let series: Vec<Series> = MODES
+        .iter()
+        .map(|m| Series { name: m.to_string(), values: groups.iter().map(|c| point(summary, c, m, metric)).collect() })
+        .collect();
+    svg::bars(title, y, &groups, &series)
+}
+
+/// The plots, as (file name, SVG).
+pub fn plots(results: &Value) -> Vec<(String, String)> {
+    let sc = &results["scenarios"];
+    let mut out = Vec::new();
+    if let Some(s) = sc.get("connect").map(|v| &v["summary"]) {
+        out.push(("connect-rate.svg".into(), mode_bars(s, "rate", "Outbound capture: connections per second (higher is better)", "connections/s")));
+        out.push(("connect-latency.svg".into(), mode_bars(s, "ttfb_p50_us", "Outbound capture: connect → first byte, p50 (lower is better)", "µs")));
+    }
+    if let Some(s) = sc.get("inbound").map(|v| &v["summary"]) {
+        out.push(("inbound-rate.svg".into(), mode_bars(s, "rate", "Inbound capture to 15006: connections per second", "connections/s")));
+    }
+    if let Some(s) = sc.get("passdrop").map(|v| &v["summary"]) {
+        out.push(("passdrop.svg".into(), mode_bars(s, "ttfb_p50_us", "Passthrough (first byte) and drop (time to failure), p50", "µs")));
+    }
+    if let Some(s) = sc.get("rules").map(|v| &v["summary"]) {
+        let sizes: Vec<f64> = results["params"]["rule_sizes"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
+        let mut series = Vec::new();
+        for kind in ["captured", "passthrough"] {
+            for m in MODES {
+                series.push(Series {
+                    name: format!("{m} {kind}"),
+                    values: sizes.iter().map(|n| point(s, &format!("N={n} {kind}"), m, "connect_p50_us")).collect(),
+                });
+            }
+        }
+        out.push(("rules.svg".into(), svg::lines("connect() p50 vs excluded CIDRs + ports (N each)", "µs", &sizes, &series)));
+    }
+    out
+}
+
+/// Writes `benchmarks.md` into `md_dir` and the plots into `svg_dir`.
+pub fn write_report(results: &Value, md_dir: &Path, svg_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(md_dir)?;
+    std::fs::create_dir_all(svg_dir)?;
+    let rel = svg_dir.strip_prefix(md_dir).map(|p| p.to_path_buf()).unwrap_or_else(|_| svg_dir.to_path_buf());
+    let img = |name: &str| {
+        let p = rel.join(name);
+        format!("![{name}]({})\n", p.display())
+    };
+    for (name, text) in plots(results) {
+        std::fs::write(svg_dir.join(&name), text)?;
+    }
+    std::fs::write(md_dir.join("benchmarks.md"), markdown(results, &img))?;
+    Ok(())
+}
+
+fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
+    let m = &r["machine"];
+    let p = &r["params"];
+    let sc = &r["scenarios"];
+    let mut d = String::new();
+    let _ = writeln!(
+        d,
+        "# Benchmarks\n\n<!-- Generated by `{}` from target/bench/results.json; do not edit by hand. -->\n",
+        r["command"].as_str().unwrap_or("cargo xtask bench")
+    );
+    let _ = writeln!(
+        d,
+        "sidecap against istio-init's iptables rules and against no capture at all, on one machine's\nreal kernel. Reproduce with `{}` (as root; {} s for this run, build excluded;\n`cargo xtask bench --quick` takes under 2 minutes and writes only `target/bench/`).\n",
+        r["command"].as_str().unwrap_or(""),
+        r["seconds"].as_f64().map(|s| format!("{s:.0}")).unwrap_or_default()
+    );
+    let _ = writeln!(
+        d,
+        "## Machine\n\n| | |\n|---|---|\n| CPU | {} × {} |\n| memory | {} |\n| kernel | {} |\n| iptables | {} |\n| HAProxy | {} |\n| rustc | {} |\n| load average before / after | {} / {} |\n",
+        m["cores"], m["cpu"].as_str().unwrap_or(""), m["memory"].as_str().unwrap_or(""), m["kernel"].as_str().unwrap_or(""),
+        m["iptables"].as_str().unwrap_or(""), m["haproxy"].as_str().unwrap_or(""), m["rustc"].as_str().unwrap_or(""),
+        m["load_before"].as_str().unwrap_or(""), m["load_after"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        d,
+        "## How it is measured\n\nOne sandbox (DESIGN §9): four pods (network namespace + cgroup each) joined through a\nservices namespace by veth pairs that never touch the root namespace. Three pods are\nidentical except for capture:\n\n\
+- **direct** — nothing installed: the physical limit of the path.\n\
+- **iptables** — istio-init's rules (`shared/istio/iptables-golden/cni-plugin/basic.txt.golden`)\n  loaded into the pod's netns with `iptables-restore`, plus one excluded CIDR and one excluded\n  port (as istio-iptables writes `excludeOutboundIPRanges`/`excludeOutboundPorts`).\n\
+- **sidecap** — the real `sidecap agent` (release build) attached to that pod's cgroup with\n  `--allow-any capture` (everything in range goes to the proxy, as with istio-init), the pod\n  carrying the same two annotations.\n\n\
+The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000): per\nconnection connect → send 4 bytes → first reply byte → close with a reset (no TIME_WAIT);\n`connect()` is the time of the connect call, *first byte* from before connect to the first\nreply byte. The proxy (uid 1337) is `sc-forward` (the project's small epoll forwarder: accept,\n`SO_ORIGINAL_DST`, connect, copy) or HAProxy 2.6 (`option transparent`); the upstream is\n`sc-load serve` in the services namespace. Each measurement runs {} ms after {} ms of\nwarm-up; the modes run interleaved (direct, iptables, sidecap, direct, …) for {} rounds;\ntables give the median over rounds and (min–max).\n",
+        p["duration_ms"], p["warmup_ms"], p["rounds"]
+    );
+    let section = |d: &mut String, key: &str, title: &str, text: &str, images: &[&str]| {
+        if let Some(v) = sc.get(key) {
+            let _ = writeln!(d, "## {title}\n\n{text}\n");
+            d.push_str(&table_for(key, v));
+            d.push('\n');
+            for i in images {
+                d.push_str(&img(i));
+            }
+            let _ = writeln!(d, "\n({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
+        }
+    };
+    section(
+        &mut d,
+        "connect",
+        "1. Connection rate and latency through the outbound capture path",
+        "The app connects to a Service address (10.251.100.10:8080); iptables REDIRECTs and sidecap's\n`connect4` rewrites it to the proxy on 127.0.0.1:15001, which asks `SO_ORIGINAL_DST` and\nforwards there. Direct connects to the upstream itself (no proxy).",
+        &["connect-rate.svg", "connect-latency.svg"],
+    );
+    section(
+        &mut d,
+        "rules",
+        "2. Rule scaling",
+        "N excluded CIDRs (`/32`s; the passthrough destination is the last one) and N excluded\nports ahead of the capture rule: iptables gets 3N more rules where istio-iptables puts them\n(ports, tcp and udp, at the top of ISTIO_OUTPUT; ranges just before the REDIRECT); sidecap\ngets N LPM-trie and 2N hash entries. Concurrency 1. Direct does not change with N.",
+        &["rules.svg"],
+    );
+    section(
+        &mut d,
+        "inbound",
+        "3. Inbound",
+        "From a fourth pod to each pod's app port 9080: iptables REDIRECTs it to 15006 in\nPREROUTING; sidecap's `sk_lookup` hands it to the 15006 listener without NAT. The proxy\nforwards to the app from 127.0.0.6. Direct reaches the app itself.",
+        &["inbound-rate.svg"],
+    );
+    section(
+        &mut d,
+        "passdrop",
+        "4. Passthrough and drop",
+        "*passthrough*: a connect to an excluded destination — sidecap's program runs and lets it\ngo, iptables walks to the RETURN, direct has nothing installed. *drop*: a destination no\nService declares under REGISTRY_ONLY — sidecap fails the connect with EPERM; with iptables\nit is redirected to the proxy, which accepts and resets it (Envoy's BlackHoleCluster). The\nlast column is the time until the app saw the failure.",
+        &["passdrop.svg"],
+    );
+    if let Some(v) = sc.get("controlplane") {
+        let _ = writeln!(
+            d,
+            "## 5. Control plane\n\nClusters are synthetic: services with two ports (HTTP 80, one TCP port) in up to 100\nnamespaces, one namespace-wide Sidecar each (egress `./*`, `istio-system/*`), pods spread\nover the namespaces. The change is an edit of one namespace's Sidecar (import one more\nnamespace, REGISTRY_ONLY). *Real agent*: `sidecap agent` watching its config directory, timed\nfrom the file's rename until the pod's `PODS` entry carries a new generation (polled every\n100 µs). The {}-pod agent runs on {} real network namespaces. The {}-pod sync pass is the\nagent's reconciliation (reload, evaluate every pod, compile, compare, write the changed pods)\ndriven in-process by `agent/examples/bench_controlplane.rs` against the real datapath, with\n**fake netns cookies** as `PODS` keys instead of 1,000 namespaces. Map memory is bpftool's\n`bytes_memlock` summed over the pinned maps.\n",
+            v["agent"]["pods"], v["agent"]["pods"], v["sync"]["pods"]
+        );
+        d.push_str(&table_for("controlplane", v));
+        let _ = writeln!(d, "\n({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
+    }
+    if let Some(v) = sc.get("micro") {
+        let _ = writeln!(
+            d,
+            "## 6. Policy engine\n\ncriterion (`cargo bench -p sidecap-policy --bench policy`), cluster of 10,000 services in\n100 namespaces; warm-up {} s, measurement {} s, {} samples.\n",
+            v["warm_up_s"].as_str().unwrap_or(""),
+            v["measurement_s"].as_str().unwrap_or(""),
+            v["samples"].as_str().unwrap_or("")
+        );
+        d.push_str(&table_for("micro", v));
+        let _ = writeln!(d, "\n({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cells_and_ratios() {
+        assert_eq!(cell(&json!({"median": 12.345, "min": 10.0, "max": 15.0, "n": 3})), "12.3 (10.0–15.0)");
+        assert_eq!(cell(&json!({"median": 1234.4, "min": 1234.4, "max": 1234.4, "n": 1})), "1234");
+        assert_eq!(cell(&Value::Null), "–");
+        assert_eq!(ratio(Some(1.0), Some(4.0)), "0.25");
+        assert_eq!(ratio(Some(1.0), None), "–");
+    }
+
+    #[test]
+    fn report_renders_from_results() {
+        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
+        let summary = json!([
+            {"case": "N=1 captured", "mode": "direct", "metrics": {"connect_p50_us": spread(10.0)}},
+            {"case": "N=1 captured", "mode": "iptables", "metrics": {"connect_p50_us": spread(20.0)}},
+            {"case": "N=1 captured", "mode": "sidecap", "metrics": {"connect_p50_us": spread(15.0)}},
+        ]);
+        let r = json!({"command": "cargo xtask bench", "params": {"rule_sizes": [1]}, "machine": {},
+            "scenarios": {"rules": {"summary": summary, "seconds": 1.0}}});
+        let md = markdown(&r, &|n| format!("[{n}]\n"));
+        assert!(md.contains("| N=1 captured | 0.75 | 1.50 |"), "{md}");
+        assert!(md.contains("[rules.svg]"));
+        assert_eq!(plots(&r).len(), 1);
+    }
+}
