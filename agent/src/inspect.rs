@@ -72,10 +72,20 @@ pub fn ip_of(bytes: [u8; 16]) -> IpAddr {
 
 /// Listener name as istiod writes it, from an LPM entry: `0.0.0.0_PORT` for a wildcard,
 /// `VIP_PORT` for an address, `CIDR_PORT` for a prefix.
+pub fn listener_short_name(prefix: u32, port: u16, addr: [u8; 16]) -> String {
+    listener_parts(prefix, port, addr).0
+}
+
+/// The seed article's `NAME::BIND:PORT` form (`10.96.0.10_53::10.96.0.10:53`).
 pub fn listener_name(prefix: u32, port: u16, addr: [u8; 16]) -> String {
+    let (name, bind) = listener_parts(prefix, port, addr);
+    format!("{name}::{bind}:{port}")
+}
+
+fn listener_parts(prefix: u32, port: u16, addr: [u8; 16]) -> (String, String) {
     let bits = prefix.saturating_sub(LISTENER_FIXED_BITS);
     if bits == 0 {
-        return format!("0.0.0.0_{port}::0.0.0.0:{port}");
+        return (format!("0.0.0.0_{port}"), "0.0.0.0".into());
     }
     let ip = ip_of(addr);
     let (shown, bind) = match ip {
@@ -84,7 +94,7 @@ pub fn listener_name(prefix: u32, port: u16, addr: [u8; 16]) -> String {
         IpAddr::V6(_) if bits < 128 => (format!("{ip}/{bits}"), format!("[{ip}]")),
         IpAddr::V6(_) => (ip.to_string(), format!("[{ip}]")),
     };
-    format!("{shown}_{port}::{bind}:{port}")
+    (format!("{shown}_{port}"), bind)
 }
 
 /// Netns cookies of the namespaces visible on this host: `/run/netns/*` and processes'.
@@ -182,4 +192,42 @@ pub fn render_text(pods: &[PodView]) -> String {
         }
     }
     s
+}
+
+/// `sidecap explain` against the live kernel state: what the programs will do.
+pub fn explain_live(bpffs: &Path, pod: &str, to: &[std::net::SocketAddr], inbound: &[u16]) -> Result<serde_json::Value, ExplainError> {
+    use sidecap_policy::compile::simulate;
+    let maps = datapath::Maps::open(bpffs)?;
+    let netns = maps.netns_of(pod)?.ok_or_else(|| ExplainError::NoPod { pod: pod.to_string(), bpffs: bpffs.into() })?;
+    let g = maps.generation_of(netns)?.ok_or_else(|| ExplainError::NoPod { pod: pod.to_string(), bpffs: bpffs.into() })?;
+    let mut decisions = Vec::new();
+    for dst in to {
+        let (a, why) = simulate::outbound_why(&g, *dst, sidecap_common::proto::TCP);
+        decisions.push(serde_json::json!({"to": dst.to_string(), "action": a.as_str(), "reason": why}));
+    }
+    for port in inbound {
+        let a = simulate::inbound(&g, *port);
+        decisions.push(serde_json::json!({"inbound": port, "action": a.as_str(), "reason": "kernel inbound rules (IN_PORTS)"}));
+    }
+    let mut listeners: Vec<&String> = g.listener_names.iter().filter(|n| !n.is_empty()).collect();
+    listeners.sort();
+    listeners.dedup();
+    Ok(serde_json::json!({
+        "pod": pod,
+        "source": "kernel",
+        "netns_cookie": netns,
+        "policy": g.pod.policy,
+        "generation": g.pod.generation,
+        "noListener": action_name(g.pod.default_action),
+        "listeners": listeners,
+        "decisions": decisions,
+    }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error("pod {pod} is not in the maps under {bpffs} (not meshed on this node, or not synced yet)")]
+    NoPod { pod: String, bpffs: std::path::PathBuf },
 }

@@ -86,10 +86,14 @@ enum Cmd {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
-    /// Explain what happens to a pod's connections, from a configuration directory.
+    /// Explain what happens to a pod's connections: from a configuration directory
+    /// (`--config`), or from what the kernel holds now (the pinned maps under `--bpffs`).
     Explain {
         #[arg(long, value_name = "DIR")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Without --config: read the live state from these pinned maps.
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
+        bpffs: PathBuf,
         /// The pod, as NAMESPACE/NAME.
         #[arg(long, value_name = "NS/NAME")]
         pod: String,
@@ -205,7 +209,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let code = sidecap_policy::cli::validate(&paths, &mut std::io::stdout());
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
-        Cmd::Explain { config, pod, to, inbound, output, allow_any } => {
+        Cmd::Explain { config: None, bpffs, pod, to, inbound, output, .. } => {
+            let v = inspect::explain_live(&bpffs, &pod, &to, &inbound)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Text => {
+                    println!("pod {pod} (kernel state: policy {} generation {})", v["policy"], v["generation"]);
+                    for l in v["listeners"].as_array().into_iter().flatten() {
+                        println!("  listener {}", l.as_str().unwrap_or_default());
+                    }
+                    for d in v["decisions"].as_array().into_iter().flatten() {
+                        let what = d.get("to").or(d.get("inbound")).map(|x| x.to_string()).unwrap_or_default();
+                        println!("  {:<28} {:<12} {}", what.trim_matches('"'), d["action"].as_str().unwrap_or("?"), d["reason"].as_str().unwrap_or(""));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Explain { config: Some(config), pod, to, inbound, output, allow_any, .. } => {
             let pod: sidecap_policy::PodRef =
                 pod.parse().map_err(|e| anyhow::anyhow!("--pod {pod:?}: {e}"))?;
             let args = sidecap_policy::cli::ExplainArgs {

@@ -62,3 +62,42 @@ fn inspect_names_pods_and_filters_by_pod_with_the_agent_down() {
     assert_eq!(code, 1);
     assert!(err.contains("pod default/nope is not in the maps"), "{err}");
 }
+
+#[test]
+fn explain_reads_the_live_kernel_state_and_agrees_with_what_connects_do() {
+    require_root!();
+    let sc = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: a\n  namespace: default\nspec:\n  workloadSelector:\n    labels:\n      app: a\n  outboundTrafficPolicy:\n    mode: REGISTRY_ONLY\n  egress:\n  - hosts:\n    - \"./*\"\n";
+    let m = Mesh::start(MeshSpec {
+        files: &[("sidecar.yaml", sc)],
+        annotations: &[("traffic.sidecar.istio.io/excludeOutboundPorts", "9999")],
+        ..Default::default()
+    });
+    let bpffs = m.pins.path().display().to_string();
+    let (code, out, err) = sidecap(&[
+        "explain", "--bpffs", &bpffs, "--pod", "default/a",
+        "--to", "10.251.100.10:80", "--to", "10.251.100.10:81", "--to", "10.251.100.10:9999",
+        "--inbound", "8080", "--inbound", "15021",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["source"], "kernel");
+    let d = v["decisions"].as_array().expect("decisions");
+    let got: Vec<(&str, &str)> = d.iter().map(|x| (x["action"].as_str().unwrap(), x["reason"].as_str().unwrap())).collect();
+    assert_eq!(got[0], ("capture", "listener 10.251.100.10_80"), "{v:#}");
+    assert_eq!(got[1], ("drop", "no listener: REGISTRY_ONLY"), "{v:#}");
+    assert_eq!(got[2], ("passthrough", "excluded outbound port 9999"), "{v:#}");
+    assert_eq!(got[3].0, "capture", "{v:#}");
+    assert_eq!(got[4].0, "passthrough", "15021 is the proxy's own port: {v:#}");
+
+    // And the kernel does what explain says.
+    let a = m.pod("a");
+    let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:81", &ConnectOpts::send("x"));
+    assert_eq!(r.errno, Some(1), "{r:?}");
+    // The same question from the configuration directory gives the same answers.
+    let cfg = m.mesh.path().display().to_string();
+    let (code, out, err) = sidecap(&["explain", "--config", &cfg, "--pod", "default/a", "--to", "10.251.100.10:80", "--to", "10.251.100.10:81"]);
+    assert_eq!(code, 0, "{err}");
+    let c: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let actions: Vec<&str> = c["decisions"].as_array().unwrap().iter().map(|x| x["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["capture", "drop"], "{c:#}");
+}

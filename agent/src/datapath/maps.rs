@@ -271,3 +271,51 @@ pub fn listeners_by_policy(bpffs: &Path) -> Result<ListenerEntries, Error> {
     }
     Ok(out)
 }
+
+impl Maps {
+    /// Rebuilds the generation the kernel holds for `netns` from the maps (for `explain`
+    /// against the live state). Listener names are derived from their keys.
+    pub fn generation_of(&self, netns: u64) -> Result<Option<Generation>, Error> {
+        let Some(pod) = self.pod(netns) else { return Ok(None) };
+        let id = pod.policy;
+        let e = |name| move |source| Error::Map { name, source };
+        let mut g = Generation { pod, ..Generation::default() };
+        for kv in self.out_ports.iter() {
+            let (k, v) = kv.map_err(e("OUT_PORTS"))?;
+            if k.policy == id {
+                g.out_ports.insert(k, v);
+            }
+        }
+        for kv in self.in_ports.iter() {
+            let (k, v) = kv.map_err(e("IN_PORTS"))?;
+            if k.policy == id {
+                g.in_ports.insert(k, v);
+            }
+        }
+        for kv in self.out_cidrs.iter() {
+            let (k, v) = kv.map_err(e("OUT_CIDRS"))?;
+            if u32::from_be_bytes(k.data().policy) == id {
+                g.out_cidrs.insert((k.prefix_len(), k.data()), v);
+            }
+        }
+        for kv in self.listeners.iter() {
+            let (k, v) = kv.map_err(e("OUT_LISTENERS"))?;
+            let d = k.data();
+            if u32::from_be_bytes(d.policy) != id {
+                continue;
+            }
+            let i = v.listener_id as usize;
+            if g.listener_names.len() <= i {
+                g.listener_names.resize(i + 1, String::new());
+            }
+            g.listener_names[i] = crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr);
+            g.listeners.insert((k.prefix_len(), d), v);
+        }
+        Ok(Some(g))
+    }
+
+    /// The netns cookie of a pod by name (from `POD_NAMES`).
+    pub fn netns_of(&self, name: &str) -> Result<Option<u64>, Error> {
+        Ok(self.pods()?.into_iter().map(|(n, _)| n).find(|n| self.name(*n).as_deref() == Some(name)))
+    }
+}

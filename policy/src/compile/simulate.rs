@@ -63,6 +63,11 @@ fn listener_bytes(k: &ListenerKey) -> Vec<u8> {
 
 /// An application socket (not the proxy's, not bound to 127.0.0.6) connecting to `dst`.
 pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
+    outbound_why(g, dst, l4).0
+}
+
+/// Like [`outbound`], with the kernel step that decided, for `sidecap explain` on live maps.
+pub fn outbound_why(g: &Generation, dst: SocketAddr, l4: u8) -> (Action, String) {
     let pod = &g.pod;
     let ip = canonical(dst.ip());
     let addr = Cidr::mapped(ip);
@@ -70,11 +75,11 @@ pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
     // 1. Excluded ports (first, as in istio-iptables' ISTIO_OUTPUT).
     let port_rule = g.out_ports.get(&PortKey { policy: pod.policy, port, proto: l4, _pad: 0 });
     if port_rule.is_some_and(|r| r.flags & port_flags::EXCLUDED != 0) {
-        return Action::Passthrough;
+        return (Action::Passthrough, format!("excluded outbound port {port}"));
     }
     // 3. DNS capture.
     if pod.flags & pod_flags::DNS_CAPTURE != 0 && port == 53 {
-        return Action::Capture;
+        return (Action::Capture, format!("DNS capture: port 53 to 127.0.0.1:{}", pod.dns_port));
     }
     // 4. Loopback and the pod's own addresses.
     let loopback = match ip {
@@ -88,23 +93,23 @@ pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
     };
     let lo_routed = loopback || pod.ips[..n].contains(&addr);
     if localhost || (lo_routed && pod.flags & pod_flags::LOOPBACK_IN_RANGE == 0) {
-        return Action::Passthrough;
+        return (Action::Passthrough, format!("loopback or the pod's own address {ip}"));
     }
     // 5. Capture range.
     if pod.flags & pod_flags::OUTBOUND_CAPTURE == 0 {
-        return Action::Passthrough;
+        return (Action::Passthrough, "outbound capture off for this pod".into());
     }
     let mut q = pod.policy.to_be_bytes().to_vec();
     q.extend_from_slice(&addr);
     let cidr = lpm(&g.out_cidrs, cidr_bytes, &q);
     if cidr.is_some_and(|r| r.flags & cidr_flags::EXCLUDED != 0) {
-        return Action::Passthrough;
+        return (Action::Passthrough, format!("{ip} is in an excluded outbound range"));
     }
     let in_range = pod.flags & pod_flags::INCLUDE_ALL_CIDRS != 0
         || cidr.is_some_and(|r| r.flags & cidr_flags::INCLUDED != 0)
         || port_rule.is_some_and(|r| r.flags & port_flags::INCLUDED != 0);
     if !in_range {
-        return Action::Passthrough;
+        return (Action::Passthrough, format!("{ip} is outside the included outbound ranges"));
     }
     // 6. Listeners.
     let mut q = pod.policy.to_be_bytes().to_vec();
@@ -114,10 +119,19 @@ pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
     q.extend_from_slice(&addr);
     if let Some(rule) = lpm(&g.listeners, listener_bytes, &q) {
         let a = as_action(rule.action);
-        return if l4 == proto::UDP && a == Action::Capture { Action::Passthrough } else { a };
+        let name = g.listener_names.get(rule.listener_id as usize).cloned().unwrap_or_else(|| format!("#{}", rule.listener_id));
+        if l4 == proto::UDP && a == Action::Capture {
+            return (Action::Passthrough, format!("listener {name}, but UDP is never redirected to the proxy"));
+        }
+        return (a, format!("listener {name}"));
     }
     // 7. Default.
-    as_action(pod.default_action)
+    let why = match pod.default_action {
+        action::DROP => "no listener: REGISTRY_ONLY",
+        action::CAPTURE => "no listener: ALLOW_ANY through the proxy (Istio-exact mode)",
+        _ => "no listener: ALLOW_ANY passthrough",
+    };
+    (as_action(pod.default_action), why.into())
 }
 
 /// A connection from outside the pod to its `port`.
