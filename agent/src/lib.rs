@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cgroup;
+pub mod cni;
 pub mod datapath;
 pub mod inspect;
 pub mod metrics;

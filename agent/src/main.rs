@@ -63,6 +63,12 @@ enum Cmd {
         /// Serve /metrics (Prometheus), /healthz and /readyz on this address ("off" to disable).
         #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9977")]
         admin_addr: String,
+        /// Unix socket for the chained `sidecap-cni` plugin ("off" to disable).
+        #[arg(long, value_name = "PATH", default_value = sidecap::cni::protocol::DEFAULT_SOCKET)]
+        cni_socket: String,
+        /// How long a `sidecap-cni` call waits for its pod to appear in the source, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        cni_wait_secs: u64,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory.
     Uninstall {
@@ -156,7 +162,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -185,6 +191,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "off" => None,
                     a => Some(a.parse().with_context(|| format!("--admin-addr {a:?}: want ADDR:PORT or off"))?),
                 },
+                cni_socket: (cni_socket != "off").then(|| PathBuf::from(&cni_socket)),
+                cni_wait: Duration::from_secs(cni_wait_secs),
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)

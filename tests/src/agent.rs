@@ -78,6 +78,10 @@ impl Agent {
         if !extra.contains(&"--admin-addr") {
             args.extend(["--admin-addr".into(), "127.0.0.1:0".into()]);
         }
+        // No shared CNI socket between side-by-side agents unless a test asks for one.
+        if !extra.contains(&"--cni-socket") {
+            args.extend(["--cni-socket".into(), "off".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.path().join("agent.log");
         let mut a = Agent { child: None, args, log, _dir: dir, bpffs: bpffs.into() };

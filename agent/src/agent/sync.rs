@@ -163,6 +163,16 @@ impl Syncer {
         report
     }
 
+    /// True when `pod` (`namespace/name`) has its policy in the kernel.
+    pub fn is_managed(&self, pod: &str) -> bool {
+        self.managed.values().any(|m| m.pod.to_string() == pod)
+    }
+
+    /// The pod's current problem, if any (the reason its policy is not in the kernel).
+    pub fn pod_error(&self, pod: &str) -> Option<&str> {
+        self.pod_errors.get(pod).map(String::as_str)
+    }
+
     /// Records a pod's problem; true when it is new (worth logging).
     fn note_pod_error(&mut self, pod: &PodRef, msg: &str) -> bool {
         self.pod_errors.insert(pod.to_string(), msg.to_string()).as_deref() != Some(msg)
