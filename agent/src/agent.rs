@@ -197,8 +197,9 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
-        adopted = ?installed.adopted,
+        updated = ?installed.updated,
         attached = ?installed.attached,
+        pod_links_updated = installed.pod_links_updated,
         "programs in place"
     );
     health.attached.store(true, Ordering::Relaxed);

@@ -42,10 +42,10 @@ enum Cmd {
         #[arg(long, group = "source")]
         kubernetes: bool,
         /// kubeconfig for --kubernetes [default: $KUBECONFIG or ~/.kube/config, else in-cluster].
-        #[arg(long, value_name = "PATH", requires = "kubernetes")]
+        #[arg(long, value_name = "PATH", conflicts_with = "config")]
         kubeconfig: Option<PathBuf>,
         /// This node's name for --kubernetes: only pods scheduled here are read [default: $NODE_NAME].
-        #[arg(long, value_name = "NAME", requires = "kubernetes")]
+        #[arg(long, value_name = "NAME", conflicts_with = "config")]
         node_name: Option<String>,
         /// cgroup v2 directory to attach to [default: the cgroup v2 root, from /proc/self/mountinfo].
         #[arg(long, value_name = "PATH")]

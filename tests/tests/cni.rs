@@ -35,7 +35,8 @@ fn cni(command: &str, pod: &str, netns: &str, socket: &std::path::Path, prev_ips
         .stdout(Stdio::piped())
         .spawn()
         .expect("sidecap-cni (built with the agent)");
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    // The plugin may exit before reading everything (e.g. on an early error): ignore EPIPE.
+    let _ = child.stdin.take().unwrap().write_all(conf.to_string().as_bytes());
     let out = child.wait_with_output().expect("sidecap-cni output");
     let text = String::from_utf8_lossy(&out.stdout);
     let v = if text.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")) };

@@ -182,10 +182,10 @@ fn agent_killed_and_restarted_during_a_connection_loop_loses_no_connect() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(forwarded_to(&hp, sa(SVC, 80)).len(), N as usize, "{:?}", hp.log_lines());
-    // The restarted agent adopted the pinned programs instead of attaching twice.
+    // The restarted agent swapped its programs into the pinned links instead of attaching twice.
     let cookie = a.cookie().expect("cookie");
     m.agent.wait_pods(&[cookie], 2, WAIT);
-    assert!(m.agent.log().contains("adopted"), "{}", m.agent.log());
+    assert!(m.agent.log().contains("updated=[\"connect4\""), "{}", m.agent.log());
     let links = std::fs::read_dir(m.pins.path().join("links")).expect("links dir").count();
     assert_eq!(links, 9, "8 cgroup links + the netns dir");
 }

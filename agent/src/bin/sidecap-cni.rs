@@ -18,9 +18,8 @@ const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 fn main() -> ExitCode {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     let mut stdin = String::new();
-    if command != "VERSION" {
-        let _ = std::io::stdin().read_to_string(&mut stdin);
-    }
+    // Every command gets the network configuration on stdin (VERSION too).
+    let _ = std::io::stdin().read_to_string(&mut stdin);
     let conf: serde_json::Value = serde_json::from_str(&stdin).unwrap_or(serde_json::Value::Null);
     let version = conf["cniVersion"].as_str().unwrap_or("1.0.0").to_string();
     match run(&command, &conf) {

@@ -19,10 +19,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// What `install` found or did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Installed {
-    /// Links that were already pinned and kept as they are.
-    pub adopted: Vec<&'static str>,
+    /// Links that were already pinned: their program was swapped for this version's in
+    /// place (BPF_LINK_UPDATE), so traffic never sees a moment without one.
+    pub updated: Vec<&'static str>,
     /// Links this call attached and pinned.
     pub attached: Vec<&'static str>,
+    /// Per-pod sk_lookup links swapped to this version's program.
+    pub pod_links_updated: usize,
 }
 
 fn maps_dir(bpffs: &Path) -> PathBuf {
@@ -95,35 +98,28 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Makes sure the programs are attached to `cgroup` and everything is pinned under `bpffs`.
+/// Makes sure this version's programs are attached to `cgroup` and everything is pinned
+/// under `bpffs`.
 ///
-/// Idempotent: links already pinned are adopted (traffic never sees a gap across agent
-/// restarts); maps already pinned are reused with their contents.
+/// Idempotent and gap-free: maps already pinned are reused with their contents; links
+/// already pinned (by a previous agent, or a previous version) keep existing and get this
+/// version's program atomically (BPF_LINK_UPDATE); missing links are created.
 pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
     std::fs::create_dir_all(progs_dir(bpffs)).map_err(Error::io(progs_dir(bpffs)))?;
 
-    let mut out = Installed::default();
-    let missing: Vec<_> =
-        CGROUP_PROGRAMS.iter().filter(|(_, l, _)| !link_pin(bpffs, l).exists()).collect();
-    for (_, l, _) in CGROUP_PROGRAMS.iter().filter(|p| !missing.contains(p)) {
-        out.adopted.push(*l);
-    }
-    if missing.is_empty() && is_installed(bpffs) {
-        return Ok(out);
-    }
-
-    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, map_pin(bpffs, m))).collect();
     let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, map_pin(bpffs, m))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
 
+    let mut out = Installed::default();
     let cgroup_file = File::open(cgroup).map_err(Error::io(cgroup))?;
-    for (prog, link, attach_type) in missing {
+    for (prog, link, attach_type) in CGROUP_PROGRAMS {
         let program = ebpf.program_mut(prog).ok_or(Error::MissingProgram { name: prog })?;
         let perr = |source| Error::Program { name: prog, source };
         match program {
@@ -133,21 +129,37 @@ pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
             _ => return Err(Error::MissingProgram { name: prog }),
         }
         let prog_fd = program.fd().map_err(perr)?;
-        let fd = super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type)
-            .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
         let path = link_pin(bpffs, link);
-        super::link::pin(fd.as_fd(), &path).map_err(Error::io(&path))?;
-        out.attached.push(*link);
+        if path.exists() {
+            let link_fd = super::link::get(&path).map_err(Error::io(&path))?;
+            super::link::update(link_fd.as_fd(), prog_fd.as_fd())
+                .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
+            out.updated.push(*link);
+        } else {
+            let fd = super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type)
+                .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
+            super::link::pin(fd.as_fd(), &path).map_err(Error::io(&path))?;
+            out.attached.push(*link);
+        }
+    }
+
+    // sk_lookup: the program is pinned (new pods get linked to it later); existing pods'
+    // links are swapped to this version's program.
+    let name = super::SK_LOOKUP_PROGRAM;
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
+    let Program::SkLookup(p) = program else { return Err(Error::MissingProgram { name }) };
+    p.load().map_err(|source| Error::Program { name, source })?;
+    let prog_fd = p.fd().map_err(|source| Error::Program { name, source })?;
+    for cookie in pod_links(bpffs) {
+        let path = netns_links_dir(bpffs).join(cookie.to_string());
+        let link_fd = super::link::get(&path).map_err(Error::io(&path))?;
+        super::link::update(link_fd.as_fd(), prog_fd.as_fd())
+            .map_err(|source| Error::Attach { name, cgroup: path.clone(), source })?;
+        out.pod_links_updated += 1;
     }
     let skl = sk_lookup_pin(bpffs);
-    if !skl.exists() {
-        let name = super::SK_LOOKUP_PROGRAM;
-        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
-        let perr = |source| Error::Program { name, source };
-        let Program::SkLookup(p) = program else { return Err(Error::MissingProgram { name }) };
-        p.load().map_err(perr)?;
-        p.pin(&skl).map_err(|e| Error::Io { path: skl.clone(), source: std::io::Error::other(e) })?;
-    }
+    let _ = std::fs::remove_file(&skl);
+    super::link::pin(prog_fd.as_fd(), &skl).map_err(Error::io(&skl))?;
     Ok(out)
 }
 

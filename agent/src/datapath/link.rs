@@ -11,6 +11,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `enum bpf_attach_type` values (include/uapi/linux/bpf.h).
 pub mod attach_type {
@@ -80,4 +81,23 @@ pub fn get(path: &Path) -> io::Result<OwnedFd> {
     let mut attr = ObjPinAttr { pathname: c.as_ptr() as u64, ..Default::default() };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Swaps the program behind a link in one step: the hook never runs without a program.
+pub fn update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
