@@ -192,6 +192,11 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone())?;
         tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
     }
+    // First, so that a bad kubeconfig fails before anything is attached.
+    let source: Box<dyn Source> = match &cfg.source {
+        SourceConfig::Dir(dir) => Box::new(DirSource::new(dir)),
+        SourceConfig::Kubernetes(opts) => Box::new(KubeSource::connect(opts.clone())?),
+    };
     datapath::probe(&cfg.cgroup)?;
     let installed = datapath::install(&cfg.bpffs, &cfg.cgroup)?;
     tracing::info!(
@@ -204,10 +209,6 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     );
     health.attached.store(true, Ordering::Relaxed);
     let mut syncer = Syncer::new(cfg, datapath::Maps::open(&cfg.bpffs)?, metrics.clone(), names)?;
-    let source: Box<dyn Source> = match &cfg.source {
-        SourceConfig::Dir(dir) => Box::new(DirSource::new(dir)),
-        SourceConfig::Kubernetes(opts) => Box::new(KubeSource::connect(opts.clone())?),
-    };
     tracing::info!(source = %source.describe(), "watching");
 
     // Everything the loop reacts to arrives on one channel: snapshots from the source's
