@@ -62,3 +62,30 @@ fn socket_cookie() -> std::io::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// Cookies by path and nsfs inode: `stat` is cheap, entering a netns is not. The inode
+/// catches a path (e.g. `/run/netns/NAME`) that names another netns later; the path
+/// catches an inode number the kernel reused for a new netns.
+#[derive(Debug, Default)]
+pub struct CookieCache {
+    by_inode: std::collections::HashMap<(PathBuf, u64, u64), u64>,
+}
+
+impl CookieCache {
+    pub fn cookie(&mut self, path: &Path) -> Result<u64, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(path).map_err(|source| Error::Open { path: path.into(), source })?;
+        let key = (path.to_path_buf(), md.dev(), md.ino());
+        if let Some(c) = self.by_inode.get(&key) {
+            return Ok(*c);
+        }
+        let c = cookie_of_path(path)?;
+        self.by_inode.insert(key, c);
+        Ok(c)
+    }
+
+    /// Drops entries whose netns no longer exists (call now and then).
+    pub fn retain(&mut self, live: &std::collections::HashSet<u64>) {
+        self.by_inode.retain(|_, c| live.contains(c));
+    }
+}

@@ -34,6 +34,7 @@ pub struct Syncer {
     drop_log: RateLimit,
     metrics: Metrics,
     names: PodNames,
+    cookies: netns::CookieCache,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,7 @@ impl Syncer {
             drop_log: RateLimit::new(20, Duration::from_secs(10)),
             metrics,
             names,
+            cookies: netns::CookieCache::default(),
         })
     }
 
@@ -96,7 +98,7 @@ impl Syncer {
                 continue;
             };
             report.pods += 1;
-            let cookie = match netns::cookie_of_path(std::path::Path::new(&netns_path)) {
+            let cookie = match self.cookies.cookie(std::path::Path::new(&netns_path)) {
                 Ok(c) => c,
                 Err(e) => {
                     if self.note_pod_error(&pod_ref, &e.to_string()) {
@@ -151,6 +153,7 @@ impl Syncer {
                 }
             }
         }
+        self.cookies.retain(&seen);
         self.metrics.pods_managed.set(self.managed.len() as i64);
         self.metrics.generations_written.inc_by(report.written as u64);
         self.metrics.pods_removed.inc_by(report.removed as u64);
