@@ -124,11 +124,15 @@ backend outbound_dst
         }
         if let Some(ip) = self.inbound_port {
             let _ = write!(c, "\nfrontend inbound\n    bind 0.0.0.0:{ip}\n");
-            if self.inbound_v6 {
-                let _ = writeln!(c, "    bind [::]:{ip} v6only");
-            }
             c.push_str(&loop_guard(ip));
             c.push_str("    default_backend inbound_dst\n\nbackend inbound_dst\n    option transparent\n    source 127.0.0.6\n");
+            if self.inbound_v6 {
+                // Envoy's IPv6 inbound passthrough source is ::6 (on lo, as istio-iptables
+                // and sidecap set it up).
+                let _ = write!(c, "\nfrontend inbound6\n    bind [::]:{ip} v6only\n");
+                c.push_str(&loop_guard(ip));
+                c.push_str("    default_backend inbound6_dst\n\nbackend inbound6_dst\n    option transparent\n    source [::6]\n");
+            }
         }
         c
     }

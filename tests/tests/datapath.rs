@@ -283,3 +283,21 @@ fn a_pod_removed_from_the_config_loses_capture_and_its_netns_link() {
     // The other pod is untouched.
     assert_eq!(m.inspect_pod(b)["generation"], 1);
 }
+
+#[test]
+fn ipv6_inbound_goes_through_the_proxy_from_envoys_v6_passthrough_source() {
+    require_root!();
+    let m = Mesh::start(MeshSpec { pods: &["a", "b"], ..Default::default() });
+    let (a, b) = (m.pod("a"), m.pod("b"));
+    let hp_b = Haproxy::start(b, HaproxyConfig { inbound_v6: true, ..Default::default() }).expect("haproxy b");
+    let app = probe().listen(b, Creds::APP, "[::]:9080", &[]);
+    let target = format!("[{}]:9080", b.ipv6());
+    let r = probe().connect(a, Creds::APP, &target, &ConnectOpts::send("six in"));
+    assert!(r.ok, "{r:?}\n{}", m.agent.log());
+    let log = hp_b.wait_log_lines(1, Duration::from_secs(5));
+    let e = log.iter().find(|e| e.frontend_name == "inbound6").unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(e.frontend, Some(target.parse().unwrap()), "the accepted socket's own address is the original destination: {e:?}");
+    let conns = app.wait_connections(1, Duration::from_secs(5));
+    assert!(conns[0].peer.starts_with("[::6]:"), "b's app sees ::6 (added to lo by the agent): {conns:?}");
+    assert_eq!(m.inspect_pod(b)["counters"]["inbound_captured"], 1);
+}

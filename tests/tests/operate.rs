@@ -101,3 +101,23 @@ fn explain_reads_the_live_kernel_state_and_agrees_with_what_connects_do() {
     let actions: Vec<&str> = c["decisions"].as_array().unwrap().iter().map(|x| x["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["capture", "drop"], "{c:#}");
 }
+
+#[test]
+fn unusable_setup_is_refused_in_one_clear_line() {
+    require_root!();
+    let dir = TempDir::new("bad").expect("tmp");
+    let cfg = dir.path().display().to_string();
+    // Not a cgroup v2 directory.
+    let (code, out, err) = sidecap(&["agent", "--config", &cfg, "--cgroup", &cfg, "--bpffs", "/sys/fs/bpf/sidecap-never", "--admin-addr", "off", "--cni-socket", "off"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&format!("cgroup {cfg} does not exist or is not a cgroup v2 directory")), "{err}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/sidecap-never").exists());
+    // A bpffs path that is not on a bpf filesystem.
+    let cg = TestCgroup::new("bad").expect("cgroup");
+    let not_bpffs = dir.path().join("pins").display().to_string();
+    let (code, _, err) = sidecap(&["agent", "--config", &cfg, "--cgroup", &cg.path().display().to_string(), "--bpffs", &not_bpffs, "--admin-addr", "off", "--cni-socket", "off"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not on a bpf filesystem"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}

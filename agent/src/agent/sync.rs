@@ -207,8 +207,13 @@ impl Syncer {
         let old = self.managed.get(&netns).map(|m| m.generation.clone());
         self.maps.set_name(netns, &pod_ref.to_string()).map_err(|e| e.to_string())?;
         self.maps.write(netns, &new, old.as_ref()).map_err(|e| e.to_string())?;
-        // Inbound capture needs the sk_lookup program linked into the pod's own netns.
-        datapath::attach_pod_netns(&self.cfg.bpffs, netns, netns_path).map_err(|e| e.to_string())?;
+        // Inbound capture needs the sk_lookup program linked into the pod's own netns, and an
+        // IPv6 pod needs Envoy's inbound passthrough source ::6 on lo, as istio-iptables adds.
+        if datapath::attach_pod_netns(&self.cfg.bpffs, netns, netns_path).map_err(|e| e.to_string())?
+            && policy.ips.iter().any(|ip| ip.is_ipv6() && !ip.to_canonical().is_ipv4())
+        {
+            netns::add_inbound_passthrough_v6(netns_path).map_err(|e| e.to_string())?;
+        }
         tracing::info!(
             pod = %pod_ref,
             netns,

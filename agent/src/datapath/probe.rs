@@ -13,6 +13,8 @@ pub enum ProbeError {
     Cgroup(#[from] crate::cgroup::Error),
     #[error("cgroup {path} does not exist or is not a cgroup v2 directory")]
     NotCgroup { path: std::path::PathBuf },
+    #[error("this kernel lacks {what}, which sidecap needs")]
+    Missing { what: String },
 }
 
 /// Checks what every node needs; `cgroup` is where the programs will be attached.
@@ -30,6 +32,52 @@ pub fn probe(cgroup: &Path) -> Result<(), ProbeError> {
     let root = crate::cgroup::v2_root()?;
     if !cgroup.starts_with(&root) || !cgroup.join("cgroup.procs").exists() {
         return Err(ProbeError::NotCgroup { path: cgroup.into() });
+    }
+    features()
+}
+
+/// Every program type, map type and helper the object uses, asked of the kernel itself
+/// (small test loads), so that a kernel built without one is named, not discovered by a
+/// verifier dump.
+fn features() -> Result<(), ProbeError> {
+    use aya::{
+        maps::MapType,
+        programs::ProgramType as P,
+        sys::{BpfHelper as H, is_helper_supported, is_map_supported, is_program_supported},
+    };
+    let missing = |what: String| ProbeError::Missing { what };
+    for (p, name) in [
+        (P::CgroupSockAddr, "cgroup/connect and sendmsg programs (CGROUP_SOCK_ADDR)"),
+        (P::SockOps, "sockops programs"),
+        (P::CgroupSockopt, "cgroup/getsockopt programs"),
+        (P::SkLookup, "sk_lookup programs"),
+    ] {
+        if !is_program_supported(p).unwrap_or(false) {
+            return Err(missing(name.into()));
+        }
+    }
+    for (m, name) in [
+        (MapType::LpmTrie, "LPM trie maps"),
+        (MapType::LruHash, "LRU hash maps"),
+        (MapType::RingBuf, "ring buffer maps"),
+        (MapType::SockHash, "sockhash maps"),
+        (MapType::PerCpuHash, "per-CPU hash maps"),
+    ] {
+        if !is_map_supported(m).unwrap_or(false) {
+            return Err(missing(name.into()));
+        }
+    }
+    for (p, h, name) in [
+        (P::CgroupSockAddr, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in connect programs"),
+        (P::CgroupSockAddr, H::BPF_FUNC_get_socket_cookie, "bpf_get_socket_cookie in connect programs"),
+        (P::CgroupSockAddr, H::BPF_FUNC_get_current_uid_gid, "bpf_get_current_uid_gid in connect programs"),
+        (P::SockOps, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in sockops programs"),
+        (P::CgroupSockopt, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in getsockopt programs"),
+        (P::SkLookup, H::BPF_FUNC_sk_assign, "bpf_sk_assign in sk_lookup programs"),
+    ] {
+        if !is_helper_supported(p, h).unwrap_or(false) {
+            return Err(missing(name.into()));
+        }
     }
     Ok(())
 }

@@ -94,7 +94,12 @@ pub struct KubeSource {
     delivered: Option<u64>,
     delivered_netns: BTreeMap<String, PathBuf>,
     last_scan: Option<Instant>,
+    /// Some meshed pod has no netns yet (looked for every `PENDING_RESCAN`).
     pending_netns: bool,
+    /// Some pod's netns came from /proc (re-checked every `RESCAN`).
+    netns_lookups: bool,
+    /// The change counter as last seen (waited past by `next`).
+    observed: u64,
     cache: HashMap<(Kind, String), (String, Vec<Loaded<Object>>)>,
     object_errors: BTreeMap<String, String>,
     waiting_logged: Option<Instant>,
@@ -166,6 +171,8 @@ impl KubeSource {
             delivered_netns: BTreeMap::new(),
             last_scan: None,
             pending_netns: false,
+            netns_lookups: false,
+            observed: 0,
             cache: HashMap::new(),
             object_errors: BTreeMap::new(),
             waiting_logged: None,
@@ -250,7 +257,7 @@ impl KubeSource {
     }
 
     /// Builds the snapshot; pods without a netns annotation get one from their processes.
-    fn build(&mut self, scan: bool) -> (Result<Cluster, String>, BTreeMap<String, PathBuf>) {
+    fn build(&mut self) -> (Result<Cluster, String>, BTreeMap<String, PathBuf>) {
         let objects = self.objects();
         let mut pids: Option<HashMap<String, u32>> = None;
         let mut netns_map = BTreeMap::new();
@@ -260,15 +267,11 @@ impl KubeSource {
             if let (Object::Pod(pod), Some(uid)) = (&mut o.obj, uid) {
                 let ann = sidecap_policy::knobs::ANN_NETNS;
                 if !pod.metadata.annotations.contains_key(ann) && sidecap_policy::knobs::is_meshed(pod) {
-                    let pids = match (&pids, scan) {
-                        (Some(p), _) => Some(p),
-                        (None, true) => Some(&*pids.insert(netns::pod_pids(&self.opts.proc_root))),
-                        (None, false) => None,
-                    };
-                    let found = match pids {
-                        Some(p) => p.get(&uid.to_ascii_lowercase()).map(|pid| netns::netns_path(&self.opts.proc_root, *pid)),
-                        None => self.delivered_netns.get(&pod.metadata.key()).cloned(),
-                    };
+                    // One scan of /proc per snapshot, and only when some pod needs it.
+                    let pids = pids.get_or_insert_with(|| netns::pod_pids(&self.opts.proc_root));
+                    let found = pids
+                        .get(&uid.to_ascii_lowercase())
+                        .map(|pid| netns::netns_path(&self.opts.proc_root, *pid));
                     match found {
                         Some(path) => {
                             netns_map.insert(pod.metadata.key(), path.clone());
@@ -280,10 +283,9 @@ impl KubeSource {
             }
             loaded.push(o);
         }
-        if scan {
-            self.last_scan = Some(Instant::now());
-        }
+        self.last_scan = Some(Instant::now());
         self.pending_netns = pending;
+        self.netns_lookups = pending || !netns_map.is_empty();
         (Cluster::from_objects(loaded).map_err(|e| e.to_string()), netns_map)
     }
 }
@@ -329,10 +331,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 
 impl Source for KubeSource {
     fn next(&mut self, timeout: Duration) -> Option<Result<Cluster, String>> {
-        let seen = self.delivered.unwrap_or(u64::MAX);
-        let mut count = self.shared.wait_past(seen, timeout);
-        if count != seen {
-            count = self.debounce(count);
+        let count = self.shared.wait_past(self.observed, timeout);
+        if count != self.observed {
+            self.observed = self.debounce(count);
         }
         if !self.shared.all_synced() {
             let log_due = self.waiting_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
@@ -340,23 +341,20 @@ impl Source for KubeSource {
                 self.waiting_logged = Some(Instant::now());
                 tracing::info!(waiting_for = ?self.shared.unsynced(), "Kubernetes: waiting for the initial lists");
             }
-            if count == seen {
-                // Nothing to wait on yet: do not spin.
-                std::thread::sleep(timeout.min(Duration::from_millis(50)));
-            }
             return None;
         }
+        let changed = self.delivered != Some(self.observed);
         let rescan_every = if self.pending_netns { PENDING_RESCAN } else { RESCAN };
-        let rescan_due = self.last_scan.is_none_or(|t| t.elapsed() >= rescan_every);
-        let changed = self.delivered != Some(count);
+        let rescan_due = (self.pending_netns || self.netns_lookups)
+            && self.last_scan.is_none_or(|t| t.elapsed() >= rescan_every);
         if !changed && !rescan_due {
             return None;
         }
-        let (snapshot, netns_map) = self.build(true);
+        let (snapshot, netns_map) = self.build();
         if !changed && netns_map == self.delivered_netns {
             return None;
         }
-        self.delivered = Some(count);
+        self.delivered = Some(self.observed);
         self.delivered_netns = netns_map;
         Some(snapshot)
     }

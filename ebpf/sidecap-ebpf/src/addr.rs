@@ -8,6 +8,8 @@ const V4_MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 const LOOPBACK_V6_W3: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 pub const LOCALHOST_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 pub const INBOUND_PASSTHROUGH_V4: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+/// `::6`, Envoy's IPv6 inbound passthrough source.
+pub const INBOUND_PASSTHROUGH_V6: Addr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 6])];
 
 #[inline(always)]
 pub fn from_v4(ip4: u32) -> Addr {

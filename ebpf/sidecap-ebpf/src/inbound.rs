@@ -21,8 +21,6 @@ const AF_INET6: u32 = 10;
 /// SockHash key bit for a netns's IPv6 listener (cookies are small counters).
 pub const V6_LISTENER: u64 = 1 << 63;
 const SK_PASS: u32 = 1;
-/// Envoy's IPv6 inbound passthrough source, `::6`.
-const INBOUND_PASSTHROUGH_V6_W3: u32 = u32::from_ne_bytes([0, 0, 0, 6]);
 
 #[inline(always)]
 unsafe fn rd(p: &u32) -> u32 {
@@ -78,7 +76,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     }
     // Envoy's inbound passthrough (127.0.0.6 / ::6) and the pod talking to itself.
     if addr::eq(&remote, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4))
-        || (remote[0] == 0 && remote[1] == 0 && remote[2] == 0 && remote[3] == INBOUND_PASSTHROUGH_V6_W3)
+        || addr::eq(&remote, &addr::INBOUND_PASSTHROUGH_V6)
         || addr::is_loopback(&remote)
     {
         return None;

@@ -66,7 +66,9 @@ pub fn decide(pod: &PodConfig, c: &Connect) -> Verdict {
 
     // 2. Envoy's inbound passthrough source and the proxy itself: istio-iptables' owner
     //    rules, in their order (the uid block, then the gid block).
-    if addr::eq(&c.bound_src, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4)) {
+    if addr::eq(&c.bound_src, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4))
+        || addr::eq(&c.bound_src, &addr::INBOUND_PASSTHROUGH_V6)
+    {
         return Verdict::Untouched;
     }
     let uid_match = c.uid == pod.proxy_uid;
