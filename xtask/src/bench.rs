@@ -95,7 +95,7 @@ impl Params {
             rounds: 2,
             duration_ms: 200,
             warmup_ms: 40,
-            cp_rounds: 2,
+            cp_rounds: 1,
             ..Params::full()
         }
     }

@@ -85,7 +85,7 @@ fn one_pod(sb: &mut Sandbox, bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     let cookie = sb.pod("sc").cookie()?;
     // The ALLOW_ANY variant may compile to what the pod has already: just let it settle.
     std::thread::sleep(Duration::from_millis(500));
-    let r = watch(bins, sb.pins.path(), cookie, &toggle, p.cp_rounds.max(2) * 2);
+    let r = watch(bins, sb.pins.path(), cookie, &toggle, p.cp_rounds.max(2) * 4);
     sb.mesh.remove("sidecar-sc.yaml");
     std::thread::sleep(Duration::from_millis(300));
     r
@@ -138,7 +138,7 @@ fn agent_at_scale(bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     let rss = status_kib(pid, "VmRSS:");
     let hwm = status_kib(pid, "VmHWM:");
     let maps = map_memory(pins.path());
-    let conv = watch(bins, pins.path(), cookies[0], &toggle, p.cp_rounds.max(2) * 2)?;
+    let conv = watch(bins, pins.path(), cookies[0], &toggle, p.cp_rounds.max(1) * 2)?;
     let rss_after = status_kib(pid, "VmRSS:");
     agent.kill9();
     drop(agent);
@@ -157,7 +157,7 @@ fn in_process(bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     let pins = BpfPinDir::new("bench-sync")?;
     let mut c = Command::new(&bins.controlplane);
     c.arg("sync").arg("--config").arg(dir.path()).arg("--bpffs").arg(pins.path()).arg("--cgroup").arg(cg.path());
-    c.arg("--toggle").arg(&toggle).arg("--rounds").arg(p.cp_rounds.max(2).to_string());
+    c.arg("--toggle").arg(&toggle).arg("--rounds").arg(p.cp_rounds.max(1).to_string());
     let v = run_bounded(c, Duration::from_secs(900))?;
     let rounds: Vec<&Value> = v["rounds"].as_array().into_iter().flatten().collect();
     let col = |k: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[k].as_f64()).collect() };
