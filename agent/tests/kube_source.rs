@@ -462,3 +462,37 @@ fn kubeconfig_file_is_used() {
     assert!(err.contains("missing"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `deploy/rbac.yaml` grants list/watch on exactly the resources the source asks for.
+#[test]
+fn rbac_grants_exactly_what_is_requested() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let mut src = source(&server, options());
+    wait_for(&mut src, LIMIT, "the initial view", |_| true);
+    let mut requested: Vec<String> = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("LIST ") || r.starts_with("WATCH "))
+        .filter_map(|r| r.split(' ').nth(1).and_then(|p| p.rsplit('/').next()).map(str::to_string))
+        .collect();
+    requested.sort();
+    requested.dedup();
+
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
+    let list = |line: &str, key: &str| -> Option<Vec<String>> {
+        let rest = line.trim().strip_prefix(key)?.trim();
+        let inner = rest.strip_prefix('[')?.strip_suffix(']')?;
+        Some(inner.split(',').map(|s| s.trim().trim_matches('"').to_string()).collect())
+    };
+    let mut granted: Vec<String> = rbac.lines().filter_map(|l| list(l, "resources:")).flatten().collect();
+    granted.sort();
+    granted.dedup();
+    assert_eq!(granted, requested, "rbac.yaml resources vs what the watchers request");
+    let verbs: Vec<Vec<String>> = rbac.lines().filter_map(|l| list(l, "verbs:")).collect();
+    assert!(!verbs.is_empty());
+    for v in verbs {
+        assert_eq!(v, ["list", "watch"], "list/watch only");
+    }
+    assert!(rbac.contains("resourceNames: [\"istio\"]"), "the ConfigMap grant names the mesh ConfigMap only");
+}

@@ -84,6 +84,9 @@ const RESCAN: Duration = Duration::from_secs(10);
 /// A burst of changes is waited out for at most this long.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 
+/// An object's resourceVersion and what the policy crate made of it.
+type Typed = (String, Vec<Loaded<Object>>);
+
 pub struct KubeSource {
     shared: Arc<Shared>,
     opts: KubeOptions,
@@ -100,7 +103,7 @@ pub struct KubeSource {
     netns_lookups: bool,
     /// The change counter as last seen (waited past by `next`).
     observed: u64,
-    cache: HashMap<(Kind, String), (String, Vec<Loaded<Object>>)>,
+    cache: HashMap<(Kind, String), Typed>,
     object_errors: BTreeMap<String, String>,
     waiting_logged: Option<Instant>,
 }
