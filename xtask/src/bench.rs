@@ -229,7 +229,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let t = Instant::now();
             let runs = f(&mut sb, &params)?;
             let s = stats::summarize(&runs);
-            let value = json!({"seconds": t.elapsed().as_secs_f64(), "runs": runs, "summary": s});
+            let value = json!({
+                "seconds": t.elapsed().as_secs_f64(), "runs": runs, "summary": s,
+                "sidecap_counters": sb.counters(),
+            });
             println!("{}", report::table_for(name, &value));
             results["scenarios"][name] = value;
             save(&results)?;

@@ -242,6 +242,81 @@ pub fn write_report(results: &Value, md_dir: &Path, svg_dir: &Path) -> anyhow::R
     Ok(())
 }
 
+/// The headline numbers, as sentences over this run's medians.
+pub fn headlines(r: &Value) -> String {
+    let sc = &r["scenarios"];
+    let mut h = String::from("## Headlines (medians of this run)\n\n");
+    let f = |v: Option<f64>| v.map(num).unwrap_or_else(|| "–".into());
+    let x = |a: Option<f64>, b: Option<f64>| ratio(a, b);
+    if let Some(s) = sc.get("connect").map(|v| &v["summary"]) {
+        for case in cases(s) {
+            let g = |mode: &str, k: &str| med(s, &case, mode, k);
+            let _ = writeln!(
+                h,
+                "- **Outbound, {case}**: sidecap {} conn/s vs iptables {} (×{}), first byte p50 {} vs {} µs (×{}); direct, without any proxy: {} conn/s, {} µs.",
+                f(g("sidecap", "rate")), f(g("iptables", "rate")), x(g("sidecap", "rate"), g("iptables", "rate")),
+                f(g("sidecap", "ttfb_p50_us")), f(g("iptables", "ttfb_p50_us")), x(g("sidecap", "ttfb_p50_us"), g("iptables", "ttfb_p50_us")),
+                f(g("direct", "rate")), f(g("direct", "ttfb_p50_us"))
+            );
+        }
+    }
+    if let Some(s) = sc.get("rules").map(|v| &v["summary"]) {
+        let sizes: Vec<u64> = r["params"]["rule_sizes"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+        if let (Some(lo), Some(hi)) = (sizes.first(), sizes.last()) {
+            for kind in ["captured", "passthrough"] {
+                let g = |n: u64, mode: &str| med(s, &format!("N={n} {kind}"), mode, "connect_p50_us");
+                let _ = writeln!(
+                    h,
+                    "- **Rule scaling, {kind}**: connect() p50 with {lo} → {hi} exclusions: iptables {} → {} µs (×{}), sidecap {} → {} µs (×{}); at {hi}, sidecap/iptables = {}.",
+                    f(g(*lo, "iptables")), f(g(*hi, "iptables")), x(g(*hi, "iptables"), g(*lo, "iptables")),
+                    f(g(*lo, "sidecap")), f(g(*hi, "sidecap")), x(g(*hi, "sidecap"), g(*lo, "sidecap")),
+                    x(g(*hi, "sidecap"), g(*hi, "iptables"))
+                );
+            }
+        }
+    }
+    if let Some(s) = sc.get("inbound").map(|v| &v["summary"]) {
+        for case in cases(s) {
+            let g = |mode: &str, k: &str| med(s, &case, mode, k);
+            let _ = writeln!(
+                h,
+                "- **Inbound, {}**: sidecap (sk_lookup) {} conn/s vs iptables (REDIRECT) {} (×{}), first byte p50 {} vs {} µs.",
+                case.trim_start_matches("inbound "),
+                f(g("sidecap", "rate")), f(g("iptables", "rate")), x(g("sidecap", "rate"), g("iptables", "rate")),
+                f(g("sidecap", "ttfb_p50_us")), f(g("iptables", "ttfb_p50_us"))
+            );
+        }
+    }
+    if let Some(s) = sc.get("passdrop").map(|v| &v["summary"]) {
+        let g = |case: &str, mode: &str, k: &str| med(s, case, mode, k);
+        let _ = writeln!(
+            h,
+            "- **Passthrough**: connect() p50 {} µs under sidecap vs {} µs with no program at all (×{}); iptables {} µs.",
+            f(g("passthrough", "sidecap", "connect_p50_us")), f(g("passthrough", "direct", "connect_p50_us")),
+            x(g("passthrough", "sidecap", "connect_p50_us"), g("passthrough", "direct", "connect_p50_us")),
+            f(g("passthrough", "iptables", "connect_p50_us"))
+        );
+        let _ = writeln!(
+            h,
+            "- **REGISTRY_ONLY drop**: the app sees the failure after {} µs with sidecap (EPERM from connect) vs {} µs with iptables + a proxy that accepts and resets (×{}).",
+            f(g("drop", "sidecap", "ttfb_p50_us")), f(g("drop", "iptables", "ttfb_p50_us")),
+            x(g("drop", "sidecap", "ttfb_p50_us"), g("drop", "iptables", "ttfb_p50_us"))
+        );
+    }
+    if let Some(v) = sc.get("controlplane") {
+        let (a, sy) = (&v["agent"], &v["sync"]);
+        let _ = writeln!(
+            h,
+            "- **Control plane**: a Sidecar edit reaches the maps in {} ms for 1 pod and {} ms with {} pods × {} services (real agent; {} ms of a {}-pod pass is reloading the YAML); agent RSS {:.1} MiB, kernel maps {:.1} MiB at that size.",
+            f(v["one_pod"]["converge_ms"]["median"].as_f64()), f(a["converge_ms"]["median"].as_f64()), a["pods"], a["services"],
+            f(sy["reload_ms"]["median"].as_f64()), sy["pods"],
+            a["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0, a["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+        );
+    }
+    h.push('\n');
+    h
+}
+
 fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
     let m = &r["machine"];
     let p = &r["params"];
@@ -258,6 +333,7 @@ fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
         r["command"].as_str().unwrap_or(""),
         r["seconds"].as_f64().map(|s| format!("{s:.0}")).unwrap_or_default()
     );
+    d.push_str(&headlines(r));
     let _ = writeln!(
         d,
         "## Machine\n\n| | |\n|---|---|\n| CPU | {} × {} |\n| memory | {} |\n| kernel | {} |\n| iptables | {} |\n| HAProxy | {} |\n| rustc | {} |\n| load average before / after | {} / {} |\n",
@@ -279,6 +355,10 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
             let _ = writeln!(d, "## {title}\n\n{text}\n");
             d.push_str(&table_for(key, v));
             d.push('\n');
+            if let Some(c) = v["sidecap_counters"].as_object() {
+                let list: Vec<String> = c.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                let _ = writeln!(d, "Kernel counters of the sidecap pod after this scenario (cumulative since the agent started): {}.\n", list.join(", "));
+            }
             for i in images {
                 d.push_str(&img(i));
             }

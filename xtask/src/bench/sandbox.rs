@@ -217,6 +217,16 @@ impl Sandbox {
             .ok_or_else(|| anyhow!("the sidecap pod is not in the maps: {v}"))
     }
 
+    /// The sidecap pod's kernel counters (cumulative), from `sidecap inspect`.
+    pub fn counters(&self) -> Value {
+        let Ok(cookie) = self.topo.pod("sc").cookie() else { return Value::Null };
+        let v = sidecap_tests::inspect(self.pins.path());
+        v.as_array()
+            .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
+            .map(|p| p["counters"].clone())
+            .unwrap_or(Value::Null)
+    }
+
     /// Waits (≤ 60 s) until the agent wrote a generation after `before`.
     pub fn wait_generation(&mut self, before: u64) -> anyhow::Result<()> {
         let cookie = self.topo.pod("sc").cookie()?;
