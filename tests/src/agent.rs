@@ -62,18 +62,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(cgroup: &Path, bpffs: &Path, config_dir: &Path, extra: &[&str]) -> Agent {
+        let config = config_dir.display().to_string();
+        Agent::start_with_source(cgroup, bpffs, &["--config", &config], extra)
+    }
+
+    /// Like [`Agent::start`], with other source flags (`--kubernetes --kubeconfig FILE ...`).
+    pub fn start_with_source(cgroup: &Path, bpffs: &Path, source: &[&str], extra: &[&str]) -> Agent {
         let dir = TempDir::new("agent").expect("agent temp dir");
-        let mut args: Vec<String> = vec![
-            "agent".into(),
-            "--config".into(),
-            config_dir.display().to_string(),
+        let mut args: Vec<String> = vec!["agent".into()];
+        args.extend(source.iter().map(|s| s.to_string()));
+        args.extend([
             "--cgroup".into(),
             cgroup.display().to_string(),
             "--bpffs".into(),
             bpffs.display().to_string(),
             "--poll-interval-ms".into(),
             "100".into(),
-        ];
+        ]);
         // Tests run agents side by side: an ephemeral admin port unless one is asked for.
         if !extra.contains(&"--admin-addr") {
             args.extend(["--admin-addr".into(), "127.0.0.1:0".into()]);
