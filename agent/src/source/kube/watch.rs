@@ -238,10 +238,10 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
                     log.ok();
                     if slot.store().is_some() || !slot.synced() {
                         tracing::info!(kind = kind.name(), group = ISTIO_GROUP, "not served; treating as none");
+                        slot.set_store(None);
+                        slot.synced.store(true, Ordering::SeqCst);
+                        shared.bump();
                     }
-                    slot.set_store(None);
-                    slot.synced.store(true, Ordering::SeqCst);
-                    shared.bump();
                     tokio::time::sleep(opts.rediscover_interval).await;
                     continue;
                 }
