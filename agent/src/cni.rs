@@ -3,6 +3,7 @@
 //! capture is in place, so the app's first packet is already captured — the guarantee
 //! istio-init gives by running first.
 
+pub mod install;
 pub mod protocol;
 pub mod server;
 

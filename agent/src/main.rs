@@ -70,10 +70,36 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 20)]
         cni_wait_secs: u64,
     },
-    /// Detach every program and remove every pin sidecap made under the bpffs directory.
+    /// Detach every program and remove every pin sidecap made under the bpffs directory;
+    /// with --cni-conf-dir/--cni-bin-dir first remove the chained plugin from the node.
     Uninstall {
         #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
         bpffs: PathBuf,
+        /// Remove our entry from every CNI network configuration here (a .conf sidecap turned
+        /// into a conflist is restored).
+        #[arg(long, value_name = "DIR", requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
+        /// Remove the `sidecap-cni` binary from here.
+        #[arg(long, value_name = "DIR", requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
+    },
+    /// Install the chained CNI plugin on this node: copy `sidecap-cni` into the CNI bin dir and
+    /// append it to the primary network configuration (idempotent; atomic writes).
+    InstallCni {
+        #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The agent's CNI socket (`socketPath` of our entry), as the container runtime sees it.
+        #[arg(long, value_name = "PATH", default_value = sidecap::cni::protocol::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The plugin binary to install [default: `sidecap-cni` next to this executable].
+        #[arg(long, value_name = "PATH")]
+        plugin: Option<PathBuf>,
+        /// Keep checking every SECS seconds and put the entry back when the network plugin
+        /// rewrites its configuration (0: install once and exit).
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        watch_secs: u64,
     },
     /// Show each meshed pod as the kernel sees it (reads the pinned maps; the agent may be down).
     Inspect {
@@ -197,9 +223,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Uninstall { bpffs } => {
+        Cmd::Uninstall { bpffs, cni_conf_dir, cni_bin_dir } => {
+            // The CNI entry first: no new pod may wait on an agent that is going away.
+            if let (Some(conf), Some(bin)) = (cni_conf_dir, cni_bin_dir) {
+                let r = sidecap::cni::install::uninstall(&conf, &bin)?;
+                for p in r.confs.iter().chain(&r.restored) {
+                    println!("removed sidecap-cni from {}", p.display());
+                }
+                if let Some(b) = r.binary {
+                    println!("removed {}", b.display());
+                }
+            }
             let removed = datapath::uninstall(&bpffs)?;
             println!("removed {} pins under {}", removed.len(), bpffs.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::InstallCni { cni_bin_dir, cni_conf_dir, socket, plugin, watch_secs } => {
+            let plugin = match plugin {
+                Some(p) => p,
+                None => std::env::current_exe().context("locating this executable")?.with_file_name("sidecap-cni"),
+            };
+            let opts = sidecap::cni::install::Options { bin_dir: cni_bin_dir, conf_dir: cni_conf_dir, socket, plugin };
+            install_cni(&opts, watch_secs)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect { bpffs, output, pod } => {
@@ -251,5 +296,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sidecap_policy::cli::explain(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `install-cni`: once, or (watch) every `watch_secs`, logging failures and retrying.
+fn install_cni(opts: &sidecap::cni::install::Options, watch_secs: u64) -> anyhow::Result<()> {
+    use sidecap::cni::install::{self, ConfChange};
+    let mut last_error = None;
+    loop {
+        match install::install(opts) {
+            Ok(r) => {
+                last_error = None;
+                if r.binary_written {
+                    println!("installed {}", r.binary.display());
+                }
+                for p in &r.cleaned {
+                    println!("removed sidecap-cni from {} (not the primary configuration)", p.display());
+                }
+                match &r.change {
+                    ConfChange::Unchanged if watch_secs > 0 => {}
+                    ConfChange::Unchanged => println!("{}: sidecap-cni already chained", r.conf.display()),
+                    ConfChange::Appended => println!("{}: sidecap-cni chained", r.conf.display()),
+                    ConfChange::Updated => println!("{}: sidecap-cni entry updated", r.conf.display()),
+                    ConfChange::Converted { from } => {
+                        println!("{}: made from {} with sidecap-cni chained", r.conf.display(), from.display())
+                    }
+                }
+            }
+            Err(e) if watch_secs == 0 => return Err(e.into()),
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    eprintln!("sidecap: install-cni: {msg} (retrying every {watch_secs}s)");
+                    last_error = Some(msg);
+                }
+            }
+        }
+        if watch_secs == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(watch_secs));
     }
 }
