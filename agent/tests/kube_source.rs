@@ -463,7 +463,7 @@ fn kubeconfig_file_is_used() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `deploy/rbac.yaml` grants list/watch on exactly the resources the source asks for.
+/// `deploy/base/rbac.yaml` grants list/watch on exactly the resources the source asks for.
 #[test]
 fn rbac_grants_exactly_what_is_requested() {
     let server = FakeApiServer::start();
@@ -479,7 +479,7 @@ fn rbac_grants_exactly_what_is_requested() {
     requested.sort();
     requested.dedup();
 
-    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml")).expect("deploy/base/rbac.yaml");
     let list = |line: &str, key: &str| -> Option<Vec<String>> {
         let rest = line.trim().strip_prefix(key)?.trim();
         let inner = rest.strip_prefix('[')?.strip_suffix(']')?;
