@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// Run only these scenarios (connect, rules, inbound, passdrop, controlplane, micro).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Measure nothing: render the report (and with --docs, docs/) from this results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub render: Option<PathBuf>,
 }
 
 /// How much to measure.
@@ -77,9 +80,9 @@ impl Params {
     fn full() -> Params {
         Params {
             profile: "full",
-            rounds: 5,
-            duration_ms: 1200,
-            warmup_ms: 150,
+            rounds: 7,
+            duration_ms: 800,
+            warmup_ms: 100,
             concurrency: vec![1, 64],
             rule_sizes: vec![1, 100, 1000, 10_000],
             haproxy: true,
@@ -167,6 +170,17 @@ fn build_release() -> anyhow::Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.render {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let results: Value = serde_json::from_str(&text).context("results.json")?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        report::write_report(&results, dir, dir)?;
+        if args.docs {
+            let root = crate::workspace_root();
+            report::write_report(&results, &root.join("docs"), &root.join("docs/bench"))?;
+        }
+        return Ok(());
+    }
     if !crate::setup::is_root() {
         bail!("the bench creates network namespaces, loads iptables rules into them and attaches eBPF programs: run it as root");
     }

@@ -65,7 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run()
         }
         Cmd::Bench(args) => {
-            if args.bin_dir.is_none() {
+            if args.bin_dir.is_none() && args.render.is_none() {
                 setup::run()?;
             }
             bench::run(args)

@@ -191,7 +191,8 @@ fn mode_bars(summary: &Value, metric: &str, title: &str, y: &str) -> String {
     let groups = cases(summary);
     let series: Vec<Series> = MODES
         .iter()
-        .map(|m| Series { name: m.to_string(), values: groups.iter().map(|c| point(summary, c, m, metric)).collect() })
+        .enumerate()
+        .map(|(i, m)| Series::new(*m, groups.iter().map(|c| point(summary, c, m, metric)).collect(), i))
         .collect();
     svg::bars(title, y, &groups, &series)
 }
@@ -214,11 +215,14 @@ pub fn plots(results: &Value) -> Vec<(String, String)> {
         let sizes: Vec<f64> = results["params"]["rule_sizes"].as_array().into_iter().flatten().filter_map(Value::as_f64).collect();
         let mut series = Vec::new();
         for kind in ["captured", "passthrough"] {
-            for m in MODES {
-                series.push(Series {
-                    name: format!("{m} {kind}"),
-                    values: sizes.iter().map(|n| point(s, &format!("N={n} {kind}"), m, "connect_p50_us")).collect(),
-                });
+            for (i, m) in MODES.iter().enumerate() {
+                let mut line = Series::new(
+                    format!("{m} {kind}"),
+                    sizes.iter().map(|n| point(s, &format!("N={n} {kind}"), m, "connect_p50_us")).collect(),
+                    i,
+                );
+                line.dashed = kind == "passthrough";
+                series.push(line);
             }
         }
         out.push(("rules.svg".into(), svg::lines("connect() p50 vs excluded CIDRs + ports (N each)", "µs", &sizes, &series)));
@@ -347,7 +351,7 @@ fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
 - **direct** — nothing installed: the physical limit of the path.\n\
 - **iptables** — istio-init's rules (`shared/istio/iptables-golden/cni-plugin/basic.txt.golden`)\n  loaded into the pod's netns with `iptables-restore`, plus one excluded CIDR and one excluded\n  port (as istio-iptables writes `excludeOutboundIPRanges`/`excludeOutboundPorts`).\n\
 - **sidecap** — the real `sidecap agent` (release build) attached to that pod's cgroup with\n  `--allow-any capture` (everything in range goes to the proxy, as with istio-init), the pod\n  carrying the same two annotations.\n\n\
-The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000): per\nconnection connect → send 4 bytes → first reply byte → close with a reset (no TIME_WAIT);\n`connect()` is the time of the connect call, *first byte* from before connect to the first\nreply byte. The proxy (uid 1337) is `sc-forward` (the project's small epoll forwarder: accept,\n`SO_ORIGINAL_DST`, connect, copy) or HAProxy 2.6 (`option transparent`); the upstream is\n`sc-load serve` in the services namespace. Each measurement runs {} ms after {} ms of\nwarm-up; the modes run interleaved (direct, iptables, sidecap, direct, …) for {} rounds;\ntables give the median over rounds and (min–max).\n",
+The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000): per\nconnection connect → send 4 bytes → first reply byte → close with a reset (no TIME_WAIT);\n`connect()` is the time of the connect call, *first byte* from before connect to the first\nreply byte. A captured connect() completes against the local proxy (loopback), so it can be\nshorter than direct's, which crosses to the services namespace; *first byte* is the\nend-to-end number. The proxy (uid 1337) is `sc-forward` (the project's small epoll forwarder: accept,\n`SO_ORIGINAL_DST`, connect, copy) or HAProxy 2.6 (`option transparent`); the upstream is\n`sc-load serve` in the services namespace. Each measurement runs {} ms after {} ms of\nwarm-up; the modes run interleaved (direct, iptables, sidecap, direct, …) for {} rounds;\ntables give the median over rounds and (min–max).\n",
         p["duration_ms"], p["warmup_ms"], p["rounds"]
     );
     let section = |d: &mut String, key: &str, title: &str, text: &str, images: &[&str]| {
@@ -400,7 +404,26 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
             v["agent"]["pods"], v["agent"]["pods"], v["sync"]["pods"]
         );
         d.push_str(&table_for("controlplane", v));
-        let _ = writeln!(d, "\n({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
+        let registry = sc["micro"]["benches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["id"] == "registry/build-10k-services")
+            .and_then(|b| b["median_ns"].as_f64());
+        let _ = write!(
+            d,
+            "\nWhere the time goes: on any change the directory source re-reads and re-parses every file\n({} ms for {} services above), and `evaluate` builds the whole service registry again for\neach pod",
+            num(v["sync"]["reload_ms"]["median"].as_f64().unwrap_or(f64::NAN)),
+            v["sync"]["services"]
+        );
+        if let Some(ns) = registry {
+            let _ = write!(d, " ({:.1} ms per pod for 10,000 services, `registry/build-10k-services` in §6)", ns / 1e6);
+        }
+        let _ = writeln!(
+            d,
+            ". Caching parsed files by fingerprint and building the registry once per pass are the\nobvious next steps; the data path is not involved.\n"
+        );
+        let _ = writeln!(d, "({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
     }
     if let Some(v) = sc.get("micro") {
         let _ = writeln!(

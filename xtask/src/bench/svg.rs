@@ -9,6 +9,16 @@ pub type Point = Option<(f64, f64, f64)>;
 pub struct Series {
     pub name: String,
     pub values: Vec<Point>,
+    /// Index into the palette.
+    pub color: usize,
+    /// Dashed line (line charts).
+    pub dashed: bool,
+}
+
+impl Series {
+    pub fn new(name: impl Into<String>, values: Vec<Point>, color: usize) -> Series {
+        Series { name: name.into(), values, color, dashed: false }
+    }
 }
 
 const W: f64 = 760.0;
@@ -87,18 +97,23 @@ fn frame(out: &mut String, title: &str, y_label: &str, y_max: f64, step: f64) {
 }
 
 fn legend(out: &mut String, series: &[Series]) {
-    let mut x = LEFT;
-    for (i, s) in series.iter().enumerate() {
+    let (mut x, mut y) = (LEFT, H - 40.0);
+    for s in series {
+        let w = 28.0 + 7.0 * s.name.chars().count() as f64;
+        if x + w > W - RIGHT {
+            x = LEFT;
+            y += 18.0;
+        }
         let _ = writeln!(
             out,
-            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
-            H - 22.0,
-            color(i),
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"12\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            if s.dashed { 4 } else { 12 },
+            color(s.color),
             x + 16.0,
-            H - 12.0,
+            y + 10.0,
             esc(&s.name)
         );
-        x += 28.0 + 7.0 * s.name.len() as f64;
+        x += w;
     }
 }
 
@@ -127,7 +142,7 @@ pub fn bars(title: &str, y_label: &str, groups: &[String], series: &[Series]) ->
                 "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{}: {}</title></rect>",
                 bw * 0.9,
                 (H - BOTTOM - y).max(0.0),
-                color(i),
+                color(s.color),
                 esc(&s.name),
                 trim(*med)
             );
@@ -173,22 +188,28 @@ pub fn lines(title: &str, y_label: &str, xs: &[f64], series: &[Series]) -> Strin
             fmt_tick(*x)
         );
     }
-    for (i, s) in series.iter().enumerate() {
+    for s in series {
         let pts: Vec<(f64, (f64, f64, f64))> =
             xs.iter().zip(&s.values).filter_map(|(x, v)| v.map(|v| (x_of(*x), v))).collect();
         let path: Vec<String> = pts.iter().map(|(x, v)| format!("{x:.1},{:.1}", y_of(v.0, y_max))).collect();
-        let _ = writeln!(out, "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>", color(i), path.join(" "));
+        let dash = if s.dashed { " stroke-dasharray=\"6,4\"" } else { "" };
+        let _ = writeln!(
+            out,
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+            color(s.color),
+            path.join(" ")
+        );
         for (x, (med, lo, hi)) in pts {
             let _ = writeln!(
                 out,
                 "<circle cx=\"{x:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"><title>{}: {}</title></circle><line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"{}\"/>",
                 y_of(med, y_max),
-                color(i),
+                color(s.color),
                 esc(&s.name),
                 trim(med),
                 y_of(lo, y_max),
                 y_of(hi, y_max),
-                color(i)
+                color(s.color)
             );
         }
     }
@@ -211,8 +232,8 @@ mod tests {
     #[test]
     fn charts_are_well_formed_svg() {
         let s = vec![
-            Series { name: "direct".into(), values: vec![Some((3.0, 2.0, 4.0)), None] },
-            Series { name: "a<b".into(), values: vec![Some((1.0, 1.0, 1.0)), Some((2.0, 1.5, 2.5))] },
+            Series::new("direct", vec![Some((3.0, 2.0, 4.0)), None], 0),
+            Series::new("a<b", vec![Some((1.0, 1.0, 1.0)), Some((2.0, 1.5, 2.5))], 1),
         ];
         let b = bars("t", "y", &["g1".into(), "g2".into()], &s);
         assert!(b.starts_with("<svg") && b.trim_end().ends_with("</svg>"), "{b}");
