@@ -374,7 +374,7 @@ fn check_agent_daemonset(docs: &[Value], what: &str) {
     }
     let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
     let caps = agent.security_context.clone().unwrap().capabilities.unwrap().add.unwrap();
-    assert_eq!(caps, ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"], "{what}: the capabilities deploy/README.md explains");
+    assert_eq!(caps, ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"], "{what}: the capabilities deploy/README.md explains");
     let node = agent.env.iter().flatten().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
     assert_eq!(node.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()), Some("spec.nodeName"));
     let port = agent.ports.iter().flatten().find(|p| p.name.as_deref() == Some("admin")).expect("admin port");
