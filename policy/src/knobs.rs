@@ -75,11 +75,16 @@ pub struct Knobs {
     pub dns_capture: bool,
 }
 
-/// istio-cni's gate: an `istio-proxy` container, the injection status annotation, and no
-/// `sidecar.istio.io/inject: "false"` opt-out.
+/// istio-cni's gate: an `istio-proxy` container, the injection status annotation, no
+/// `sidecar.istio.io/inject: "false"` opt-out, and no `istio-init` init container (its
+/// iptables capture the pod already: cni/pkg/plugin/plugin.go skips such pods too). That
+/// keeps pods injected before and after a switch between istio-init and sidecap apart.
 pub fn is_meshed(pod: &Pod) -> bool {
     let ann = &pod.metadata.annotations;
     if !ann.contains_key(ANN_STATUS) || pod.proxy_container().is_none() {
+        return false;
+    }
+    if pod.spec.init_containers.iter().any(|c| c.name == "istio-init") {
         return false;
     }
     let opt_out = |v: Option<&String>| v.is_some_and(|v| matches!(v.as_str(), "false" | "False" | "FALSE" | "0" | "f" | "F"));
@@ -294,6 +299,13 @@ mod tests {
         let mut p = pod(&[]);
         p.spec.containers.clear();
         assert!(!is_meshed(&p));
+        // Injected with istio-init: its iptables own the pod. istio-validation is ours.
+        let mut p = pod(&[]);
+        p.spec.init_containers.push(Container { name: "istio-init".into(), ..Default::default() });
+        assert!(!is_meshed(&p));
+        let mut p = pod(&[]);
+        p.spec.init_containers.push(Container { name: "istio-validation".into(), ..Default::default() });
+        assert!(is_meshed(&p));
     }
 
     #[test]
