@@ -15,6 +15,8 @@ pub enum ProbeError {
     NotCgroup { path: std::path::PathBuf },
     #[error("this kernel lacks {what}, which sidecap needs")]
     Missing { what: String },
+    #[error("cannot probe {what}: {error} (sidecap needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN, or root)")]
+    Denied { what: String, error: String },
 }
 
 /// Checks what every node needs; `cgroup` is where the programs will be attached.
@@ -46,15 +48,19 @@ fn features() -> Result<(), ProbeError> {
         sys::{BpfHelper as H, is_helper_supported, is_map_supported, is_program_supported},
     };
     let missing = |what: String| ProbeError::Missing { what };
+    // A probe that errors (rather than answering no) is nearly always a missing privilege.
+    let check = |r: Result<bool, String>, what: &str| match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(missing(what.into())),
+        Err(error) => Err(ProbeError::Denied { what: what.into(), error }),
+    };
     for (p, name) in [
         (P::CgroupSockAddr, "cgroup/connect and sendmsg programs (CGROUP_SOCK_ADDR)"),
         (P::SockOps, "sockops programs"),
         (P::CgroupSockopt, "cgroup/getsockopt programs"),
         (P::SkLookup, "sk_lookup programs"),
     ] {
-        if !is_program_supported(p).unwrap_or(false) {
-            return Err(missing(name.into()));
-        }
+        check(is_program_supported(p).map_err(|e| e.to_string()), name)?;
     }
     for (m, name) in [
         (MapType::LpmTrie, "LPM trie maps"),
@@ -63,9 +69,7 @@ fn features() -> Result<(), ProbeError> {
         (MapType::SockHash, "sockhash maps"),
         (MapType::PerCpuHash, "per-CPU hash maps"),
     ] {
-        if !is_map_supported(m).unwrap_or(false) {
-            return Err(missing(name.into()));
-        }
+        check(is_map_supported(m).map_err(|e| e.to_string()), name)?;
     }
     for (p, h, name) in [
         (P::CgroupSockAddr, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in connect programs"),
@@ -75,9 +79,7 @@ fn features() -> Result<(), ProbeError> {
         (P::CgroupSockopt, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in getsockopt programs"),
         (P::SkLookup, H::BPF_FUNC_sk_assign, "bpf_sk_assign in sk_lookup programs"),
     ] {
-        if !is_helper_supported(p, h).unwrap_or(false) {
-            return Err(missing(name.into()));
-        }
+        check(is_helper_supported(p, h).map_err(|e| e.to_string()), name)?;
     }
     Ok(())
 }
