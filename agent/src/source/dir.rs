@@ -76,8 +76,9 @@ impl DirSource {
         let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         if unsafe { libc::poll(&mut pfd, 1, ms) } > 0 {
-            // Let a burst of writes settle, then drain.
-            std::thread::sleep(Duration::from_millis(20));
+            // Let a burst of writes (an editor's save, `kubectl`-style temp + rename) land
+            // together; a half-written file only fails to parse and is read again.
+            std::thread::sleep(Duration::from_millis(2));
             let mut buf = [0u8; 4096];
             while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
         }
