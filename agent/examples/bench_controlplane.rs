@@ -36,7 +36,7 @@ fn main() {
 }
 
 fn swap(toggle: &Path, round: usize) {
-    let variant = toggle.with_extension(if round % 2 == 0 { "b" } else { "a" });
+    let variant = toggle.with_extension(if round.is_multiple_of(2) { "b" } else { "a" });
     let text = std::fs::read_to_string(&variant).unwrap_or_else(|e| panic!("{}: {e}", variant.display()));
     let tmp = toggle.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write variant");

@@ -276,6 +276,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.docs || !(args.quick || args.smoke) {
         let root = crate::workspace_root();
         report::write_report(&results, &root.join("docs"), &root.join("docs/bench")).context("writing docs")?;
+        std::fs::write(root.join("docs/bench/results.json"), serde_json::to_string_pretty(&results)?)?;
         eprintln!("xtask bench: wrote docs/benchmarks.md and docs/bench/*.svg");
     }
     Ok(())

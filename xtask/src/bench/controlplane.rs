@@ -1,4 +1,4 @@
-//! 5. Control plane: how fast a Sidecar change reaches the maps, what the agent costs in
+//! Scenario 5, control plane: how fast a Sidecar change reaches the maps, what the agent costs in
 //! memory, and what the maps cost in the kernel.
 //!
 //! - 1 pod: the bench sandbox's real agent (inotify on its config dir); a Sidecar edit is

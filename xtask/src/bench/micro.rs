@@ -1,4 +1,4 @@
-//! 6. Policy engine micro-benchmarks: criterion (`policy/benches/policy.rs`) on a cluster of
+//! Scenario 6, policy engine micro-benchmarks: criterion (`policy/benches/policy.rs`) on a cluster of
 //! 10,000 services; the medians are read back from criterion's estimates.json files.
 
 use std::{path::Path, time::SystemTime};

@@ -359,7 +359,7 @@ fn write_pod(mesh: &MeshDir, pod: &Pod, n: usize) {
 /// `n` /32s: n-1 fillers in 10.251.200.0–10.251.239.255 (never contacted), then the
 /// excluded service, so a passthrough connection matches the last rule.
 pub fn excluded_cidrs(n: usize) -> Vec<String> {
-    assert!(n >= 1 && n <= 10_241, "1..=10241 excluded CIDRs");
+    assert!((1..=10_241).contains(&n), "1..=10241 excluded CIDRs");
     let mut v: Vec<String> =
         (0..n - 1).map(|i| format!("10.251.{}.{}/32", 200 + i / 256, i % 256)).collect();
     v.push(format!("{SVC_EXCLUDED}/32"));

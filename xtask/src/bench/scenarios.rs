@@ -41,7 +41,7 @@ fn record(runs: &mut Vec<Value>, case: &str, mode: Mode, round: usize, raw: Valu
     runs.push(json!({"case": case, "mode": mode.name(), "round": round, "metrics": metrics(&raw), "raw": raw}));
 }
 
-/// 1. Outbound capture path to a proxy that forwards to the original destination:
+/// Scenario 1: the outbound capture path to a proxy that forwards to the original destination:
 /// sc-forward and HAProxy, concurrency 1 and 64.
 pub fn connect(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     eprintln!("== scenario 1: connect rate and latency through the outbound capture path");
@@ -63,7 +63,7 @@ pub fn connect(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     Ok(runs)
 }
 
-/// 3. Inbound: from the client pod to each pod's app port (captured to 15006 by iptables
+/// Scenario 3, inbound: from the client pod to each pod's app port (captured to 15006 by iptables
 /// REDIRECT or by sk_lookup; direct: the app answers itself).
 pub fn inbound(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     eprintln!("== scenario 3: inbound capture to 15006");
@@ -89,7 +89,7 @@ pub fn inbound(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     Ok(runs)
 }
 
-/// 4. Passthrough (an excluded destination: sidecap's programs run and let it go; iptables
+/// Scenario 4, passthrough (an excluded destination: sidecap's programs run and let it go; iptables
 /// walks its rules to the RETURN; direct runs nothing) and drop (REGISTRY_ONLY: sidecap
 /// fails the connect; iptables sends it to the proxy, which accepts and resets it as
 /// Envoy's BlackHoleCluster does).
@@ -120,7 +120,7 @@ pub fn passdrop(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     Ok(runs)
 }
 
-/// 2. Rule scaling: N excluded CIDRs and N excluded ports ahead of the capture rule; the
+/// Scenario 2, rule scaling: N excluded CIDRs and N excluded ports ahead of the capture rule; the
 /// cost of a captured and of a passthrough (the last excluded CIDR) connect.
 pub fn rules(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     eprintln!("== scenario 2: rule scaling");
