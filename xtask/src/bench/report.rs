@@ -419,7 +419,7 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         }
         let _ = writeln!(
             d,
-            ". Caching parsed files by fingerprint and building the registry once per pass are the\nobvious next steps; the data path is not involved. At 1 pod, most of the time is the\ndirectory source letting a burst of writes settle (20 ms after the inotify event,\n`agent/src/source/dir.rs`).\n"
+            ". Caching parsed files by fingerprint and building the registry once per pass are the\nobvious next steps; the data path is not involved. At 1 pod, the directory source's settle\ndelay after an inotify event (`agent/src/source/dir.rs`) is a large part of it.\n"
         );
         let _ = writeln!(d, "({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
     }
