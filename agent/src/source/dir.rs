@@ -9,7 +9,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sidecap_policy::Cluster;
+use sidecap_policy::{
+    Cluster,
+    cluster::{Loaded, Object, load::expand_paths, load_documents},
+};
 
 use super::Source;
 
@@ -19,12 +22,44 @@ pub struct DirSource {
     dir: PathBuf,
     inotify: Option<OwnedFd>,
     last: Option<Fingerprint>,
+    /// Parsed objects per file, valid while the file's (size, mtime) is unchanged: a
+    /// change re-parses only the files that changed (10,000 Services need not be re-read
+    /// because one Sidecar was edited).
+    parsed: BTreeMap<PathBuf, ((u64, SystemTime), Vec<Loaded<Object>>)>,
     synced: bool,
 }
 
 impl DirSource {
     pub fn new(dir: &Path) -> DirSource {
-        DirSource { dir: dir.to_path_buf(), inotify: watch(dir), last: None, synced: false }
+        DirSource { dir: dir.to_path_buf(), inotify: watch(dir), last: None, parsed: BTreeMap::new(), synced: false }
+    }
+
+    /// The whole directory as a cluster, re-parsing only files whose fingerprint changed.
+    /// Any file that does not parse rejects the snapshot (the previous one stays in force).
+    fn load(&mut self, fp: &Fingerprint) -> Result<Cluster, String> {
+        let files = expand_paths(std::slice::from_ref(&self.dir)).map_err(|e| e.to_string())?;
+        self.parsed.retain(|p, _| fp.contains_key(p));
+        let mut objects = Vec::new();
+        for file in files {
+            let stamp = fp.get(&file).copied();
+            let cached = self.parsed.get(&file).filter(|(s, _)| Some(*s) == stamp);
+            let objs = match cached {
+                Some((_, objs)) => objs.clone(),
+                None => {
+                    let (objs, errs) = load_documents(&file);
+                    if let Some(e) = errs.into_iter().next() {
+                        self.parsed.remove(&file);
+                        return Err(e.to_string());
+                    }
+                    if let Some(s) = stamp {
+                        self.parsed.insert(file.clone(), (s, objs.clone()));
+                    }
+                    objs
+                }
+            };
+            objects.extend(objs);
+        }
+        Cluster::from_objects(objects).map_err(|e| e.to_string())
     }
 }
 
@@ -95,8 +130,8 @@ impl Source for DirSource {
         if self.last.as_ref() == Some(&fp) {
             return None;
         }
+        let snap = self.load(&fp);
         self.last = Some(fp);
-        let snap = Cluster::load_paths(std::slice::from_ref(&self.dir)).map_err(|e| e.to_string());
         if snap.is_ok() {
             self.synced = true;
         }
