@@ -146,3 +146,55 @@ impl Source for DirSource {
         format!("directory {}", self.dir.display())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {ip}\n  ports:\n  - port: 80\n")
+    }
+
+    fn names(c: &Cluster) -> Vec<String> {
+        let mut v: Vec<String> = c
+            .services
+            .iter()
+            .map(|s| format!("{}={}", s.obj.metadata.name, s.obj.spec.cluster_ip.clone().unwrap_or_default()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn snapshots_follow_edits_additions_removals_and_errors() {
+        let dir = std::env::temp_dir().join(format!("sidecap-dirsource-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc("a", "10.0.0.1")).unwrap();
+        std::fs::write(dir.join("sub/b.yaml"), svc("b", "10.0.0.2")).unwrap();
+        let mut src = DirSource::new(&dir);
+        let first = src.next(Duration::from_millis(10)).expect("first snapshot").expect("loads");
+        assert_eq!(names(&first), ["a=10.0.0.1", "b=10.0.0.2"]);
+        assert!(src.synced());
+        assert!(src.next(Duration::from_millis(10)).is_none(), "no change, no snapshot");
+
+        // Edit one file (different size, so the fingerprint surely differs).
+        std::fs::write(dir.join("sub/b.yaml"), svc("b", "10.0.0.222")).unwrap();
+        let c = src.next(Duration::from_millis(100)).expect("changed").expect("loads");
+        assert_eq!(names(&c), ["a=10.0.0.1", "b=10.0.0.222"]);
+
+        // A broken file rejects the snapshot, naming the file; fixing it recovers.
+        std::fs::write(dir.join("c.yaml"), "apiVersion: v1\nkind: Service\nmetadata: [\n").unwrap();
+        let e = src.next(Duration::from_millis(100)).expect("changed").expect_err("broken");
+        assert!(e.contains("c.yaml"), "{e}");
+        std::fs::write(dir.join("c.yaml"), svc("c", "10.0.0.3")).unwrap();
+        let c = src.next(Duration::from_millis(100)).expect("changed").expect("loads");
+        assert_eq!(names(&c), ["a=10.0.0.1", "b=10.0.0.222", "c=10.0.0.3"]);
+
+        // Removal.
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let c = src.next(Duration::from_millis(100)).expect("changed").expect("loads");
+        assert_eq!(names(&c), ["b=10.0.0.222", "c=10.0.0.3"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
