@@ -4,7 +4,8 @@
 //!       Loads the cluster in DIR, installs the datapath (attached to the test cgroup CG,
 //!       pinned under PINS), writes every meshed pod's generation under a fake netns
 //!       cookie (1,000 pods need no 1,000 namespaces), then N times: replaces FILE (inside
-//!       DIR) by FILE.a / FILE.b (alternately, from outside DIR), reloads the directory and
+//!       DIR) by FILE.a / FILE.b (alternately; those are not YAML, so not loaded), gets the
+//!       new snapshot from the agent's own directory source (inotify, per-file cache) and
 //!       does what the agent's sync pass does — evaluate every pod, compile, compare, write
 //!       the changed ones. Prints one JSON object with the times.
 //!   bench_controlplane watch --bpffs PINS --netns COOKIE --toggle FILE --rounds N
@@ -18,6 +19,7 @@ use std::{
 };
 
 use sidecap::datapath::{self, Maps};
+use sidecap::source::{Source, dir::DirSource};
 use sidecap_policy::{Cluster, EngineOptions, Generation, PodRef};
 
 fn main() {
@@ -61,7 +63,8 @@ struct Managed {
 fn sync(config: &Path, bpffs: &Path, cgroup: &Path, toggle: &Path, rounds: usize) {
     let opts = EngineOptions::default();
     let t = Instant::now();
-    let cluster = Cluster::load_paths(&[config.to_path_buf()]).expect("load cluster");
+    let mut source = DirSource::new(config);
+    let cluster = next_snapshot(&mut source);
     let load_ms = ms(t.elapsed());
     let pods: Vec<PodRef> = cluster.meshed_pods();
     let services = cluster.services.len();
@@ -88,7 +91,7 @@ fn sync(config: &Path, bpffs: &Path, cgroup: &Path, toggle: &Path, rounds: usize
     for round in 0..rounds {
         swap(toggle, round);
         let t0 = Instant::now();
-        let cluster = Cluster::load_paths(&[config.to_path_buf()]).expect("reload cluster");
+        let cluster = next_snapshot(&mut source);
         let t1 = Instant::now();
         let mut changed = 0;
         let mut eval = Duration::ZERO;
@@ -123,6 +126,19 @@ fn sync(config: &Path, bpffs: &Path, cgroup: &Path, toggle: &Path, rounds: usize
         rss_kib(),
         samples.join(",")
     );
+}
+
+/// The directory source's next snapshot (bounded: 30 s).
+fn next_snapshot(source: &mut DirSource) -> Cluster {
+    let limit = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < limit {
+        match source.next(Duration::from_millis(500)) {
+            Some(Ok(c)) => return c,
+            Some(Err(e)) => panic!("configuration rejected: {e}"),
+            None => {}
+        }
+    }
+    panic!("no snapshot from the directory source within 30 s");
 }
 
 fn watch(bpffs: &Path, netns: u64, toggle: &Path, rounds: usize) {

@@ -331,6 +331,10 @@ fn machine_info() -> Value {
         "iptables": first_line("iptables", &["-V"]),
         "haproxy": first_line("haproxy", &["-v"]),
         "rustc": first_line("rustc", &["-V"]),
+        "commit": std::env::var("SIDECAP_BENCH_COMMIT").unwrap_or_else(|_| {
+            let root = crate::workspace_root();
+            first_line("git", &["-C", &root.display().to_string(), "describe", "--always", "--dirty"])
+        }),
         "load_before": loadavg(),
     })
 }
