@@ -21,7 +21,7 @@ pub mod validate;
 
 pub use cluster::{Cluster, LoadError, PodRef};
 pub use compile::{Generation, GenerationDiff, MapDiff, compile, diff};
-pub use engine::{Action, AllowAnyMode, Decision, EngineOptions, PodPolicy, PolicyError, evaluate};
+pub use engine::{Action, AllowAnyMode, Decision, EngineOptions, PodPolicy, PolicyError, evaluate, evaluate_in};
 pub use sidecap_common::{
     CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PortKey, PortRule,
 };

@@ -89,6 +89,8 @@ impl Syncer {
     /// new policy cannot be built keeps its previous one.
     pub fn apply(&mut self, cluster: &Cluster) -> SyncReport {
         let mut report = SyncReport::default();
+        // One service registry per pass, shared by every pod.
+        let registry = sidecap_policy::registry::build(cluster);
         let mut seen = HashSet::new();
         for pod_ref in cluster.meshed_pods() {
             let Some(netns_path) = cluster
@@ -109,7 +111,7 @@ impl Syncer {
                 }
             };
             seen.insert(cookie);
-            match self.sync_pod(cluster, &pod_ref, cookie, std::path::Path::new(&netns_path)) {
+            match self.sync_pod(cluster, &registry, &pod_ref, cookie, std::path::Path::new(&netns_path)) {
                 Ok(changed) => {
                     self.pod_errors.remove(&pod_ref.to_string());
                     report.written += usize::from(changed);
@@ -185,11 +187,13 @@ impl Syncer {
     fn sync_pod(
         &mut self,
         cluster: &Cluster,
+        registry: &[sidecap_policy::registry::ServiceView],
         pod_ref: &PodRef,
         netns: u64,
         netns_path: &std::path::Path,
     ) -> Result<bool, String> {
-        let policy = sidecap_policy::evaluate(cluster, pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
+        let policy =
+            sidecap_policy::evaluate_in(cluster, registry, pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
         if let Some(m) = self.managed.get(&netns) {
             let same = sidecap_policy::compile(&policy, m.generation.pod.policy, m.generation.pod.generation);
             if same == m.generation {
