@@ -76,8 +76,10 @@ fn sync(config: &Path, bpffs: &Path, cgroup: &Path, toggle: &Path, rounds: usize
     let mut next_policy = 1u32;
     let mut entries = 0usize;
     let t = Instant::now();
+    // As the agent's sync pass: one service registry per pass, shared by every pod.
+    let registry = sidecap_policy::registry::build(&cluster);
     for p in &pods {
-        let policy = sidecap_policy::evaluate(&cluster, p, &opts).expect("evaluate");
+        let policy = sidecap_policy::evaluate_in(&cluster, &registry, p, &opts).expect("evaluate");
         let g = sidecap_policy::compile(&policy, next_policy, 1);
         next_policy += 1;
         entries += g.listeners.len() + g.out_cidrs.len() + g.out_ports.len() + g.in_ports.len();
@@ -95,10 +97,11 @@ fn sync(config: &Path, bpffs: &Path, cgroup: &Path, toggle: &Path, rounds: usize
         let t1 = Instant::now();
         let mut changed = 0;
         let mut eval = Duration::ZERO;
+        let registry = sidecap_policy::registry::build(&cluster);
         for p in cluster.meshed_pods() {
             let cookie = cookie_of[&p.to_string()];
             let te = Instant::now();
-            let policy = sidecap_policy::evaluate(&cluster, &p, &opts).expect("evaluate");
+            let policy = sidecap_policy::evaluate_in(&cluster, &registry, &p, &opts).expect("evaluate");
             let m = managed.get(&cookie).expect("managed pod");
             let same = sidecap_policy::compile(&policy, m.generation.pod.policy, m.generation.pod.generation);
             eval += te.elapsed();

@@ -410,18 +410,15 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
             .and_then(|b| b["median_ns"].as_f64());
         let _ = write!(
             d,
-            "\nWhere the time goes, {} pods: {} ms from the file's rename to the directory source's new\nsnapshot, {} ms to evaluate, compile and compare every pod and write the changed ones.\n`evaluate` builds the whole service registry again for each pod",
+            "\nWhere the time goes, {} pods: {} ms from the file's rename to the directory source's new\nsnapshot, {} ms to evaluate, compile and compare every pod and write the changed ones",
             v["sync"]["pods"],
             num(v["sync"]["reload_ms"]["median"].as_f64().unwrap_or(f64::NAN)),
             num(v["sync"]["sync_ms"]["median"].as_f64().unwrap_or(f64::NAN)),
         );
         if let Some(ns) = registry {
-            let _ = write!(d, " ({:.1} ms per pod for 10,000 services, `registry/build-10k-services` in §6)", ns / 1e6);
+            let _ = write!(d, " (building the registry of 10,000 services: {:.1} ms, `registry/build-10k-services` in §6)", ns / 1e6);
         }
-        let _ = writeln!(
-            d,
-            "; building it once per pass is the obvious next step. The data path is not involved.\n"
-        );
+        let _ = writeln!(d, ". The data path is not involved.\n");
         let _ = writeln!(d, "({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
     }
     if let Some(v) = sc.get("micro") {
