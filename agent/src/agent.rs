@@ -1,6 +1,7 @@
 //! The daemon: install the programs, then keep every local meshed pod's maps in step with
 //! the configuration source. The previous good policy stays in force on bad input.
 
+mod inputs;
 mod sync;
 
 use std::{
@@ -15,6 +16,9 @@ use std::{
 };
 
 pub use sync::{Syncer, SyncReport};
+
+/// How often every pod is re-evaluated regardless of what changed.
+const FULL_RESYNC: Duration = Duration::from_secs(60);
 
 /// What wakes the loop.
 enum Event {
@@ -31,6 +35,7 @@ struct LoopState {
     last_good: Option<sidecap_policy::Cluster>,
     last_error: Option<String>,
     last_apply: Option<Instant>,
+    last_full: Option<Instant>,
     collected: bool,
     cni_pods: CniPods,
     cni_waiting: Vec<(cni::Request, mpsc::Sender<cni::Reply>, Instant)>,
@@ -270,7 +275,13 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         let due = state.last_apply.is_none_or(|t| t.elapsed() >= cfg.resync_interval);
         if let Some(good) = state.last_good.as_ref().filter(|_| fresh || due) {
             let cluster = with_cni_pods(good, &state.cni_pods);
-            let report = syncer.apply(&cluster);
+            // Now and then every pod is re-evaluated and re-compared with what is in memory,
+            // whatever changed; otherwise only pods whose inputs changed.
+            let full = state.last_full.is_none_or(|t| t.elapsed() >= FULL_RESYNC);
+            let report = syncer.apply(&cluster, full);
+            if full {
+                state.last_full = Some(Instant::now());
+            }
             state.last_apply = Some(Instant::now());
             if fresh && report.written + report.removed > 0 {
                 metrics.convergence_seconds.observe(seen_at.elapsed().as_secs_f64());

@@ -21,6 +21,8 @@ use crate::{
 struct Managed {
     pod: PodRef,
     generation: Generation,
+    /// `Inputs::for_pod` when this generation was computed.
+    inputs: u64,
 }
 
 pub struct Syncer {
@@ -87,10 +89,12 @@ impl Syncer {
 
     /// Brings the maps in line with `cluster`. Never leaves a pod half-written: a pod whose
     /// new policy cannot be built keeps its previous one.
-    pub fn apply(&mut self, cluster: &Cluster) -> SyncReport {
+    /// `full`: re-evaluate every pod; otherwise only those whose inputs changed.
+    pub fn apply(&mut self, cluster: &Cluster, full: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        // One service registry per pass, shared by every pod.
-        let registry = sidecap_policy::registry::build(cluster);
+        // One service registry per pass, shared by every pod that needs evaluating.
+        let registry = std::cell::OnceCell::new();
+        let inputs = super::inputs::Inputs::of(cluster);
         let mut seen = HashSet::new();
         for pod_ref in cluster.meshed_pods() {
             let Some(netns_path) = cluster
@@ -111,7 +115,12 @@ impl Syncer {
                 }
             };
             seen.insert(cookie);
-            match self.sync_pod(cluster, &registry, &pod_ref, cookie, std::path::Path::new(&netns_path)) {
+            let key = cluster.pod(&pod_ref).map(|p| inputs.for_pod(p)).unwrap_or_default();
+            if !full && self.managed.get(&cookie).is_some_and(|m| m.inputs == key && m.pod == pod_ref) {
+                continue;
+            }
+            let registry = registry.get_or_init(|| sidecap_policy::registry::build(cluster));
+            match self.sync_pod(cluster, registry, &pod_ref, cookie, std::path::Path::new(&netns_path), key) {
                 Ok(changed) => {
                     self.pod_errors.remove(&pod_ref.to_string());
                     report.written += usize::from(changed);
@@ -191,12 +200,16 @@ impl Syncer {
         pod_ref: &PodRef,
         netns: u64,
         netns_path: &std::path::Path,
+        inputs: u64,
     ) -> Result<bool, String> {
         let policy =
             sidecap_policy::evaluate_in(cluster, registry, pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
         if let Some(m) = self.managed.get(&netns) {
             let same = sidecap_policy::compile(&policy, m.generation.pod.policy, m.generation.pod.generation);
             if same == m.generation {
+                if let Some(m) = self.managed.get_mut(&netns) {
+                    m.inputs = inputs;
+                }
                 return Ok(false);
             }
         }
@@ -227,7 +240,7 @@ impl Syncer {
             listeners = new.listener_names.len(),
             "policy applied"
         );
-        self.managed.insert(netns, Managed { pod: pod_ref.clone(), generation: new });
+        self.managed.insert(netns, Managed { pod: pod_ref.clone(), generation: new, inputs });
         Ok(true)
     }
 
