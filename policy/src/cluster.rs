@@ -3,7 +3,7 @@
 pub mod load;
 mod pod_ref;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub use load::{LoadError, Loaded, Object, Source, load_documents, load_json, load_text};
@@ -47,51 +47,40 @@ impl Cluster {
     /// Builds the index from already-loaded objects (also used by tests and fuzzing).
     pub fn from_objects(objects: Vec<Loaded<Object>>) -> Result<Cluster, LoadError> {
         let mut c = Cluster::default();
-        let mut seen: BTreeMap<(String, String), Source> = BTreeMap::new();
+        // (kind, key) → where it was first seen and its index in its list: replacing a
+        // repeated object is a lookup, not a scan (10,000 Services must not be quadratic).
+        let mut seen: HashMap<(&'static str, String), (Source, usize)> = HashMap::new();
         for Loaded { obj, source } in objects {
-            let key = |kind: &str, m: &crate::model::ObjectMeta| (kind.to_string(), m.key());
             match obj {
                 Object::Sidecar(s) => {
-                    let k = key("Sidecar", &s.metadata);
-                    c.note_replaced(&mut seen, k, &source);
-                    upsert(&mut c.sidecars, Loaded { obj: s, source }, |x| x.metadata.key());
+                    let k = ("Sidecar", s.metadata.key());
+                    c.replaced.extend(upsert(&mut c.sidecars, &mut seen, k, Loaded { obj: s, source }));
                 }
                 Object::Service(s) => {
-                    let k = key("Service", &s.metadata);
-                    c.note_replaced(&mut seen, k, &source);
-                    upsert(&mut c.services, Loaded { obj: s, source }, |x| x.metadata.key());
+                    let k = ("Service", s.metadata.key());
+                    c.replaced.extend(upsert(&mut c.services, &mut seen, k, Loaded { obj: s, source }));
                 }
                 Object::EndpointSlice(s) => {
-                    let k = key("EndpointSlice", &s.metadata);
-                    c.note_replaced(&mut seen, k, &source);
-                    upsert(&mut c.endpoint_slices, Loaded { obj: s, source }, |x| x.metadata.key());
+                    let k = ("EndpointSlice", s.metadata.key());
+                    c.replaced.extend(upsert(&mut c.endpoint_slices, &mut seen, k, Loaded { obj: s, source }));
                 }
                 Object::ServiceEntry(s) => {
-                    let k = key("ServiceEntry", &s.metadata);
-                    c.note_replaced(&mut seen, k, &source);
-                    upsert(&mut c.service_entries, Loaded { obj: s, source }, |x| x.metadata.key());
+                    let k = ("ServiceEntry", s.metadata.key());
+                    c.replaced.extend(upsert(&mut c.service_entries, &mut seen, k, Loaded { obj: s, source }));
                 }
                 Object::Pod(p) => {
-                    let k = key("Pod", &p.metadata);
-                    c.note_replaced(&mut seen, k, &source);
-                    upsert(&mut c.pods, Loaded { obj: p, source }, |x| x.metadata.key());
+                    let k = ("Pod", p.metadata.key());
+                    c.replaced.extend(upsert(&mut c.pods, &mut seen, k, Loaded { obj: p, source }));
                 }
                 Object::Namespace(n) => {
-                    let k = ("Namespace".to_string(), n.metadata.name.clone());
-                    c.note_replaced(&mut seen, k, &source);
-                    upsert(&mut c.namespaces, Loaded { obj: n, source }, |x| x.metadata.name.clone());
+                    let k = ("Namespace", n.metadata.name.clone());
+                    c.replaced.extend(upsert(&mut c.namespaces, &mut seen, k, Loaded { obj: n, source }));
                 }
                 Object::ConfigMap(cm) => c.take_mesh_config(cm, source)?,
                 Object::Other { .. } => {}
             }
         }
         Ok(c)
-    }
-
-    fn note_replaced(&mut self, seen: &mut BTreeMap<(String, String), Source>, key: (String, String), at: &Source) {
-        if let Some(prev) = seen.insert(key.clone(), at.clone()) {
-            self.replaced.push(format!("{} {} at {} replaces the one at {}", key.0, key.1, at, prev));
-        }
     }
 
     /// ConfigMap `istio` with a `mesh` key: the one in `istio-system` wins over others.
@@ -130,10 +119,25 @@ impl Cluster {
     }
 }
 
-fn upsert<T>(v: &mut Vec<Loaded<T>>, item: Loaded<T>, key: impl Fn(&T) -> String) {
-    let k = key(&item.obj);
-    match v.iter_mut().find(|x| key(&x.obj) == k) {
-        Some(slot) => *slot = item,
-        None => v.push(item),
+/// Adds `item`, or replaces the earlier object with the same key (as a repeated
+/// `kubectl apply` would); returns the note for `Cluster::replaced` when it replaced one.
+fn upsert<T>(
+    v: &mut Vec<Loaded<T>>,
+    seen: &mut HashMap<(&'static str, String), (Source, usize)>,
+    key: (&'static str, String),
+    item: Loaded<T>,
+) -> Option<String> {
+    match seen.get_mut(&key) {
+        Some((prev, i)) => {
+            let note = format!("{} {} at {} replaces the one at {}", key.0, key.1, item.source, prev);
+            *prev = item.source.clone();
+            v[*i] = item;
+            Some(note)
+        }
+        None => {
+            seen.insert(key, (item.source.clone(), v.len()));
+            v.push(item);
+            None
+        }
     }
 }
