@@ -31,9 +31,8 @@ pub const APP_PORT: u16 = 9080;
 /// First excluded outbound port; N ports are FIRST_PORT..FIRST_PORT+N.
 const FIRST_PORT: u16 = 20000;
 
+/// istio-init's rules, read from the reference material beside the checkout (not copied).
 const GOLDEN: &str = "../shared/istio/iptables-golden/cni-plugin/basic.txt.golden";
-/// A copy of istio's cni-plugin/basic.txt.golden, used when shared/ is not beside the repo.
-const GOLDEN_COPY: &str = include_str!("basic.txt.golden");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -372,7 +371,9 @@ pub fn excluded_ports(n: usize) -> Vec<u16> {
 
 pub fn golden() -> String {
     let path = crate::workspace_root().join(GOLDEN);
-    std::fs::read_to_string(path).unwrap_or_else(|_| GOLDEN_COPY.to_string())
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("istio-init's golden rules at {}: {e} (the bench needs shared/ beside the checkout)", path.display())
+    })
 }
 
 /// istio-iptables' rules for `excludeOutboundIPRanges` = cidrs and `excludeOutboundPorts` =
@@ -439,7 +440,8 @@ mod tests {
 
     #[test]
     fn rules_sit_where_istio_iptables_puts_them() {
-        let r = istio_rules(GOLDEN_COPY, &excluded_cidrs(3), &excluded_ports(2));
+        let g = golden();
+        let r = istio_rules(&g, &excluded_cidrs(3), &excluded_ports(2));
         let lines: Vec<&str> = r.lines().collect();
         let at = |s: &str| lines.iter().position(|l| *l == s).unwrap_or_else(|| panic!("no {s:?} in\n{r}"));
         assert_eq!(at("-A ISTIO_OUTPUT -p tcp --dport 20000 -j RETURN"), at("-A ISTIO_OUTPUT -p udp --dport 15020 -j RETURN") + 1);
@@ -447,7 +449,7 @@ mod tests {
         assert_eq!(at("-A ISTIO_OUTPUT -d 10.251.200.0/32 -j RETURN"), at("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN") + 1);
         assert_eq!(at("-A ISTIO_OUTPUT -d 10.251.100.20/32 -j RETURN"), at("-A ISTIO_OUTPUT -j ISTIO_REDIRECT") - 1);
         assert_eq!(lines.last(), Some(&"COMMIT"));
-        assert_eq!(r.lines().count(), GOLDEN_COPY.lines().count() + 3 + 4);
+        assert_eq!(r.lines().count(), g.lines().count() + 3 + 4);
     }
 
     #[test]
