@@ -148,7 +148,6 @@ fn engine(allow_any: AllowAny) -> sidecap_policy::EngineOptions {
             AllowAny::Passthrough => sidecap_policy::AllowAnyMode::Passthrough,
             AllowAny::Capture => sidecap_policy::AllowAnyMode::Capture,
         },
-        ..Default::default()
     }
 }
 

@@ -17,6 +17,8 @@ use sidecap_policy::{
 use super::Source;
 
 type Fingerprint = BTreeMap<PathBuf, (u64, SystemTime)>;
+/// A file's (size, mtime) and what it parsed into.
+type Parsed = BTreeMap<PathBuf, ((u64, SystemTime), Vec<Loaded<Object>>)>;
 
 pub struct DirSource {
     dir: PathBuf,
@@ -25,7 +27,7 @@ pub struct DirSource {
     /// Parsed objects per file, valid while the file's (size, mtime) is unchanged: a
     /// change re-parses only the files that changed (10,000 Services need not be re-read
     /// because one Sidecar was edited).
-    parsed: BTreeMap<PathBuf, ((u64, SystemTime), Vec<Loaded<Object>>)>,
+    parsed: Parsed,
     synced: bool,
 }
 
