@@ -15,6 +15,7 @@ pub mod haproxy;
 pub mod mesh;
 pub mod netns;
 pub mod probe;
+pub mod sockaddr;
 pub mod process;
 pub mod topology;
 pub mod upstream;
