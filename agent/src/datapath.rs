@@ -14,7 +14,7 @@ use std::path::PathBuf;
 /// One pod's compiled policy: exactly the map entries the kernel reads.
 pub use sidecap_policy::Generation;
 
-pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, is_installed, pod_links, uninstall};
+pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
 pub use maps::{ListenerEntries, Maps, PodState, listeners_by_policy};
 pub use probe::{ProbeError, probe};
 

@@ -35,11 +35,6 @@ pub fn cookie_of_path(path: &Path) -> Result<u64, Error> {
     .map_err(|_| Error::Thread { path: path.into() })?
 }
 
-/// Cookie of the calling thread's current netns.
-pub fn current_cookie() -> std::io::Result<u64> {
-    socket_cookie()
-}
-
 fn socket_cookie() -> std::io::Result<u64> {
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {

@@ -116,3 +116,10 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// Waits (bounded, polling every 50 ms) until `f` holds; panics naming `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    if wait_for(timeout, Duration::from_millis(50), || f().then_some(())).is_none() {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}

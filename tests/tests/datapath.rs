@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sidecap_tests::{
@@ -34,14 +34,6 @@ const ALL_OF_DEFAULT: &str = "  - hosts:\n    - \"./*\"\n";
 const SEED_EGRESS: &str = "  - port:\n      number: 8080\n      protocol: HTTP\n      name: demoapp\n    hosts:\n    - \"./*\"\n";
 /// A Service `demoapp` on SVC2:8080, HTTP (so its listener is `0.0.0.0_8080`).
 const DEMOAPP: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: demoapp\n  namespace: default\nspec:\n  clusterIP: 10.251.100.20\n  ports:\n  - name: http\n    port: 8080\n    protocol: TCP\n";
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn registry_only_fails_unlisted_connects_at_once_and_reports_them() {

@@ -9,7 +9,7 @@ mod fake_apiserver;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use fake_apiserver::FakeApiServer;
@@ -45,14 +45,6 @@ fn sidecar_for_a(mode: &str) -> Value {
         "spec": {"workloadSelector": {"labels": {"app": "a"}}, "outboundTrafficPolicy": {"mode": mode},
                  "egress": [{"hosts": ["./*"]}]}
     })
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -57,13 +57,6 @@ fn sk_lookup_pin(bpffs: &Path) -> PathBuf {
     progs_dir(bpffs).join("sk_lookup")
 }
 
-/// True when every cgroup link, map and the sk_lookup program are pinned under `bpffs`.
-pub fn is_installed(bpffs: &Path) -> bool {
-    CGROUP_PROGRAMS.iter().all(|(_, l, _)| link_pin(bpffs, l).exists())
-        && MAP_NAMES.iter().all(|m| map_pin(bpffs, m).exists())
-        && sk_lookup_pin(bpffs).exists()
-}
-
 fn is_bpffs(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
