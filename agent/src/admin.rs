@@ -22,6 +22,8 @@ pub struct Health {
     pub applied: AtomicBool,
     /// Unix millis of the loop's last turn.
     pub heartbeat_ms: AtomicU64,
+    /// Meshed pods refused because their rules do not fit the maps (the first, and how many).
+    pub capacity: Mutex<Option<String>>,
 }
 
 /// The loop is considered stuck after this long without a turn.
@@ -41,13 +43,15 @@ impl Health {
     }
 
     /// None when ready, else why not.
-    fn not_ready(&self) -> Option<&'static str> {
+    fn not_ready(&self) -> Option<String> {
         if !self.attached.load(Ordering::Relaxed) {
-            Some("programs not attached yet")
+            Some("programs not attached yet".into())
         } else if !self.synced.load(Ordering::Relaxed) {
-            Some("configuration source not synced yet")
+            Some("configuration source not synced yet".into())
         } else if !self.applied.load(Ordering::Relaxed) {
-            Some("first snapshot not applied yet")
+            Some("first snapshot not applied yet".into())
+        } else if let Some(why) = self.capacity.lock().ok().and_then(|c| c.clone()) {
+            Some(format!("map capacity: {why}"))
         } else {
             None
         }

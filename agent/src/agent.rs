@@ -2,6 +2,7 @@
 //! the configuration source. The previous good policy stays in force on bad input.
 
 mod inputs;
+mod rulesets;
 mod sync;
 
 use std::{
@@ -156,6 +157,8 @@ pub struct Config {
     pub cni_socket: Option<PathBuf>,
     /// How long a plugin call waits for its pod to appear in the source.
     pub cni_wait: Duration,
+    /// Sizes of the maps that grow with pods and rules.
+    pub map_sizes: datapath::MapSizes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +206,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         SourceConfig::Kubernetes(opts) => Box::new(KubeSource::connect(opts.clone())?),
     };
     datapath::probe(&cfg.cgroup)?;
-    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup)?;
+    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes)?;
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
@@ -283,14 +286,19 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 state.last_full = Some(Instant::now());
             }
             state.last_apply = Some(Instant::now());
-            if fresh && report.written + report.removed > 0 {
+            if fresh && report.written + report.updated_in_place + report.removed > 0 {
                 metrics.convergence_seconds.observe(seen_at.elapsed().as_secs_f64());
             }
             health.applied.store(true, Ordering::Relaxed);
+            if let Ok(mut c) = health.capacity.lock() {
+                *c = syncer.capacity_problem();
+            }
             if fresh || report.changed() {
                 tracing::info!(
                     pods = report.pods,
                     written = report.written,
+                    updated_in_place = report.updated_in_place,
+                    sets_written = report.sets_written,
                     removed = report.removed,
                     errors = report.errors,
                     "synced"

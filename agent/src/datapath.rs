@@ -8,6 +8,7 @@ mod install;
 pub mod link;
 mod maps;
 mod probe;
+mod sizes;
 
 use std::path::PathBuf;
 
@@ -15,8 +16,9 @@ use std::path::PathBuf;
 pub use sidecap_policy::Generation;
 
 pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
-pub use maps::{ListenerEntries, Maps, PodState, listeners_by_policy};
+pub use maps::{Capacity, ListenerEntries, Maps, PodState, listeners_by_policy};
 pub use probe::{ProbeError, probe};
+pub use sizes::MapSizes;
 
 /// The eBPF object built by agent/build.rs from `ebpf/sidecap-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sidecap"));

@@ -69,6 +69,17 @@ enum Cmd {
         /// How long a `sidecap-cni` call waits for its pod to appear in the source, in seconds.
         #[arg(long, value_name = "SECS", default_value_t = 20)]
         cni_wait_secs: u64,
+        /// Meshed pods this node can hold (size of PODS and the per-pod maps; fixed once the
+        /// maps are pinned, until `sidecap uninstall`).
+        #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().pods, value_parser = clap::value_parser!(u32).range(1..))]
+        max_pods: u32,
+        /// Listener entries of all rule sets together (OUT_LISTENERS). Pods with equal rules
+        /// share one set: Istio's default mesh needs about 2 per Service port per distinct scope.
+        #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().listeners, value_parser = clap::value_parser!(u32).range(1..))]
+        max_listeners: u32,
+        /// Port and CIDR rules of all rule sets together (OUT_PORTS, OUT_CIDRS, IN_PORTS, each).
+        #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().rules, value_parser = clap::value_parser!(u32).range(1..))]
+        max_rules: u32,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory;
     /// with --cni-conf-dir/--cni-bin-dir first remove the chained plugin from the node.
@@ -187,7 +198,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -218,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 cni_socket: (cni_socket != "off").then(|| PathBuf::from(&cni_socket)),
                 cni_wait: Duration::from_secs(cni_wait_secs),
+                map_sizes: sidecap::datapath::MapSizes { pods: max_pods, listeners: max_listeners, rules: max_rules },
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -27,6 +27,12 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    /// The kernel map (`OUT_LISTENERS`, `PODS`, ...), or `rules` when a whole set was refused.
+    pub map: String,
+}
+
 /// The agent's own metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -37,6 +43,12 @@ pub struct Metrics {
     /// Seconds from a source change being seen to the maps holding it.
     pub convergence_seconds: Histogram,
     pub drop_events: Counter,
+    /// Distinct rule sets in the kernel (pods with equal rules share one).
+    pub rule_sets: Gauge,
+    pub map_entries: Family<MapLabels, Gauge>,
+    pub map_capacity: Family<MapLabels, Gauge>,
+    /// Pods refused because their rule set did not fit (counted once per pod and reason).
+    pub capacity_refusals: Family<MapLabels, Counter>,
 }
 
 impl Metrics {
@@ -48,6 +60,10 @@ impl Metrics {
             sync_errors: Family::default(),
             convergence_seconds: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             drop_events: Counter::default(),
+            rule_sets: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            capacity_refusals: Family::default(),
         };
         registry.register("sidecap_pods_managed", "Meshed pods whose policy is in the kernel", m.pods_managed.clone());
         registry.register(
@@ -63,6 +79,18 @@ impl Metrics {
             m.convergence_seconds.clone(),
         );
         registry.register("sidecap_drop_events", "Denied connects reported by the kernel", m.drop_events.clone());
+        registry.register(
+            "sidecap_rule_sets",
+            "Distinct rule sets in the kernel; pods whose compiled rules are equal share one",
+            m.rule_sets.clone(),
+        );
+        registry.register("sidecap_map_entries", "Entries the agent holds in each policy map", m.map_entries.clone());
+        registry.register("sidecap_map_capacity", "Maximum entries of each policy map", m.map_capacity.clone());
+        registry.register(
+            "sidecap_capacity_refusals",
+            "Pods refused because their rule set did not fit the maps (their previous policy stays)",
+            m.capacity_refusals.clone(),
+        );
         m
     }
 }

@@ -31,6 +31,60 @@ pub struct Generation {
     pub listener_names: Vec<String>,
 }
 
+/// Entries per map of a rule set (what it needs of each map's capacity).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryCounts {
+    pub out_ports: usize,
+    pub out_cidrs: usize,
+    pub listeners: usize,
+    pub in_ports: usize,
+}
+
+impl Generation {
+    /// Fingerprint of the rule set alone (not `pod`, not the listener names): pods whose
+    /// rules hash alike share one rule set in the kernel. Compiled with policy id 0, so that
+    /// equal content gives equal keys whatever id it is written under.
+    pub fn rules_hash(&self) -> u64 {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut h = DefaultHasher::new();
+        self.out_ports.hash(&mut h);
+        self.out_cidrs.hash(&mut h);
+        self.listeners.hash(&mut h);
+        self.in_ports.hash(&mut h);
+        h.finish()
+    }
+
+    pub fn entry_counts(&self) -> EntryCounts {
+        EntryCounts {
+            out_ports: self.out_ports.len(),
+            out_cidrs: self.out_cidrs.len(),
+            listeners: self.listeners.len(),
+            in_ports: self.in_ports.len(),
+        }
+    }
+
+    /// True when `other` differs from this rule set in listener entries only: such a change
+    /// (a Service added or removed) can be written in place, entry by entry, since each entry
+    /// decides its own destinations; anything else moves pods to a completely written set.
+    pub fn differs_in_listeners_only(&self, other: &Generation) -> bool {
+        self.out_ports == other.out_ports && self.out_cidrs == other.out_cidrs && self.in_ports == other.in_ports
+    }
+}
+
+/// `template` (a pod config compiled for another pod of the same scope) with `ips` as the
+/// pod's own addresses.
+pub fn with_ips(template: &PodConfig, ips: &[std::net::IpAddr]) -> PodConfig {
+    let mut c = *template;
+    c.ips = [[0u8; 16]; MAX_POD_IPS];
+    let mut n = 0;
+    for (slot, ip) in c.ips.iter_mut().zip(ips.iter()) {
+        *slot = Cidr::mapped(*ip);
+        n += 1;
+    }
+    c.n_ips = n;
+    c
+}
+
 pub fn compile(p: &PodPolicy, policy_id: u32, generation: u32) -> Generation {
     let mut g = Generation { pod: pod_config(p, policy_id, generation), ..Generation::default() };
     if !p.meshed {
@@ -155,13 +209,7 @@ fn pod_config(p: &PodPolicy, policy_id: u32, generation: u32) -> PodConfig {
         (OutboundMode::AllowAny, AllowAnyMode::Passthrough) => action::PASSTHROUGH,
         (OutboundMode::AllowAny, AllowAnyMode::Capture) => action::CAPTURE,
     };
-    let mut ips = [[0u8; 16]; MAX_POD_IPS];
-    let mut n = 0;
-    for (slot, ip) in ips.iter_mut().zip(p.ips.iter()) {
-        *slot = Cidr::mapped(*ip);
-        n += 1;
-    }
-    PodConfig {
+    let config = PodConfig {
         policy: policy_id,
         flags,
         generation,
@@ -172,8 +220,9 @@ fn pod_config(p: &PodPolicy, policy_id: u32, generation: u32) -> PodConfig {
         dns_port: defaults::DNS_PORT,
         tunnel_port: defaults::TUNNEL_PORT,
         default_action,
-        n_ips: n,
+        n_ips: 0,
         _pad: [0; 2],
-        ips,
-    }
+        ips: [[0u8; 16]; MAX_POD_IPS],
+    };
+    with_ips(&config, &p.ips)
 }

@@ -2,6 +2,7 @@
 //! the decision for any outbound destination or inbound port (DESIGN §4–5).
 
 mod decide;
+pub mod scope;
 
 use std::net::IpAddr;
 
@@ -15,6 +16,8 @@ use crate::model::OutboundMode;
 use crate::model::sidecar::{CaptureMode, EgressListener, TrafficPolicyMode};
 use crate::registry::{self, ServiceView};
 use crate::select;
+
+pub use scope::{ScopeKey, Scopes};
 
 /// What ALLOW_ANY does with a destination no listener matches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

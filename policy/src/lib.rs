@@ -20,8 +20,10 @@ pub mod select;
 pub mod validate;
 
 pub use cluster::{Cluster, LoadError, PodRef};
-pub use compile::{Generation, GenerationDiff, MapDiff, compile, diff};
-pub use engine::{Action, AllowAnyMode, Decision, EngineOptions, PodPolicy, PolicyError, evaluate, evaluate_in};
+pub use compile::{EntryCounts, Generation, GenerationDiff, MapDiff, compile, diff, with_ips};
+pub use engine::{
+    Action, AllowAnyMode, Decision, EngineOptions, PodPolicy, PolicyError, ScopeKey, Scopes, evaluate, evaluate_in,
+};
 pub use sidecap_common::{
     CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PortKey, PortRule,
 };

@@ -134,6 +134,21 @@ impl Agent {
         }
     }
 
+    /// A plain HTTP/1.1 GET to the admin endpoint (on loopback): (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.admin_addr();
+        assert!(addr.ip().is_loopback(), "admin endpoint must be on loopback in tests: {addr}");
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect admin");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read response");
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
     }

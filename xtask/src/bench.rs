@@ -69,8 +69,9 @@ pub struct Params {
     pub concurrency: Vec<usize>,
     pub rule_sizes: Vec<usize>,
     pub haproxy: bool,
-    /// Control plane: (pods, services) for the in-process sync; (pods, services) for the agent.
-    pub cp_sync: (usize, usize),
+    /// Control plane: (pods, services) of each default-mesh run (no Sidecar); (pods, services)
+    /// of the scoped run (namespace Sidecars). All through the real agent.
+    pub cp_default: Vec<(usize, usize)>,
     pub cp_agent: (usize, usize),
     pub cp_rounds: usize,
     pub criterion: bool,
@@ -86,7 +87,7 @@ impl Params {
             concurrency: vec![1, 64],
             rule_sizes: vec![1, 100, 1000, 10_000],
             haproxy: true,
-            cp_sync: (1000, 10_000),
+            cp_default: vec![(110, 10_000), (1000, 10_000)],
             cp_agent: (110, 10_000),
             cp_rounds: 5,
             criterion: true,
@@ -98,6 +99,7 @@ impl Params {
             rounds: 2,
             duration_ms: 200,
             warmup_ms: 40,
+            cp_default: vec![(110, 2000)],
             cp_rounds: 1,
             ..Params::full()
         }
@@ -109,7 +111,7 @@ impl Params {
             duration_ms: 80,
             warmup_ms: 20,
             rule_sizes: vec![1, 100],
-            cp_sync: (20, 200),
+            cp_default: vec![(4, 200)],
             cp_agent: (4, 200),
             cp_rounds: 2,
             criterion: false,
@@ -120,7 +122,7 @@ impl Params {
         json!({
             "profile": self.profile, "rounds": self.rounds, "duration_ms": self.duration_ms,
             "warmup_ms": self.warmup_ms, "concurrency": self.concurrency, "rule_sizes": self.rule_sizes,
-            "cp_sync": {"pods": self.cp_sync.0, "services": self.cp_sync.1},
+            "cp_default": self.cp_default.iter().map(|(p, s)| json!({"pods": p, "services": s})).collect::<Vec<_>>(),
             "cp_agent": {"pods": self.cp_agent.0, "services": self.cp_agent.1},
         })
     }

@@ -1,38 +1,60 @@
 //! One reconciliation pass: source → policy → compiled generations → maps.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use aya::maps::{Map, MapData, RingBuf};
-use sidecap_common::{DropEvent, drop_reason};
-use sidecap_policy::{Cluster, Generation, PodRef};
+use sidecap_common::{DropEvent, PodConfig, drop_reason};
+use sidecap_policy::{Cluster, EntryCounts, Generation, PodRef, ScopeKey, Scopes};
 
-use super::{Config, Error};
+use super::{Config, Error, rulesets::RuleSets};
 use crate::{
     datapath,
-    metrics::{ErrorLabels, Metrics, PodNames},
+    metrics::{ErrorLabels, MapLabels, Metrics, PodNames},
     netns,
 };
 
 /// What the agent knows about one pod it manages.
 struct Managed {
     pod: PodRef,
-    generation: Generation,
-    /// `Inputs::for_pod` when this generation was computed.
+    /// Exactly the pod's `PODS` entry (`config.policy` names its rule set).
+    config: PodConfig,
+    /// `Inputs::for_pod` when this config was computed (0: adopted, not evaluated yet).
     inputs: u64,
 }
+
+/// One pod's evaluated policy, before it is written.
+struct Want {
+    netns: u64,
+    pod: PodRef,
+    path: PathBuf,
+    inputs: u64,
+    /// The pod's rule set (shared with every pod of the same scope).
+    rules: Arc<Generation>,
+    hash: u64,
+    /// The pod's `PODS` entry, policy id and generation still to be set.
+    config: PodConfig,
+    sidecar: Option<String>,
+}
+
+/// One scope's evaluation, shared by its pods within a pass.
+type Evaluated = Result<(Arc<Generation>, u64, Option<String>), String>;
 
 pub struct Syncer {
     cfg: Config,
     maps: datapath::Maps,
     drops: Option<RingBuf<MapData>>,
     managed: BTreeMap<u64, Managed>,
-    next_policy: u32,
+    sets: RuleSets,
     /// Last message logged per pod, so a persistent problem is logged once, not every pass.
     pod_errors: BTreeMap<String, String>,
+    /// Pods refused because their rule set does not fit (also in `pod_errors`).
+    capacity_errors: BTreeMap<String, String>,
     drop_log: RateLimit,
     metrics: Metrics,
     names: PodNames,
@@ -43,8 +65,12 @@ pub struct Syncer {
 pub struct SyncReport {
     /// Meshed pods with a netns in the source.
     pub pods: usize,
-    /// Pods whose maps were (re)written.
+    /// Pods whose `PODS` entry was (re)written.
     pub written: usize,
+    /// Rule sets updated in place (listener entries only).
+    pub updated_in_place: usize,
+    /// Rule sets written anew.
+    pub sets_written: usize,
     /// Pods removed from the maps.
     pub removed: usize,
     /// Problems reported (the previous state stayed in force for those).
@@ -53,13 +79,34 @@ pub struct SyncReport {
 
 impl SyncReport {
     pub fn changed(&self) -> bool {
-        self.written + self.removed + self.errors > 0
+        self.written + self.updated_in_place + self.removed + self.errors > 0
     }
+}
+
+/// Equal apart from the generation number (which only counts switches).
+fn same_config(a: &PodConfig, b: &PodConfig) -> bool {
+    PodConfig { generation: 0, ..*a } == PodConfig { generation: 0, ..*b }
+}
+
+/// "needs N entries of MAP; F of M free" when `need` does not fit, per map.
+fn does_not_fit(need: EntryCounts, used: EntryCounts, cap: &datapath::Capacity) -> Option<String> {
+    let maps = [
+        ("OUT_LISTENERS", "--max-listeners", need.listeners, used.listeners, cap.listeners),
+        ("OUT_PORTS", "--max-rules", need.out_ports, used.out_ports, cap.out_ports),
+        ("OUT_CIDRS", "--max-rules", need.out_cidrs, used.out_cidrs, cap.out_cidrs),
+        ("IN_PORTS", "--max-rules", need.in_ports, used.in_ports, cap.in_ports),
+    ];
+    maps.into_iter().find(|(_, _, need, used, max)| used + need > *max).map(|(map, flag, need, used, max)| {
+        format!(
+            "rule set needs {need} entries of map {map}, which has {} of {max} free ({flag}); \
+             not captured with a partial policy: the previous policy (if any) stays in force",
+            max.saturating_sub(used)
+        )
+    })
 }
 
 impl Syncer {
     pub fn new(cfg: &Config, maps: datapath::Maps, metrics: Metrics, names: PodNames) -> Result<Self, Error> {
-        let next_policy = maps.live_policies()?.into_iter().max().unwrap_or(0).wrapping_add(1).max(1);
         let drops = Map::from_map_data(
             MapData::from_pin(cfg.bpffs.join("maps/DROP_EVENTS"))
                 .map_err(|source| datapath::Error::Map { name: "DROP_EVENTS", source })?,
@@ -67,13 +114,33 @@ impl Syncer {
         .and_then(RingBuf::try_from)
         .map_err(|e| tracing::warn!(error = %e, "drop events unavailable"))
         .ok();
+        // Adopt what a previous agent wrote: its pods (named in POD_NAMES) and its rule sets,
+        // recognised by content, so that a restart rewrites nothing that is still right.
+        let mut managed = BTreeMap::new();
+        let mut holders: BTreeMap<u32, usize> = BTreeMap::new();
+        for (netns, config) in maps.pods()? {
+            let Some(pod) = maps.name(netns).and_then(|n| n.parse::<PodRef>().ok()) else { continue };
+            *holders.entry(config.policy).or_default() += 1;
+            managed.insert(netns, Managed { pod, config, inputs: 0 });
+        }
+        let sets = RuleSets::adopt(maps.sets()?, &holders);
+        let capacity = *maps.capacity();
+        tracing::info!(
+            pods = managed.len(),
+            rule_sets = sets.len(),
+            max_pods = capacity.pods,
+            max_listeners = capacity.listeners,
+            max_rules = capacity.out_ports,
+            "adopted kernel state"
+        );
         Ok(Self {
             cfg: cfg.clone(),
             maps,
             drops,
-            managed: BTreeMap::new(),
-            next_policy,
+            managed,
+            sets,
             pod_errors: BTreeMap::new(),
+            capacity_errors: BTreeMap::new(),
             drop_log: RateLimit::new(20, Duration::from_secs(10)),
             metrics,
             names,
@@ -81,30 +148,27 @@ impl Syncer {
         })
     }
 
-    fn fresh_policy_id(&mut self) -> u32 {
-        let id = self.next_policy;
-        self.next_policy = self.next_policy.wrapping_add(1).max(1);
-        id
-    }
-
     /// Brings the maps in line with `cluster`. Never leaves a pod half-written: a pod whose
-    /// new policy cannot be built keeps its previous one.
+    /// new policy cannot be built or does not fit keeps its previous one.
     /// `full`: re-evaluate every pod; otherwise only those whose inputs changed.
     pub fn apply(&mut self, cluster: &Cluster, full: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        // One service registry per pass, shared by every pod that needs evaluating.
+        // One service registry per pass, shared by every pod that needs evaluating, and one
+        // evaluation per distinct scope.
         let registry = std::cell::OnceCell::new();
+        let scopes = std::cell::OnceCell::new();
+        let mut memo: HashMap<ScopeKey, Evaluated> = HashMap::new();
         let inputs = super::inputs::Inputs::of(cluster);
         let mut seen = HashSet::new();
+        let mut wants = Vec::new();
         for pod_ref in cluster.meshed_pods() {
-            let Some(netns_path) = cluster
-                .pod(&pod_ref)
-                .and_then(|p| p.metadata.annotations.get(sidecap_policy::knobs::ANN_NETNS).cloned())
-            else {
+            let Some(pod) = cluster.pod(&pod_ref) else { continue };
+            let Some(netns_path) = pod.metadata.annotations.get(sidecap_policy::knobs::ANN_NETNS) else {
                 continue;
             };
+            let path = PathBuf::from(netns_path);
             report.pods += 1;
-            let cookie = match self.cookies.cookie(std::path::Path::new(&netns_path)) {
+            let cookie = match self.cookies.cookie(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     if self.note_pod_error(&pod_ref, &e.to_string()) {
@@ -115,15 +179,27 @@ impl Syncer {
                 }
             };
             seen.insert(cookie);
-            let key = cluster.pod(&pod_ref).map(|p| inputs.for_pod(p)).unwrap_or_default();
+            let key = inputs.for_pod(pod);
             if !full && self.managed.get(&cookie).is_some_and(|m| m.inputs == key && m.pod == pod_ref) {
                 continue;
             }
             let registry = registry.get_or_init(|| sidecap_policy::registry::build(cluster));
-            match self.sync_pod(cluster, registry, &pod_ref, cookie, std::path::Path::new(&netns_path), key) {
-                Ok(changed) => {
-                    self.pod_errors.remove(&pod_ref.to_string());
-                    report.written += usize::from(changed);
+            let scopes = scopes.get_or_init(|| Scopes::new(registry));
+            let evaluate = || -> Evaluated {
+                let policy = sidecap_policy::evaluate_in(cluster, registry, &pod_ref, &self.cfg.engine)
+                    .map_err(|e| e.to_string())?;
+                let rules = sidecap_policy::compile(&policy, 0, 0);
+                let hash = rules.rules_hash();
+                Ok((Arc::new(rules), hash, policy.sidecar))
+            };
+            let evaluated = match scopes.key(cluster, &pod_ref) {
+                Some(k) => memo.entry(k).or_insert_with(evaluate).clone(),
+                None => evaluate(),
+            };
+            match evaluated {
+                Ok((rules, hash, sidecar)) => {
+                    let config = sidecap_policy::with_ips(&rules.pod, &sidecap_policy::knobs::pod_ips(pod));
+                    wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar });
                 }
                 Err(e) => {
                     if self.note_pod_error(&pod_ref, &e) {
@@ -134,7 +210,199 @@ impl Syncer {
             }
         }
 
-        // Pods that left the source: stop capturing them. Also those a previous agent wrote.
+        let wants = self.update_in_place(wants, &mut report);
+        for w in wants {
+            let pod = w.pod.clone();
+            match self.switch_pod(w, &mut report) {
+                Ok(()) => {
+                    self.pod_errors.remove(&pod.to_string());
+                    self.capacity_errors.remove(&pod.to_string());
+                }
+                Err(e) => {
+                    if self.note_pod_error(&pod, &e) {
+                        tracing::error!(pod = %pod, error = %e, "policy not applied; previous stays in force");
+                    }
+                    report.errors += 1;
+                }
+            }
+        }
+        self.remove_gone(&seen, &mut report);
+        self.cookies.retain(&seen);
+        let live: HashSet<String> = cluster.meshed_pods().iter().map(ToString::to_string).collect();
+        self.capacity_errors.retain(|p, _| live.contains(p));
+        self.pod_errors.retain(|p, _| live.contains(p));
+        self.publish(&report);
+        report
+    }
+
+    /// Rule sets whose every pod wants the same new content that differs only in listener
+    /// entries (a Service added or removed) are updated in place: the entries that changed,
+    /// not every pod's rules. Returns the wants still to be switched.
+    fn update_in_place(&mut self, wants: Vec<Want>, report: &mut SyncReport) -> Vec<Want> {
+        let mut by_set: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, w) in wants.iter().enumerate() {
+            if let Some(m) = self.managed.get(&w.netns).filter(|m| m.pod == w.pod) {
+                by_set.entry(m.config.policy).or_default().push(i);
+            }
+        }
+        let mut done = vec![false; wants.len()];
+        for (id, idx) in by_set {
+            let Some(set) = self.sets.get(id) else { continue };
+            let first = &wants[idx[0]];
+            let eligible = idx.len() == set.holders
+                && set.hash != first.hash
+                && self.sets.find(first.hash).is_none()
+                && idx.iter().all(|i| wants[*i].hash == first.hash)
+                && set.rules.differs_in_listeners_only(&first.rules)
+                && idx.iter().all(|i| {
+                    let w = &wants[*i];
+                    self.managed.get(&w.netns).is_some_and(|m| same_config(&m.config, &PodConfig { policy: id, ..w.config }))
+                });
+            if !eligible {
+                continue;
+            }
+            let old = set.rules.clone();
+            let new = first.rules.clone();
+            let added = new.listeners.keys().filter(|k| !old.listeners.contains_key(k)).count();
+            let need = EntryCounts { listeners: added, ..EntryCounts::default() };
+            if let Some(why) = does_not_fit(need, self.sets.used(), self.maps.capacity()) {
+                for i in &idx {
+                    self.refuse_for_capacity(&wants[*i].pod, &why, "OUT_LISTENERS");
+                    done[*i] = true;
+                    report.errors += 1;
+                }
+                continue;
+            }
+            match self.maps.update_set_listeners(id, &old, &new) {
+                Ok(changed) => {
+                    self.sets.replace(id, first.hash, new);
+                    for i in &idx {
+                        done[*i] = true;
+                        if let Some(m) = self.managed.get_mut(&wants[*i].netns) {
+                            m.inputs = wants[*i].inputs;
+                        }
+                        self.pod_errors.remove(&wants[*i].pod.to_string());
+                        self.capacity_errors.remove(&wants[*i].pod.to_string());
+                    }
+                    report.updated_in_place += 1;
+                    tracing::info!(policy = id, pods = idx.len(), entries = changed, "rule set updated in place");
+                }
+                Err(e) => {
+                    // Put the set back as it was; the pods keep it.
+                    let _ = self.maps.update_set_listeners(id, &new, &old);
+                    tracing::error!(policy = id, error = %e, "updating a shared rule set; previous stays in force");
+                    report.errors += 1;
+                    for i in &idx {
+                        done[*i] = true;
+                    }
+                }
+            }
+        }
+        wants.into_iter().zip(done).filter(|(_, d)| !d).map(|(w, _)| w).collect()
+    }
+
+    /// Points the pod at the rule set with its content, writing the set first when the kernel
+    /// has none like it. The pod's previous set stays in force on any error.
+    fn switch_pod(&mut self, w: Want, report: &mut SyncReport) -> Result<(), String> {
+        let current = self.managed.get(&w.netns).filter(|m| m.pod == w.pod).map(|m| m.config);
+        let (target, written) = match self.sets.find(w.hash) {
+            Some(id) => (id, false),
+            None => {
+                if let Some(why) = does_not_fit(w.rules.entry_counts(), self.sets.used(), self.maps.capacity()) {
+                    self.refuse_for_capacity(&w.pod, &why, "rules");
+                    return Err(why);
+                }
+                let id = self.sets.fresh_id();
+                if let Err(e) = self.maps.write_set(id, &w.rules) {
+                    self.maps.remove_set(id, &w.rules);
+                    return Err(e.to_string());
+                }
+                self.sets.insert(id, w.hash, w.rules.clone());
+                report.sets_written += 1;
+                (id, true)
+            }
+        };
+        let mut config = PodConfig { policy: target, ..w.config };
+        if let Some(cur) = current {
+            if same_config(&cur, &config) {
+                if let Some(m) = self.managed.get_mut(&w.netns) {
+                    m.inputs = w.inputs;
+                }
+                return Ok(());
+            }
+        }
+        if current.is_none() && !self.managed.contains_key(&w.netns) && self.managed.len() >= self.maps.capacity().pods {
+            let why = format!(
+                "the node already has {} meshed pods, the size of map PODS (--max-pods); not captured",
+                self.managed.len()
+            );
+            self.refuse_for_capacity(&w.pod, &why, "PODS");
+            self.drop_if_unheld(target);
+            return Err(why);
+        }
+        // Generations continue across agent restarts: the kernel remembers the last one.
+        let last = current.map(|c| c.generation).or_else(|| self.maps.pod(w.netns).map(|c| c.generation));
+        config.generation = last.map(|g| g.wrapping_add(1)).unwrap_or(1);
+        let result = self
+            .maps
+            .set_name(w.netns, &w.pod.to_string())
+            .and_then(|()| self.maps.write_pod(w.netns, &config))
+            .map_err(|e| e.to_string());
+        if let Err(e) = result {
+            self.drop_if_unheld(target);
+            return Err(e);
+        }
+        self.sets.hold(target);
+        if let Some(old) = self.managed.insert(w.netns, Managed { pod: w.pod.clone(), config, inputs: w.inputs }) {
+            self.release(old.config.policy);
+        }
+        report.written += 1;
+        // Inbound capture needs the sk_lookup program linked into the pod's own netns, and an
+        // IPv6 pod needs Envoy's inbound passthrough source ::6 on lo, as istio-iptables adds.
+        let linked = datapath::attach_pod_netns(&self.cfg.bpffs, w.netns, &w.path).map_err(|e| e.to_string())?;
+        let v6 = config.ips[..usize::from(config.n_ips)].iter().any(|ip| !sidecap_common::addr::is_v4_mapped(ip));
+        if linked && v6 {
+            netns::add_inbound_passthrough_v6(&w.path).map_err(|e| e.to_string())?;
+        }
+        tracing::info!(
+            pod = %w.pod,
+            netns = w.netns,
+            sidecar = w.sidecar.as_deref().unwrap_or("(default)"),
+            policy = target,
+            shared_by = self.sets.get(target).map(|s| s.holders).unwrap_or(0),
+            new_set = written,
+            generation = config.generation,
+            listeners = w.rules.listener_names.len(),
+            "policy applied"
+        );
+        Ok(())
+    }
+
+    /// A set written for a pod that could not use it after all.
+    fn drop_if_unheld(&mut self, id: u32) {
+        if self.sets.get(id).is_some_and(|s| s.holders == 0) {
+            if let Some(s) = self.sets.take(id) {
+                self.maps.remove_set(id, &s.rules);
+            }
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if let Some(s) = self.sets.release(id) {
+            self.maps.remove_set(id, &s.rules);
+        }
+    }
+
+    fn refuse_for_capacity(&mut self, pod: &PodRef, why: &str, map: &str) {
+        let key = pod.to_string();
+        if self.capacity_errors.get(&key).map(String::as_str) != Some(why) {
+            self.metrics.capacity_refusals.get_or_create(&MapLabels { map: map.to_string() }).inc();
+        }
+        self.capacity_errors.insert(key, why.to_string());
+    }
+
+    /// Pods that left the source: stop capturing them. Also those a previous agent wrote.
+    fn remove_gone(&mut self, seen: &HashSet<u64>, report: &mut SyncReport) {
         let known: Vec<u64> = match self.maps.pods() {
             Ok(p) => p.into_iter().map(|(n, _)| n).collect(),
             Err(e) => {
@@ -152,10 +420,10 @@ impl Syncer {
                 tracing::error!(netns, error = %e, "removing the pod's sk_lookup link");
                 report.errors += 1;
             }
-            match self.maps.remove_pod(netns, gone.as_ref().map(|m| &m.generation)) {
+            match self.maps.remove_pod(netns) {
                 Ok(()) => {
                     report.removed += 1;
-                    let who = gone.map(|m| m.pod.to_string()).unwrap_or_else(|| format!("netns {netns}"));
+                    let who = gone.as_ref().map(|m| m.pod.to_string()).unwrap_or_else(|| format!("netns {netns}"));
                     tracing::info!(pod = %who, "pod gone; capture removed");
                 }
                 Err(e) => {
@@ -163,18 +431,36 @@ impl Syncer {
                     report.errors += 1;
                 }
             }
+            if let Some(m) = gone {
+                self.release(m.config.policy);
+            }
         }
-        self.cookies.retain(&seen);
+    }
+
+    fn publish(&mut self, report: &SyncReport) {
         self.metrics.pods_managed.set(self.managed.len() as i64);
         self.metrics.generations_written.inc_by(report.written as u64);
         self.metrics.pods_removed.inc_by(report.removed as u64);
+        self.metrics.rule_sets.set(self.sets.len() as i64);
+        let used = self.sets.used();
+        let cap = *self.maps.capacity();
+        for (map, used, max) in [
+            ("PODS", self.managed.len(), cap.pods),
+            ("OUT_LISTENERS", used.listeners, cap.listeners),
+            ("OUT_PORTS", used.out_ports, cap.out_ports),
+            ("OUT_CIDRS", used.out_cidrs, cap.out_cidrs),
+            ("IN_PORTS", used.in_ports, cap.in_ports),
+        ] {
+            let l = MapLabels { map: map.to_string() };
+            self.metrics.map_entries.get_or_create(&l).set(used as i64);
+            self.metrics.map_capacity.get_or_create(&l).set(max as i64);
+        }
         if report.errors > 0 {
             self.metrics.sync_errors.get_or_create(&ErrorLabels { kind: "pod".into() }).inc_by(report.errors as u64);
         }
         if let Ok(mut n) = self.names.lock() {
             *n = self.managed.iter().map(|(k, m)| (*k, m.pod.to_string())).collect();
         }
-        report
     }
 
     /// True when `pod` (`namespace/name`) has its policy in the kernel.
@@ -187,65 +473,25 @@ impl Syncer {
         self.pod_errors.get(pod).map(String::as_str)
     }
 
+    /// Why the node is not ready for capture: pods refused because their rules do not fit.
+    pub fn capacity_problem(&self) -> Option<String> {
+        let (pod, why) = self.capacity_errors.iter().next()?;
+        let more = self.capacity_errors.len() - 1;
+        Some(if more == 0 { format!("pod {pod}: {why}") } else { format!("pod {pod}: {why} (and {more} more pods)") })
+    }
+
     /// Records a pod's problem; true when it is new (worth logging).
     fn note_pod_error(&mut self, pod: &PodRef, msg: &str) -> bool {
         self.pod_errors.insert(pod.to_string(), msg.to_string()).as_deref() != Some(msg)
     }
 
-    /// Returns whether the maps changed.
-    fn sync_pod(
-        &mut self,
-        cluster: &Cluster,
-        registry: &[sidecap_policy::registry::ServiceView],
-        pod_ref: &PodRef,
-        netns: u64,
-        netns_path: &std::path::Path,
-        inputs: u64,
-    ) -> Result<bool, String> {
-        let policy =
-            sidecap_policy::evaluate_in(cluster, registry, pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
-        if let Some(m) = self.managed.get(&netns) {
-            let same = sidecap_policy::compile(&policy, m.generation.pod.policy, m.generation.pod.generation);
-            if same == m.generation {
-                if let Some(m) = self.managed.get_mut(&netns) {
-                    m.inputs = inputs;
-                }
-                return Ok(false);
-            }
-        }
-        // Generations continue across agent restarts: the kernel remembers the last one.
-        let last = match self.managed.get(&netns) {
-            Some(m) => Some(m.generation.pod.generation),
-            None => self.maps.pod(netns).map(|c| c.generation),
-        };
-        let gen_no = last.map(|g| g.wrapping_add(1)).unwrap_or(1);
-        let id = self.fresh_policy_id();
-        let new = sidecap_policy::compile(&policy, id, gen_no);
-        let old = self.managed.get(&netns).map(|m| m.generation.clone());
-        self.maps.set_name(netns, &pod_ref.to_string()).map_err(|e| e.to_string())?;
-        self.maps.write(netns, &new, old.as_ref()).map_err(|e| e.to_string())?;
-        // Inbound capture needs the sk_lookup program linked into the pod's own netns, and an
-        // IPv6 pod needs Envoy's inbound passthrough source ::6 on lo, as istio-iptables adds.
-        if datapath::attach_pod_netns(&self.cfg.bpffs, netns, netns_path).map_err(|e| e.to_string())?
-            && policy.ips.iter().any(|ip| ip.is_ipv6() && !ip.to_canonical().is_ipv4())
-        {
-            netns::add_inbound_passthrough_v6(netns_path).map_err(|e| e.to_string())?;
-        }
-        tracing::info!(
-            pod = %pod_ref,
-            netns,
-            sidecar = policy.sidecar.as_deref().unwrap_or("(default)"),
-            policy = id,
-            generation = gen_no,
-            listeners = new.listener_names.len(),
-            "policy applied"
-        );
-        self.managed.insert(netns, Managed { pod: pod_ref.clone(), generation: new, inputs });
-        Ok(true)
-    }
-
     /// Deletes rules no pod references (left by a previous agent process).
     pub fn collect_garbage(&mut self) -> Result<usize, datapath::Error> {
+        for id in self.sets.unheld() {
+            if let Some(s) = self.sets.take(id) {
+                self.maps.remove_set(id, &s.rules);
+            }
+        }
         let live: HashSet<u64> = self.maps.pods()?.into_iter().map(|(n, _)| n).collect();
         let mut n = 0;
         for netns in datapath::pod_links(&self.cfg.bpffs) {

@@ -97,7 +97,7 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
 /// Idempotent and gap-free: maps already pinned are reused with their contents; links
 /// already pinned (by a previous agent, or a previous version) keep existing and get this
 /// version's program atomically (BPF_LINK_UPDATE); missing links are created.
-pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
+pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes) -> Result<Installed, Error> {
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
@@ -107,6 +107,19 @@ pub fn install(bpffs: &Path, cgroup: &Path) -> Result<Installed, Error> {
     let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, map_pin(bpffs, m))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
+    }
+    for (name, n) in sizes.per_map() {
+        loader.map_max_entries(name, n);
+        if let Ok(info) = aya::maps::MapInfo::from_pin(map_pin(bpffs, name)) {
+            if info.max_entries() != n {
+                tracing::warn!(
+                    map = name,
+                    pinned = info.max_entries(),
+                    requested = n,
+                    "map already pinned with another size; it keeps it until `sidecap uninstall`"
+                );
+            }
+        }
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
 

@@ -22,6 +22,22 @@ pub struct Maps {
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
     pod_addrs: HashMap<MapData, [u8; 16], u64>,
     names: HashMap<MapData, u64, PodName>,
+    capacity: Capacity,
+}
+
+/// How many entries each map that grows with pods and rules holds at most.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub pods: usize,
+    pub out_ports: usize,
+    pub out_cidrs: usize,
+    pub listeners: usize,
+    pub in_ports: usize,
+}
+
+fn max_entries(bpffs: &Path, name: &'static str) -> Result<usize, Error> {
+    let info = aya::maps::MapInfo::from_pin(map_pin(bpffs, name)).map_err(|source| Error::Map { name, source })?;
+    Ok(info.max_entries() as usize)
 }
 
 fn pod_ips(c: &PodConfig) -> &[[u8; 16]] {
@@ -65,6 +81,13 @@ impl Maps {
             counters: typed!(bpffs, "COUNTERS"),
             pod_addrs: typed!(bpffs, "POD_ADDRS"),
             names: typed!(bpffs, "POD_NAMES"),
+            capacity: Capacity {
+                pods: max_entries(bpffs, "PODS")?,
+                out_ports: max_entries(bpffs, "OUT_PORTS")?,
+                out_cidrs: max_entries(bpffs, "OUT_CIDRS")?,
+                listeners: max_entries(bpffs, "OUT_LISTENERS")?,
+                in_ports: max_entries(bpffs, "IN_PORTS")?,
+            },
         })
     }
 
@@ -110,10 +133,73 @@ impl Maps {
             .collect())
     }
 
-    /// Installs `new` for the pod: its rules under its own policy id, then the switch, then
-    /// the removal of `old`'s rules (when given and under another id).
-    pub fn write(&mut self, netns: u64, new: &Generation, old: Option<&Generation>) -> Result<(), Error> {
-        self.insert_rules(new)?;
+    /// Writes every entry of `rules` (a template compiled with policy id 0) under policy id
+    /// `id`. Nothing reads `id` before a pod is switched to it, so the set is complete
+    /// before any connect can see it.
+    pub fn write_set(&mut self, id: u32, rules: &Generation) -> Result<(), Error> {
+        let e = |name| move |source| Error::Map { name, source };
+        let pol = id.to_be_bytes();
+        for (k, v) in &rules.out_ports {
+            self.out_ports.insert(PortKey { policy: id, ..*k }, v, 0).map_err(e("OUT_PORTS"))?;
+        }
+        for ((len, k), v) in &rules.out_cidrs {
+            self.out_cidrs.insert(&Key::new(*len, CidrKey { policy: pol, ..*k }), v, 0).map_err(e("OUT_CIDRS"))?;
+        }
+        for ((len, k), v) in &rules.listeners {
+            self.listeners
+                .insert(&Key::new(*len, ListenerKey { policy: pol, ..*k }), v, 0)
+                .map_err(e("OUT_LISTENERS"))?;
+        }
+        for (k, v) in &rules.in_ports {
+            self.in_ports.insert(InPortKey { policy: id, ..*k }, v, 0).map_err(e("IN_PORTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Turns set `id` from `old` into `new` in place, listener entry by listener entry:
+    /// new and changed entries first, then the ones that went. Only for changes confined to
+    /// listeners (`Generation::differs_in_listeners_only`): each entry decides its own
+    /// destinations, so a connect sees each destination's old or new rule, never a mix.
+    pub fn update_set_listeners(&mut self, id: u32, old: &Generation, new: &Generation) -> Result<usize, Error> {
+        let e = |name| move |source| Error::Map { name, source };
+        let pol = id.to_be_bytes();
+        let mut n = 0;
+        for ((len, k), v) in &new.listeners {
+            if old.listeners.get(&(*len, *k)) != Some(v) {
+                self.listeners
+                    .insert(&Key::new(*len, ListenerKey { policy: pol, ..*k }), v, 0)
+                    .map_err(e("OUT_LISTENERS"))?;
+                n += 1;
+            }
+        }
+        for (len, k) in old.listeners.keys().filter(|k| !new.listeners.contains_key(k)) {
+            let _ = self.listeners.remove(&Key::new(*len, ListenerKey { policy: pol, ..*k }));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Deletes every entry of set `id` (no pod uses it any more). A missing key is fine:
+    /// removal is idempotent.
+    pub fn remove_set(&mut self, id: u32, rules: &Generation) {
+        let pol = id.to_be_bytes();
+        for k in rules.out_ports.keys() {
+            let _ = self.out_ports.remove(&PortKey { policy: id, ..*k });
+        }
+        for (len, k) in rules.out_cidrs.keys() {
+            let _ = self.out_cidrs.remove(&Key::new(*len, CidrKey { policy: pol, ..*k }));
+        }
+        for (len, k) in rules.listeners.keys() {
+            let _ = self.listeners.remove(&Key::new(*len, ListenerKey { policy: pol, ..*k }));
+        }
+        for k in rules.in_ports.keys() {
+            let _ = self.in_ports.remove(&InPortKey { policy: id, ..*k });
+        }
+    }
+
+    /// Points the pod at `config` (its rule set must be written already): the one `PODS`
+    /// update that switches it. Its counters and addresses are set up first.
+    pub fn write_pod(&mut self, netns: u64, config: &PodConfig) -> Result<(), Error> {
         if self.counters.get(&netns, 0).is_err() {
             let cpus = aya::util::nr_cpus().map_err(|(path, source)| Error::Io { path: path.into(), source })?;
             let zero = aya::maps::PerCpuValues::try_from(vec![PodCounters::default(); cpus])
@@ -121,24 +207,65 @@ impl Maps {
             // Another writer may have created it meanwhile: that is fine.
             let _ = self.counters.insert(netns, zero, BPF_NOEXIST);
         }
-        for ip in pod_ips(&new.pod) {
+        for ip in pod_ips(config) {
             self.pod_addrs.insert(ip, netns, 0).map_err(|source| Error::Map { name: "POD_ADDRS", source })?;
         }
         let previous = self.pod(netns);
-        self.pods
-            .insert(netns, new.pod, 0)
-            .map_err(|source| Error::Map { name: "PODS", source })?;
+        self.pods.insert(netns, config, 0).map_err(|source| Error::Map { name: "PODS", source })?;
         if let Some(prev) = previous {
-            for ip in pod_ips(&prev).iter().filter(|ip| !pod_ips(&new.pod).contains(ip)) {
+            for ip in pod_ips(&prev).iter().filter(|ip| !pod_ips(config).contains(ip)) {
                 self.forget_addr(ip, netns);
             }
         }
-        if let Some(old) = old {
-            if old.pod.policy != new.pod.policy {
-                self.remove_rules(old)?;
-            }
-        }
         Ok(())
+    }
+
+    /// Every rule set in the kernel, by policy id, as templates (keys with policy id 0, as
+    /// `compile(.., 0, ..)` makes them), so that a new agent can recognise the sets a previous
+    /// one wrote by their content. Listener names are derived from the keys.
+    pub fn sets(&self) -> Result<BTreeMap<u32, Generation>, Error> {
+        let e = |name| move |source| Error::Map { name, source };
+        let mut out: BTreeMap<u32, Generation> = BTreeMap::new();
+        for kv in self.out_ports.iter() {
+            let (k, v) = kv.map_err(e("OUT_PORTS"))?;
+            out.entry(k.policy).or_default().out_ports.insert(PortKey { policy: 0, ..k }, v);
+        }
+        for kv in self.in_ports.iter() {
+            let (k, v) = kv.map_err(e("IN_PORTS"))?;
+            out.entry(k.policy).or_default().in_ports.insert(InPortKey { policy: 0, ..k }, v);
+        }
+        for kv in self.out_cidrs.iter() {
+            let (k, v) = kv.map_err(e("OUT_CIDRS"))?;
+            let d = k.data();
+            let g = out.entry(u32::from_be_bytes(d.policy)).or_default();
+            g.out_cidrs.insert((k.prefix_len(), CidrKey { policy: [0; 4], ..d }), v);
+        }
+        for kv in self.listeners.iter() {
+            let (k, v) = kv.map_err(e("OUT_LISTENERS"))?;
+            let d = k.data();
+            let g = out.entry(u32::from_be_bytes(d.policy)).or_default();
+            let i = v.listener_id as usize;
+            if g.listener_names.len() <= i {
+                g.listener_names.resize(i + 1, String::new());
+            }
+            g.listener_names[i] =
+                crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr);
+            g.listeners.insert((k.prefix_len(), ListenerKey { policy: [0; 4], ..d }), v);
+        }
+        Ok(out)
+    }
+
+    /// The listener rule set `policy` has for exactly `addr` (a /128 key: the longest match,
+    /// so a wildcard or CIDR listener covering `addr` answers too).
+    pub fn listener(&self, policy: u32, port: u16, addr: [u8; 16]) -> Option<ListenerRule> {
+        let key = ListenerKey { policy: policy.to_be_bytes(), port: port.to_be_bytes(), proto: sidecap_common::proto::TCP, _pad: 0, addr };
+        self.listeners.get(&Key::new(sidecap_common::LISTENER_FIXED_BITS + 128, key), 0).ok()
+    }
+
+    /// How many entries each rule map holds at most (read from the kernel: a map pinned by an
+    /// earlier agent keeps the size it was created with).
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
     }
 
     /// Records the pod's `namespace/name` for inspection (truncated to 127 bytes).
@@ -149,8 +276,9 @@ impl Maps {
         self.names.insert(netns, n, 0).map_err(|source| Error::Map { name: "POD_NAMES", source })
     }
 
-    /// Forgets a pod: its `PODS` entry first (capture stops), then its rules and counters.
-    pub fn remove_pod(&mut self, netns: u64, generation: Option<&Generation>) -> Result<(), Error> {
+    /// Forgets a pod: its `PODS` entry first (capture stops), then its counters, name and
+    /// addresses. Its rule set is the caller's (other pods may share it).
+    pub fn remove_pod(&mut self, netns: u64) -> Result<(), Error> {
         let previous = self.pod(netns);
         match self.pods.remove(&netns) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -163,9 +291,6 @@ impl Maps {
                 self.forget_addr(ip, netns);
             }
         }
-        if let Some(g) = generation {
-            self.remove_rules(g)?;
-        }
         Ok(())
     }
 
@@ -174,40 +299,6 @@ impl Maps {
         if self.pod_addrs.get(ip, 0).ok() == Some(netns) {
             let _ = self.pod_addrs.remove(ip);
         }
-    }
-
-    fn insert_rules(&mut self, g: &Generation) -> Result<(), Error> {
-        let e = |name| move |source| Error::Map { name, source };
-        for (k, v) in &g.out_ports {
-            self.out_ports.insert(k, v, 0).map_err(e("OUT_PORTS"))?;
-        }
-        for ((len, k), v) in &g.out_cidrs {
-            self.out_cidrs.insert(&Key::new(*len, *k), v, 0).map_err(e("OUT_CIDRS"))?;
-        }
-        for ((len, k), v) in &g.listeners {
-            self.listeners.insert(&Key::new(*len, *k), v, 0).map_err(e("OUT_LISTENERS"))?;
-        }
-        for (k, v) in &g.in_ports {
-            self.in_ports.insert(k, v, 0).map_err(e("IN_PORTS"))?;
-        }
-        Ok(())
-    }
-
-    fn remove_rules(&mut self, g: &Generation) -> Result<(), Error> {
-        // A missing key is fine: removal is idempotent.
-        for k in g.out_ports.keys() {
-            let _ = self.out_ports.remove(k);
-        }
-        for (len, k) in g.out_cidrs.keys() {
-            let _ = self.out_cidrs.remove(&Key::new(*len, *k));
-        }
-        for (len, k) in g.listeners.keys() {
-            let _ = self.listeners.remove(&Key::new(*len, *k));
-        }
-        for k in g.in_ports.keys() {
-            let _ = self.in_ports.remove(k);
-        }
-        Ok(())
     }
 
     /// Policy ids in use by some pod.

@@ -63,7 +63,7 @@ pub mod pod_flags {
 /// under a fresh id, then flips this one field (a single map update), so a connect sees
 /// the old rules or the new ones, never a mix.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PodConfig {
     /// Rule set id: the `policy` field of every rule-map key for this pod.
     pub policy: u32,
@@ -114,7 +114,7 @@ pub mod port_flags {
 
 /// Value of `OUT_PORTS`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortRule {
     pub flags: u32,
 }
@@ -139,7 +139,7 @@ pub mod cidr_flags {
 
 /// Value of `OUT_CIDRS`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CidrRule {
     pub flags: u32,
 }
@@ -164,7 +164,7 @@ pub const CIDR_FIXED_BITS: u32 = 32;
 
 /// Value of `OUT_LISTENERS`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerRule {
     /// `action::*` (CAPTURE, or PASSTHROUGH for a captureMode NONE egress listener).
     pub action: u8,
@@ -185,7 +185,7 @@ pub struct InPortKey {
 /// Value of `IN_PORTS`: `action::CAPTURE` (to the inbound port) or `action::PASSTHROUGH`
 /// (exempt: excluded port, 15008, the proxy's own ports, captureMode NONE ingress).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct InPortRule {
     pub action: u8,
     pub _pad: [u8; 3],

@@ -1,13 +1,16 @@
 //! Synthetic clusters for the control-plane scenario: S services (two ports each: HTTP 80
-//! and a TCP port) in up to 100 namespaces, one namespace-wide Sidecar per namespace
-//! (egress `./*` and `istio-system/*`, as teams restrict their pods), P meshed pods spread
-//! over the namespaces. Addresses are config only (never contacted), inside 10.251.0.0/16.
+//! and a TCP port) in up to 100 namespaces, P meshed pods spread over the namespaces, and
+//! either one namespace-wide Sidecar per namespace (egress `./*` and `istio-system/*`, as
+//! teams restrict their pods) or none at all (Istio's default mesh: every pod imports every
+//! service). Addresses are config only (never contacted), inside 10.251.0.0/16.
 
 use std::{fmt::Write as _, path::{Path, PathBuf}};
 
 pub struct Spec {
     pub pods: usize,
     pub services: usize,
+    /// One Sidecar per namespace (scoped); false: the default mesh.
+    pub sidecars: bool,
 }
 
 impl Spec {
@@ -60,7 +63,9 @@ pub fn write(dir: &Path, spec: &Spec, netns: &dyn Fn(usize) -> String) -> anyhow
     }
     for (i, text) in per_ns.iter().enumerate() {
         std::fs::write(dir.join(format!("services-{}.yaml", ns(i))), text)?;
-        std::fs::write(dir.join(format!("sidecar-{}.yaml", ns(i))), sidecar(i, false))?;
+        if spec.sidecars {
+            std::fs::write(dir.join(format!("sidecar-{}.yaml", ns(i))), sidecar(i, false))?;
+        }
     }
     let mut pods = String::new();
     for p in 0..spec.pods {

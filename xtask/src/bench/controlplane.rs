@@ -5,9 +5,9 @@
 //!   timed until the pod's `PODS` entry carries a new generation.
 //! - the real agent at `cp_agent` scale (110 pods × 10,000 services): 110 real (bare)
 //!   network namespaces, one agent; initial convergence, RSS, map memory, edit convergence.
-//! - `cp_sync` scale (1,000 pods × 10,000 services): the agent's sync pass driven in-process
-//!   (`agent/examples/bench_controlplane.rs`: sidecap_policy + sidecap::datapath) with fake
-//!   netns cookies, because 1,000 pods need no 1,000 namespaces for this.
+//! - the default mesh (no Sidecar: every pod imports every service) at each `cp_default`
+//!   scale (110 and 1,000 pods × 10,000 services): real namespaces, one real agent; the first
+//!   full pass, one added Service reaching every pod's maps, RSS, map memory, rule sets.
 
 use std::{
     path::Path,
@@ -27,9 +27,17 @@ pub fn run(sb: &mut Sandbox, bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     eprintln!("  1 pod: converge ms {}", one["converge_ms"]);
     let agent = agent_at_scale(bins, p).context("agent at scale")?;
     eprintln!("  agent {}×{}: rss {} KiB, initial {} ms", p.cp_agent.0, p.cp_agent.1, agent["rss_kib"], agent["initial_ms"]);
-    let sync = in_process(bins, p).context("in-process sync")?;
-    eprintln!("  sync {}×{}: {}", p.cp_sync.0, p.cp_sync.1, sync["total_ms"]);
-    Ok(json!({"one_pod": one, "agent": agent, "sync": sync}))
+    let mut default_mesh = Vec::new();
+    for &(pods, services) in &p.cp_default {
+        let v = default_mesh_at(bins, pods, services, p.cp_rounds.max(1) * 2)
+            .with_context(|| format!("default mesh {pods}×{services}"))?;
+        eprintln!(
+            "  default mesh {pods}×{services}: first pass {} ms, service add {} ms, rss {} KiB, rule sets {}",
+            v["initial_ms"], v["service_ms"]["median"], v["rss_kib"], v["rule_sets"]
+        );
+        default_mesh.push(v);
+    }
+    Ok(json!({"one_pod": one, "agent": agent, "default_mesh": default_mesh}))
 }
 
 fn run_bounded(mut c: Command, limit: Duration) -> anyhow::Result<Value> {
@@ -125,7 +133,7 @@ fn agent_at_scale(bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     let netns_secs = t.elapsed().as_secs_f64();
     let cookies: Vec<u64> = nets.iter().map(Netns::cookie).collect::<Result<_, _>>()?;
     let dir = TempDir::new("cp-agent")?;
-    let toggle = cluster::write(dir.path(), &cluster::Spec { pods, services }, &|i| nets[i].path().display().to_string())?;
+    let toggle = cluster::write(dir.path(), &cluster::Spec { pods, services, sidecars: true }, &|i| nets[i].path().display().to_string())?;
     let cg = TestCgroup::new("bench-cp")?;
     let pins = BpfPinDir::new("bench-cp")?;
     unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
@@ -149,25 +157,41 @@ fn agent_at_scale(bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     }))
 }
 
-fn in_process(bins: &Bins, p: &Params) -> anyhow::Result<Value> {
-    let (pods, services) = p.cp_sync;
-    let dir = TempDir::new("cp-sync")?;
-    let toggle = cluster::write(dir.path(), &cluster::Spec { pods, services }, &|i| format!("/run/netns/sidecap-bench-fake-{i}"))?;
-    let cg = TestCgroup::new("bench-sync")?;
-    let pins = BpfPinDir::new("bench-sync")?;
-    let mut c = Command::new(&bins.controlplane);
-    c.arg("sync").arg("--config").arg(dir.path()).arg("--bpffs").arg(pins.path()).arg("--cgroup").arg(cg.path());
-    c.arg("--toggle").arg(&toggle).arg("--rounds").arg(p.cp_rounds.max(1).to_string());
-    let v = run_bounded(c, Duration::from_secs(900))?;
-    let rounds: Vec<&Value> = v["rounds"].as_array().into_iter().flatten().collect();
-    let col = |k: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[k].as_f64()).collect() };
+/// Istio's default mesh through the real agent: `pods` namespaces, no Sidecar.
+fn default_mesh_at(bins: &Bins, pods: usize, services: usize, rounds: usize) -> anyhow::Result<Value> {
+    let t = Instant::now();
+    let nets: Vec<Netns> = (0..pods).map(|_| Netns::new("cpd")).collect::<Result<_, _>>()?;
+    let netns_secs = t.elapsed().as_secs_f64();
+    let cookies: Vec<u64> = nets.iter().map(Netns::cookie).collect::<Result<_, _>>()?;
+    let dir = TempDir::new("cp-default")?;
+    cluster::write(dir.path(), &cluster::Spec { pods, services, sidecars: false }, &|i| nets[i].path().display().to_string())?;
+    let cg = TestCgroup::new("bench-cpd")?;
+    let pins = BpfPinDir::new("bench-cpd")?;
+    unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
+    let t = Instant::now();
+    let mut agent = Agent::start(cg.path(), pins.path(), dir.path(), &[]);
+    agent.wait_pods(&cookies, 1, Duration::from_secs(900));
+    let initial_ms = t.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = agent.pid();
+    let rss = status_kib(pid, "VmRSS:");
+    let hwm = status_kib(pid, "VmHWM:");
     let maps = map_memory(pins.path());
+    let mut c = Command::new(&bins.controlplane);
+    c.arg("service").arg("--config").arg(dir.path()).arg("--bpffs").arg(pins.path());
+    c.arg("--netns").arg(cookies.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
+    c.arg("--rounds").arg(rounds.to_string());
+    let v = run_bounded(c, Duration::from_secs(60 + 25 * rounds as u64))?;
+    let s = converge_samples(&v);
+    if s.len() != rounds {
+        bail!("an added Service did not reach every pod within 20 s: {v}");
+    }
+    let rss_after = status_kib(pid, "VmRSS:");
+    agent.kill9();
+    drop(agent);
     Ok(json!({
-        "pods": v["pods"], "services": v["services"], "load_ms": v["load_ms"], "initial_sync_ms": v["initial_sync_ms"],
-        "map_entries": v["map_entries"], "rss_kib": v["rss_kib"],
-        "reload_ms": stats::spread(&col("reload_ms")), "sync_ms": stats::spread(&col("sync_ms")),
-        "evaluate_ms": stats::spread(&col("evaluate_ms")), "total_ms": stats::spread(&col("total_ms")),
-        "pods_changed": rounds.first().map(|r| r["pods_changed"].clone()),
-        "map_memory": maps, "raw": v,
+        "pods": pods, "services": services, "netns_setup_s": netns_secs,
+        "initial_ms": initial_ms, "rss_kib": rss, "hwm_kib": hwm, "rss_after_changes_kib": rss_after,
+        "map_memory": maps, "rule_sets": v["rule_sets"], "service_ms": stats::spread(&s), "samples_ms": s,
     }))
 }

@@ -1,0 +1,40 @@
+//! How large the maps that grow with pods and rules are: planned from flags, never
+//! discovered by a failed write. Sizes apply when the maps are created; maps pinned by an
+//! earlier agent keep theirs (`Maps::capacity` reads what the kernel has).
+
+/// Maximum entries per kind of map. The defaults fit 250 pods × 20,000 services in Istio's
+/// default mesh (one shared set of 40,000 listeners per distinct scope) with room to spare,
+/// and Kubernetes' largest usual node (250 pods) four times over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `PODS`, `COUNTERS`, `POD_NAMES`, `INBOUND_LISTENERS`; `POD_ADDRS` holds 4 per pod.
+    pub pods: u32,
+    /// `OUT_LISTENERS`: listener entries of every rule set together.
+    pub listeners: u32,
+    /// `OUT_PORTS`, `OUT_CIDRS`, `IN_PORTS`: port and CIDR rules of every rule set together.
+    pub rules: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes { pods: 1024, listeners: 1 << 20, rules: 1 << 16 }
+    }
+}
+
+impl MapSizes {
+    /// (map name, max entries) for every sized map.
+    pub fn per_map(&self) -> [(&'static str, u32); 9] {
+        let addrs = self.pods.saturating_mul(sidecap_common::MAX_POD_IPS as u32);
+        [
+            ("PODS", self.pods),
+            ("COUNTERS", self.pods),
+            ("POD_NAMES", self.pods),
+            ("INBOUND_LISTENERS", self.pods),
+            ("POD_ADDRS", addrs),
+            ("OUT_LISTENERS", self.listeners),
+            ("OUT_PORTS", self.rules),
+            ("OUT_CIDRS", self.rules),
+            ("IN_PORTS", self.rules),
+        ]
+    }
+}

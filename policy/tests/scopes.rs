@@ -1,0 +1,124 @@
+//! Pods that share a scope key share one evaluation and one rule set (the agent evaluates
+//! each distinct scope once per pass): equal keys must mean equal compiled rules, and equal
+//! pod configs up to the pod's own addresses. Checked here over every pair of a cluster
+//! built to tempt the key into being too coarse: namespaces with and without Sidecars,
+//! a workload-selected Sidecar, capture annotations, a pod that is a headless endpoint,
+//! IPv6 and dual-stack pods.
+
+mod common;
+
+use common::*;
+use sidecap_policy::{EngineOptions, PodRef, Scopes, compile, evaluate_in, registry};
+
+fn pod(ns: &str, name: &str, labels: &str, annotations: &str, ips: &[&str]) -> String {
+    let ip_list: Vec<String> = ips.iter().map(|ip| format!("{{ip: '{ip}'}}")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\n  annotations: {{sidecar.istio.io/status: x{annotations}}}\nspec: {{containers: [{{name: istio-proxy}}]}}\nstatus: {{podIP: '{}', podIPs: [{}]}}\n",
+        ips[0],
+        ip_list.join(", ")
+    )
+}
+
+const REST: &str = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {name: tcp-db, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: other}
+spec: {clusterIP: 10.96.0.11, ports: [{name: tcp-redis, port: 6379}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, ports: [{name: tcp-pg, port: 5433}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.3]}, {addresses: [10.244.0.4]}]
+ports: [{name: tcp-pg, port: 5433}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: narrow, namespace: locked}
+spec: {egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: for-api, namespace: shop}
+spec: {workloadSelector: {labels: {app: api}}, egress: [{hosts: ['other/*']}]}
+";
+
+#[test]
+fn equal_scope_keys_compile_to_equal_rule_sets() {
+    let pods = [
+        pod("shop", "a", "app: web", "", &["10.244.0.1"]),
+        pod("shop", "b", "app: web", "", &["10.244.0.2"]),
+        pod("shop", "c", "app: db", "", &["10.244.0.3"]), // a headless endpoint itself
+        pod("shop", "d", "app: db", "", &["10.244.0.4"]), // another one
+        pod("shop", "e", "app: api", "", &["10.244.0.5"]), // selected by for-api
+        pod("shop", "f", "app: web", ", traffic.sidecar.istio.io/excludeOutboundPorts: '5432'", &["10.244.0.6"]),
+        pod("shop", "g", "app: web", "", &["fd00::7"]),
+        pod("shop", "h", "app: web", "", &["10.244.0.8", "fd00::8"]),
+        pod("other", "i", "app: web", "", &["10.244.1.1"]),
+        pod("other", "j", "app: web", "", &["10.244.1.2"]),
+        pod("locked", "k", "app: web", "", &["10.244.2.1"]),
+        pod("locked", "l", "app: web", "", &["10.244.2.2"]),
+    ]
+    .concat();
+    let c = load_with(&[], &format!("{pods}{REST}"));
+    let reg = registry::build(&c);
+    let scopes = Scopes::new(&reg);
+    let opts = EngineOptions::default();
+    let refs = c.meshed_pods();
+    assert_eq!(refs.len(), 12);
+    let mut compiled = Vec::new();
+    for r in &refs {
+        let key = scopes.key(&c, r).expect("every pod here has a key");
+        let g = compile(&evaluate_in(&c, &reg, r, &opts).expect("evaluate"), 0, 0);
+        compiled.push((r.clone(), key, g));
+    }
+    let mut shared = 0;
+    for (i, (ra, ka, ga)) in compiled.iter().enumerate() {
+        for (rb, kb, gb) in &compiled[i + 1..] {
+            if ka != kb {
+                continue;
+            }
+            shared += 1;
+            assert_eq!(ga.rules_hash(), gb.rules_hash(), "{ra} and {rb} share a scope key but not their rules");
+            assert_eq!((&ga.listeners, &ga.out_ports, &ga.in_ports), (&gb.listeners, &gb.out_ports, &gb.in_ports));
+            let ips_of_b = sidecap_policy::knobs::pod_ips(c.pod(rb).expect("pod"));
+            assert_eq!(sidecap_policy::with_ips(&ga.pod, &ips_of_b), gb.pod, "{ra} vs {rb}: only the addresses differ");
+        }
+    }
+    let key = |p: &str| compiled.iter().find(|(r, _, _)| *r == p.parse::<PodRef>().unwrap()).map(|(_, k, _)| *k).unwrap();
+    // What must share: same namespace, same Sidecar (none), same knobs, same family.
+    assert_eq!(key("shop/a"), key("shop/b"));
+    assert_eq!(key("other/i"), key("other/j"));
+    assert_eq!(key("locked/k"), key("locked/l"));
+    // What must not: a headless endpoint (no listener for itself), another Sidecar,
+    // other knobs, another family.
+    assert_ne!(key("shop/c"), key("shop/d"));
+    assert_ne!(key("shop/a"), key("shop/c"));
+    assert_ne!(key("shop/a"), key("shop/e"));
+    assert_ne!(key("shop/a"), key("shop/f"));
+    assert_ne!(key("shop/a"), key("shop/g"));
+    assert_ne!(key("shop/a"), key("shop/h"));
+    assert!(shared >= 3, "the cluster exercises sharing ({shared} pairs)");
+}
+
+#[test]
+fn pods_of_different_namespaces_may_still_share_a_rule_set() {
+    // Keys are per namespace (exportTo is seen from the pod's namespace), but when the
+    // compiled rules come out equal the agent shares the kernel set by content anyway.
+    let c = load_with(&[], &format!("{}{}{REST}", pod("shop", "a", "app: web", "", &["10.244.0.1"]), pod("other", "i", "app: web", "", &["10.244.1.1"])));
+    let reg = registry::build(&c);
+    let opts = EngineOptions::default();
+    let g = |p: &str| compile(&evaluate_in(&c, &reg, &p.parse().unwrap(), &opts).expect("evaluate"), 0, 0);
+    assert_eq!(g("shop/a").rules_hash(), g("other/i").rules_hash());
+}
