@@ -124,6 +124,7 @@ impl Agent {
             let log = self.log();
             if let Some(a) = log
                 .lines()
+                .rev() // the newest agent's, after a restart
                 .filter(|l| l.contains("serving /metrics"))
                 .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok())
             {
@@ -136,17 +137,34 @@ impl Agent {
 
     /// A plain HTTP/1.1 GET to the admin endpoint (on loopback): (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
+        self.try_admin_get(path).expect("admin endpoint")
+    }
+
+    fn try_admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
         let addr = self.admin_addr();
         assert!(addr.ip().is_loopback(), "admin endpoint must be on loopback in tests: {addr}");
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect admin");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
-        s.read_to_string(&mut out).expect("read response");
+        s.read_to_string(&mut out)?;
         let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
+        Ok((status, body))
+    }
+
+    /// Waits until `/readyz` answers 200 (programs in place, first snapshot applied).
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            if self.try_admin_get("/readyz").is_ok_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent not ready after {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -184,7 +184,9 @@ fn agent_killed_and_restarted_during_a_connection_loop_loses_no_connect() {
     assert_eq!(forwarded_to(&hp, sa(SVC, 80)).len(), N as usize, "{:?}", hp.log_lines());
     // The restarted agent swapped its programs into the pinned links instead of attaching twice.
     let cookie = a.cookie().expect("cookie");
-    m.agent.wait_pods(&[cookie], 2, WAIT);
+    // A restarted agent adopts the rule sets it finds by content: nothing is rewritten.
+    m.agent.wait_ready(WAIT);
+    m.agent.wait_pods(&[cookie], 1, WAIT);
     assert!(m.agent.log().contains("updated=[\"connect4\""), "{}", m.agent.log());
     let links = std::fs::read_dir(m.pins.path().join("links")).expect("links dir").count();
     assert_eq!(links, 9, "8 cgroup links + the netns dir");

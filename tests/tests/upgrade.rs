@@ -36,7 +36,7 @@ fn a_new_agent_swaps_programs_in_place_with_no_failed_connect() {
     // The "old version" stops (as a rolling update's SIGTERM does), the "new" one starts.
     assert_eq!(m.agent.stop(), Some(0));
     m.agent.restart();
-    m.wait_generation("a", 2);
+    m.agent.wait_ready(sidecap_tests::fixture::WAIT);
     let (_, out) = looper.finish(Duration::from_secs(60));
     let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("summary");
     assert_eq!((summary["ok"].as_u64(), summary["failed"].as_u64()), (Some(40), Some(0)), "{summary}\n{}", m.agent.log());
