@@ -76,6 +76,8 @@ fn bench_smoke_runs_every_scenario() {
     let cp = &sc["controlplane"];
     assert!(cp["one_pod"]["converge_ms"]["median"].as_f64().is_some(), "{cp:#}");
     assert!(cp["agent"]["rss_kib"].as_u64().unwrap_or(0) > 0, "{cp:#}");
-    assert!(cp["sync"]["map_entries"].as_u64().unwrap_or(0) > 0, "{cp:#}");
+    let dm = &cp["default_mesh"][0];
+    assert!(dm["service_ms"]["median"].as_f64().is_some(), "an added Service reached every pod: {cp:#}");
+    assert_eq!(dm["rule_sets"], 1, "default-mesh pods share one rule set: {cp:#}");
     assert!(stdout.contains("sidecap/iptables"), "tables on stdout: {stdout}");
 }
