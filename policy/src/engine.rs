@@ -164,10 +164,13 @@ pub fn evaluate_in(
 
     let listeners = listeners::build(&BuildContext {
         interception_none: knobs.interception == knobs::Interception::None,
+        ip_mode: listeners::IpMode::of(&ips),
         pod_ip: ips.first().copied(),
         egress: per_listener,
     });
 
+    // pilot/pkg/model/sidecar.go `convertToSidecarScope`: a Sidecar's outboundTrafficPolicy is
+    // used whenever present (`{}` is REGISTRY_ONLY, the mode's zero value); else the mesh's.
     let outbound_traffic_policy = match spec.and_then(|s| s.outbound_traffic_policy.as_ref()) {
         Some(tp) => match tp.mode {
             TrafficPolicyMode::RegistryOnly => OutboundMode::RegistryOnly,

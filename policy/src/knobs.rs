@@ -20,6 +20,13 @@ pub const ANN_EXCLUDE_IN_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundP
 pub const ANN_INCLUDE_OUT_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
 pub const ANN_EXCLUDE_OUT_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const ANN_NETNS: &str = "sidecap.io/netns";
+/// istio-iptables `-k` (`RerouteVirtualInterfaces`), from either annotation.
+pub const ANN_KUBEVIRT: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+pub const ANN_REROUTE_VIRTUAL: &str = "istio.io/reroute-virtual-interfaces";
+/// istio-iptables' owner-group filters (tools/istio-iptables/pkg/constants `OwnerGroupsInclude`,
+/// `OwnerGroupsExclude`): environment only, `*` and empty by default.
+pub const ENV_OWNER_GROUPS: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
+pub const ENV_OWNER_GROUPS_EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
 
 /// Ports istio-cni always appends to excludeInboundPorts: status (15020), health (15021),
 /// Prometheus (15090).
@@ -31,14 +38,15 @@ pub const DEFAULT_EXCLUDED_OUTBOUND: u16 = 15020;
 pub enum KnobError {
     #[error("annotation {key}: {message}")]
     Annotation { key: &'static str, message: String },
+    /// A capture knob sidecap does not implement: the pod is refused, never half-captured.
+    #[error("{setting}: {value:?} is not supported by sidecap ({why}); the pod is refused rather than captured differently")]
+    Unsupported { setting: String, value: String, why: &'static str },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Interception {
     #[serde(rename = "REDIRECT")]
     Redirect,
-    #[serde(rename = "TPROXY")]
-    Tproxy,
     /// No capture at all (`sidecar.istio.io/interceptionMode: NONE`).
     #[serde(rename = "NONE")]
     None,
@@ -136,18 +144,63 @@ fn parse_cidrs(key: &'static str, v: &str) -> Result<Vec<Cidr>, KnobError> {
     Ok(out)
 }
 
+fn unsupported(setting: String, value: &str, why: &'static str) -> KnobError {
+    KnobError::Unsupported { setting, value: value.to_string(), why }
+}
+
+/// Knobs istio-init honours that sidecap cannot: virtual interfaces (forwarded VM traffic
+/// never meets a socket hook) and owner-group filters (set through the proxy's environment,
+/// as proxyMetadata puts them there, or the mesh's proxyMetadata).
+fn refuse_unimplemented(pod: &Pod, mesh: &MeshConfig) -> Result<(), KnobError> {
+    for key in [ANN_REROUTE_VIRTUAL, ANN_KUBEVIRT] {
+        if let Some(v) = pod.metadata.annotations.get(key).filter(|v| !v.trim().is_empty()) {
+            return Err(unsupported(
+                format!("annotation {key}"),
+                v,
+                "traffic forwarded from virtual interfaces never reaches a socket hook",
+            ));
+        }
+    }
+    let is_default = |name: &str, v: &str| if name == ENV_OWNER_GROUPS { v.trim() == "*" } else { v.trim().is_empty() };
+    for name in [ENV_OWNER_GROUPS, ENV_OWNER_GROUPS_EXCLUDE] {
+        let from_pod = pod
+            .all_containers()
+            .filter(|c| c.name == "istio-proxy" || c.name == "istio-validation")
+            .find_map(|c| c.env.iter().find(|e| e.name == name).map(|e| (format!("container {} env {name}", c.name), e.value.clone())));
+        let from_mesh = || {
+            mesh.default_config.proxy_metadata.get(name).map(|v| (format!("mesh defaultConfig.proxyMetadata {name}"), Some(v.clone())))
+        };
+        if let Some((setting, Some(v))) = from_pod.or_else(from_mesh) {
+            if !is_default(name, &v) {
+                return Err(unsupported(setting, &v, "owner-group filters are not implemented"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads every knob; defaults are istio-cni's.
 pub fn from_pod(pod: &Pod, mesh: &MeshConfig) -> Result<Knobs, KnobError> {
     let ann = &pod.metadata.annotations;
     let get = |k: &str| ann.get(k).map(String::as_str);
     let interception = match get(ANN_INTERCEPTION).unwrap_or("REDIRECT") {
         "REDIRECT" => Interception::Redirect,
-        "TPROXY" => Interception::Tproxy,
         "NONE" => Interception::None,
+        // TPROXY's point is that the app sees the client's address (Envoy binds the upstream
+        // to it, with mangle marks and policy routing bringing replies back): REDIRECT-style
+        // capture would break those connections, so the pod is refused.
+        "TPROXY" => {
+            return Err(unsupported(
+                format!("annotation {ANN_INTERCEPTION}"),
+                "TPROXY",
+                "only REDIRECT and NONE are implemented; TPROXY needs mangle marks and policy routing",
+            ));
+        }
         other => {
             return Err(KnobError::Annotation { key: ANN_INTERCEPTION, message: format!("interceptionMode invalid: {other}") });
         }
     };
+    refuse_unimplemented(pod, mesh)?;
     let include_cidrs = match get(ANN_INCLUDE_CIDRS).unwrap_or("*") {
         "*" => Include::All,
         v => Include::List(parse_cidrs(ANN_INCLUDE_CIDRS, v)?),

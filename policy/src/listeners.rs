@@ -1,9 +1,11 @@
 //! The outbound listener set istiod builds for a sidecar
 //! (pilot/pkg/networking/core/listener.go `buildSidecarOutboundListeners`,
-//! `buildSidecarOutboundListener`; names from `getListenerName`: `BIND_PORT`).
+//! `buildSidecarOutboundListener`; names from `getListenerName`: `BIND_PORT`). Addresses
+//! follow the pod's IP family (pilot/pkg/model/service.go `GetAddressForProxy`,
+//! `GetExtraAddressesForProxy`; listener_address.go `wildCards`, `localHosts`).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use serde::Serialize;
 
@@ -11,7 +13,7 @@ use crate::import::Imported;
 use crate::model::cidr::canonical;
 use crate::model::sidecar::{CaptureMode, EgressListener};
 use crate::model::{Cidr, Protocol};
-use crate::registry::{Registry, Resolution, SvcAddress, SvcPort};
+use crate::registry::{Registry, Resolution, ServiceView, SvcAddress, SvcPort};
 
 /// What a listener does with a connection it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -63,10 +65,91 @@ struct Entry {
     locked: bool,
 }
 
+/// The pod's IP families (pkg/model/proxy.go `DiscoverIPMode`: all v4, all v6, else dual).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpMode {
+    V4,
+    V6,
+    Dual,
+}
+
+impl IpMode {
+    /// `DiscoverIPMode`: no addresses counts as IPv4 (`AllIPv4` of nothing is true).
+    pub fn of(ips: &[IpAddr]) -> IpMode {
+        if ips.iter().all(IpAddr::is_ipv4) {
+            IpMode::V4
+        } else if ips.iter().all(IpAddr::is_ipv6) {
+            IpMode::V6
+        } else {
+            IpMode::Dual
+        }
+    }
+
+    fn supports(self, ip: IpAddr) -> bool {
+        match self {
+            IpMode::V4 => ip.is_ipv4(),
+            IpMode::V6 => ip.is_ipv6(),
+            IpMode::Dual => true,
+        }
+    }
+
+    /// `wildCards[mode][0]`.
+    fn wildcard(self) -> &'static str {
+        if self == IpMode::V6 { WILDCARD_V6 } else { WILDCARD }
+    }
+
+    /// `localHosts[mode]`: the primary, and `::1` as an additional address for dual-stack.
+    fn localhost(self) -> &'static str {
+        if self == IpMode::V6 { LOCALHOST_V6 } else { LOCALHOST }
+    }
+}
+
+/// pilot/pkg/util/network/ip.go `FilterAddressesByIPFamily`: the addresses of the families
+/// the pod has; a dual-stack pod keeps only those of the first address's family.
+fn filter_by_family(addrs: &[IpAddr], mode: IpMode) -> Vec<IpAddr> {
+    let family = match (mode, addrs.first()) {
+        (IpMode::Dual, Some(first)) => IpMode::of(&[*first]),
+        (IpMode::Dual, None) => return Vec::new(),
+        (m, _) => m,
+    };
+    addrs.iter().copied().filter(|a| family.supports(*a)).collect()
+}
+
+/// The service address a listener without a bind uses, and the extra addresses it also
+/// matches: `GetAddressForProxy` and `GetExtraAddressesForProxy` (as istiod computes them
+/// with `ISTIO_DUAL_STACK`, which Istio requires for dual-stack pods: a dual-stack pod
+/// keeps every clusterIP, the others filter by family).
+fn service_addresses(svc: &ServiceView, mode: IpMode) -> (SvcAddress, Vec<IpAddr>) {
+    if svc.cluster_vips.is_empty() {
+        // ServiceEntries: DefaultAddress whatever the family; an address-less one listens
+        // on `::` for an IPv6 pod and also on `::` for a dual-stack one (listener.go
+        // `buildSidecarOutboundListener`, provider.External).
+        let extra = match (svc.registry, svc.address, mode) {
+            (Registry::External, SvcAddress::Unspecified, IpMode::Dual) => vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+            _ => Vec::new(),
+        };
+        return (svc.address, extra);
+    }
+    let primary = filter_by_family(&svc.cluster_vips, mode).first().map_or(svc.address, |ip| SvcAddress::Vip(*ip));
+    let all = if mode == IpMode::Dual { svc.cluster_vips.clone() } else { filter_by_family(&svc.cluster_vips, mode) };
+    let all = if all.is_empty() {
+        match svc.address {
+            SvcAddress::Vip(ip) if mode.supports(ip) => vec![ip],
+            _ => Vec::new(),
+        }
+    } else {
+        all
+    };
+    (primary, all.into_iter().skip(1).collect())
+}
+
 /// Inputs that differ per pod.
 pub struct BuildContext<'a> {
     /// `sidecar.istio.io/interceptionMode: NONE`: every listener binds its port.
     pub interception_none: bool,
+    /// The pod's IP families: which clusterIP a listener takes, and the wildcard's name.
+    pub ip_mode: IpMode,
     /// The pod's first IP: headless endpoints equal to it get no listener.
     pub pod_ip: Option<IpAddr>,
     /// Each egress listener (None = the implicit `*/*`) with the services it imported.
@@ -74,7 +157,9 @@ pub struct BuildContext<'a> {
 }
 
 const WILDCARD: &str = "0.0.0.0";
+const WILDCARD_V6: &str = "::";
 const LOCALHOST: &str = "127.0.0.1";
+const LOCALHOST_V6: &str = "::1";
 /// Envoy's static (15021, 15090) and virtual (15001, 15006) listeners win over wildcard ones.
 const RESERVED_PORTS: [u16; 4] = [15001, 15006, 15021, 15090];
 
@@ -90,15 +175,16 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
         }
         let bind: Option<String> = match egress {
             Some(e) if !e.bind.is_empty() => Some(e.bind.clone()),
-            _ if bind_to_port => Some(LOCALHOST.to_string()),
+            _ if bind_to_port => Some(ctx.ip_mode.localhost().to_string()),
             _ => None,
         };
         if bind.as_deref().is_some_and(|b| b.starts_with("unix://")) {
             continue; // UDS listeners carry no TCP destination.
         }
         let action = if bind_to_port { ListenerAction::Passthrough } else { ListenerAction::Capture };
-        let mut add = |bind: Option<&str>, cidr: Option<Cidr>, port: &SvcPort, svc: &Imported<'_>, lock: bool| {
-            add_listener(&mut map, &mut order, bind, cidr, port, svc, action, lock);
+        let mode = ctx.ip_mode;
+        let mut add = |bind: Option<&str>, port: &SvcPort, svc: &Imported<'_>, lock: bool| {
+            add_listener(&mut map, &mut order, mode, bind, port, svc, action, lock);
         };
         match egress.and_then(|e| e.port.as_ref()) {
             Some(p) => {
@@ -107,36 +193,37 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
                     continue;
                 }
                 let listen = SvcPort { name: p.name.clone(), port: number, protocol: Protocol::parse(&p.protocol) };
-                if conflicts_with_reserved(bind.as_deref(), &listen) {
+                if conflicts_with_reserved(mode, bind.as_deref(), &listen) {
                     continue;
                 }
                 for s in services {
-                    add(bind.as_deref(), None, &listen, s, true);
+                    add(bind.as_deref(), &listen, s, true);
                 }
             }
             None => {
                 for e in map.values_mut() {
                     e.locked = true;
                 }
-                let mut add = |bind: Option<&str>, cidr: Option<Cidr>, port: &SvcPort, svc: &Imported<'_>| {
-                    add_listener(&mut map, &mut order, bind, cidr, port, svc, action, false);
+                let mut add = |bind: Option<&str>, port: &SvcPort, svc: &Imported<'_>| {
+                    add_listener(&mut map, &mut order, mode, bind, port, svc, action, false);
                 };
                 for s in services {
+                    let saddress = service_addresses(s.svc, mode).0;
                     for port in &s.ports {
-                        if conflicts_with_reserved(bind.as_deref(), port) {
+                        if conflicts_with_reserved(mode, bind.as_deref(), port) {
                             continue;
                         }
                         let headless = bind.is_none()
                             && s.svc.resolution == Resolution::Passthrough
-                            && s.svc.address == SvcAddress::Unspecified
+                            && saddress == SvcAddress::Unspecified
                             && (port.protocol.is_tcp() || port.protocol == Protocol::Unsupported);
                         if !headless {
-                            add(bind.as_deref(), None, port, s);
+                            add(bind.as_deref(), port, s);
                             continue;
                         }
                         let instances = s.svc.endpoints_for(port);
                         if s.svc.registry != Registry::Kubernetes && instances.is_empty() && !s.svc.has_label_selector {
-                            add(None, None, port, s);
+                            add(None, port, s);
                             continue;
                         }
                         // One listener per endpoint address, except the pod's own.
@@ -144,7 +231,7 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
                             if Some(canonical(ip)) == ctx.pod_ip.map(canonical) {
                                 continue;
                             }
-                            add(Some(&ip.to_string()), None, port, s);
+                            add(Some(&ip.to_string()), port, s);
                         }
                     }
                 }
@@ -154,9 +241,10 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
     order.into_iter().filter_map(|k| map.remove(&k)).map(|e| e.listener).collect()
 }
 
-fn conflicts_with_reserved(bind: Option<&str>, port: &SvcPort) -> bool {
+/// context.go `conflictWithReservedListener`, against the pod's wildcard.
+fn conflicts_with_reserved(mode: IpMode, bind: Option<&str>, port: &SvcPort) -> bool {
     let wildcard_bound = match bind {
-        Some(b) => b == WILDCARD,
+        Some(b) => b == mode.wildcard(),
         None => port.protocol.is_http(),
     };
     wildcard_bound && RESERVED_PORTS.contains(&port.port)
@@ -166,8 +254,8 @@ fn conflicts_with_reserved(bind: Option<&str>, port: &SvcPort) -> bool {
 fn add_listener(
     map: &mut BTreeMap<(String, u16), Entry>,
     order: &mut Vec<(String, u16)>,
+    mode: IpMode,
     bind: Option<&str>,
-    _cidr: Option<Cidr>,
     port: &SvcPort,
     svc: &Imported<'_>,
     action: ListenerAction,
@@ -176,19 +264,27 @@ fn add_listener(
     if svc.svc.resolution == Resolution::Alias || port.protocol == Protocol::Udp {
         return; // ExternalName services and UDP ports get no listener.
     }
-    // Resolve the bind address and what the listener matches.
-    let (address, any, prefix): (String, bool, Option<Cidr>) = match bind {
+    // Resolve the bind address and what the listener matches. Extra addresses (the other
+    // family's clusterIP of a dual-stack Service, for a dual-stack pod) are matched too.
+    let (address, any, prefixes): (String, bool, Vec<Cidr>) = match bind {
         Some(b) => {
             let prefix = b.parse::<IpAddr>().ok().map(Cidr::host);
-            let any = b == WILDCARD || b == "::";
-            (b.to_string(), any, prefix)
+            let any = b == WILDCARD || b == WILDCARD_V6;
+            (b.to_string(), any, prefix.into_iter().collect())
         }
-        None if port.protocol.is_http() => (WILDCARD.to_string(), true, None),
-        None => match svc.svc.address {
-            SvcAddress::Vip(ip) => (ip.to_string(), false, Some(Cidr::host(ip))),
-            SvcAddress::Cidr(c) => (WILDCARD.to_string(), false, Some(c)),
-            SvcAddress::Unspecified => (WILDCARD.to_string(), true, None),
-        },
+        None if port.protocol.is_http() => (mode.wildcard().to_string(), true, Vec::new()),
+        None => {
+            let (primary, extra) = service_addresses(svc.svc, mode);
+            let extra = extra.into_iter().map(Cidr::host);
+            match primary {
+                SvcAddress::Vip(ip) => (ip.to_string(), false, std::iter::once(Cidr::host(ip)).chain(extra).collect()),
+                SvcAddress::Cidr(c) => (mode.wildcard().to_string(), false, std::iter::once(c).chain(extra).collect()),
+                // Kubernetes keeps `0.0.0.0` (its DefaultAddress) whatever the family;
+                // an address-less ServiceEntry takes the pod's wildcard.
+                SvcAddress::Unspecified if svc.svc.registry == Registry::External => (mode.wildcard().to_string(), true, Vec::new()),
+                SvcAddress::Unspecified => (WILDCARD.to_string(), true, Vec::new()),
+            }
+        }
     };
     // A passthrough (bound) listener owns its port for every destination.
     let any = any || action == ListenerAction::Passthrough;
@@ -201,7 +297,7 @@ fn add_listener(
             }
             let l = &mut e.listener;
             l.any |= any;
-            if let Some(p) = prefix {
+            for p in prefixes {
                 if !l.prefixes.contains(&p) {
                     l.prefixes.push(p);
                 }
@@ -220,7 +316,7 @@ fn add_listener(
                         address,
                         port: port.port,
                         any,
-                        prefixes: prefix.into_iter().collect(),
+                        prefixes,
                         action,
                         services: vec![origin],
                     },

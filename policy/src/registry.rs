@@ -49,7 +49,11 @@ pub struct ServiceView {
     pub origin: String,
     pub registry: Registry,
     pub resolution: Resolution,
+    /// Istio's `DefaultAddress`: `spec.clusterIP` (`clusterIPs[0]`), a ServiceEntry address.
     pub address: SvcAddress,
+    /// Kubernetes `ClusterVIPs`: every `clusterIPs` entry in order (dual-stack Services have
+    /// two); empty for ServiceEntries, which only have `address`.
+    pub cluster_vips: Vec<IpAddr>,
     pub ports: Vec<SvcPort>,
     /// Endpoint addresses with the port names they serve (empty list: every port).
     pub endpoints: Vec<(IpAddr, Vec<String>)>,
@@ -101,12 +105,17 @@ fn from_kube(cluster: &Cluster, svc: &crate::model::Service) -> ServiceView {
     if spec.type_.as_deref() == Some("ExternalName") && spec.external_name.as_deref().is_some_and(|e| !e.is_empty()) {
         resolution = Resolution::Alias;
     }
+    // ConvertService: addrs = [clusterIP], or every clusterIPs entry when there are several.
     let mut address = SvcAddress::Unspecified;
+    let mut cluster_vips = Vec::new();
     match spec.cluster_ip.as_deref() {
         Some("None") => resolution = Resolution::Passthrough,
         Some(ip) if !ip.is_empty() => {
-            if let Ok(ip) = ip.parse::<IpAddr>() {
-                address = SvcAddress::Vip(ip);
+            let addrs: Vec<&str> =
+                if spec.cluster_ips.len() > 1 { spec.cluster_ips.iter().map(String::as_str).collect() } else { vec![ip] };
+            cluster_vips = addrs.iter().filter_map(|a| a.parse::<IpAddr>().ok()).collect();
+            if let Some(first) = addrs.first().and_then(|a| a.parse::<IpAddr>().ok()) {
+                address = SvcAddress::Vip(first);
             }
         }
         _ => {}
@@ -150,6 +159,7 @@ fn from_kube(cluster: &Cluster, svc: &crate::model::Service) -> ServiceView {
         registry: Registry::Kubernetes,
         resolution,
         address,
+        cluster_vips,
         ports,
         endpoints,
         has_label_selector: spec.selector.is_some(),
@@ -207,6 +217,7 @@ fn from_service_entry(cluster: &Cluster, se: &crate::model::ServiceEntry) -> Vec
                 registry: Registry::External,
                 resolution,
                 address: *a,
+                cluster_vips: Vec::new(),
                 ports: ports.clone(),
                 endpoints: endpoints.clone(),
                 has_label_selector: spec.workload_selector.is_some(),

@@ -56,7 +56,7 @@ fn listener() -> impl Strategy<Value = OutboundListener> {
 
 fn knobs() -> impl Strategy<Value = Knobs> {
     (
-        prop_oneof![Just(Interception::Redirect), Just(Interception::Tproxy), Just(Interception::None)],
+        prop_oneof![Just(Interception::Redirect), Just(Interception::None)],
         prop_oneof![Just(Include::All), proptest::collection::vec(cidr(), 0..3).prop_map(Include::List)],
         proptest::collection::vec(cidr(), 0..3),
         proptest::collection::vec(port(), 0..2),

@@ -203,6 +203,11 @@ fn egress_proxy_only_with_allow_any() {
         vec!["sidecar: egress_proxy must be set only with ALLOW_ANY outbound_traffic_policy mode"]
     );
     assert!(errors("outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: proxy.example.com, port: {number: 80}}}").is_empty());
+    // No mode is the zero value REGISTRY_ONLY (`validateSidecarOutboundTrafficPolicy`).
+    assert_eq!(
+        errors("outboundTrafficPolicy: {egressProxy: {host: proxy.example.com, port: {number: 80}}}"),
+        vec!["sidecar: egress_proxy must be set only with ALLOW_ANY outbound_traffic_policy mode"]
+    );
     assert_eq!(
         errors("outboundTrafficPolicy: {mode: ALLOW_ANY, egressProxy: {host: proxy.example.com}}"),
         vec!["sidecar: egress_proxy port must be non-nil"]

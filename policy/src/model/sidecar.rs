@@ -71,11 +71,13 @@ pub struct EgressListener {
     pub hosts: Vec<String>,
 }
 
+/// The proto's zero value is REGISTRY_ONLY (networking/v1alpha3/sidecar.proto
+/// `OutboundTrafficPolicy.Mode`), so `outboundTrafficPolicy: {}` means REGISTRY_ONLY.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 pub enum TrafficPolicyMode {
+    #[default]
     #[serde(rename = "REGISTRY_ONLY")]
     RegistryOnly,
-    #[default]
     #[serde(rename = "ALLOW_ANY")]
     AllowAny,
     /// MeshConfig-only; Istio rejects it in a Sidecar.
