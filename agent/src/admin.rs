@@ -3,6 +3,7 @@
 //! thread of its own: a scrape never blocks the reconciliation loop.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
@@ -22,8 +23,9 @@ pub struct Health {
     pub applied: AtomicBool,
     /// Unix millis of the loop's last turn.
     pub heartbeat_ms: AtomicU64,
-    /// Meshed pods refused because their rules do not fit the maps (the first, and how many).
-    pub capacity: Mutex<Option<String>>,
+    /// Standing reasons not to be ready, by the part that reports them ("map capacity",
+    /// "program order", "kubernetes source", ...). Each part sets or clears only its own.
+    problems: Mutex<BTreeMap<&'static str, String>>,
 }
 
 /// The loop is considered stuck after this long without a turn.
@@ -50,10 +52,19 @@ impl Health {
             Some("configuration source not synced yet".into())
         } else if !self.applied.load(Ordering::Relaxed) {
             Some("first snapshot not applied yet".into())
-        } else if let Some(why) = self.capacity.lock().ok().and_then(|c| c.clone()) {
-            Some(format!("map capacity: {why}"))
         } else {
-            None
+            let problems = self.problems.lock().ok()?;
+            (!problems.is_empty()).then(|| problems.iter().map(|(part, why)| format!("{part}: {why}")).collect::<Vec<_>>().join("; "))
+        }
+    }
+
+    /// Sets (Some) or clears (None) the readiness problem reported by `part`.
+    pub fn set_problem(&self, part: &'static str, why: Option<String>) {
+        if let Ok(mut problems) = self.problems.lock() {
+            match why {
+                Some(why) => problems.insert(part, why),
+                None => problems.remove(part),
+            };
         }
     }
 }

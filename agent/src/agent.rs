@@ -290,9 +290,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 metrics.convergence_seconds.observe(seen_at.elapsed().as_secs_f64());
             }
             health.applied.store(true, Ordering::Relaxed);
-            if let Ok(mut c) = health.capacity.lock() {
-                *c = syncer.capacity_problem();
-            }
+            health.set_problem("map capacity", syncer.capacity_problem());
             if fresh || report.changed() {
                 tracing::info!(
                     pods = report.pods,
