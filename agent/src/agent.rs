@@ -49,14 +49,17 @@ fn spawn_source(mut source: Box<dyn Source>, poll: Duration, tx: mpsc::Sender<Ev
         .spawn(move || {
             let mut synced = false;
             while !STOP.load(Ordering::SeqCst) {
-                if let Some(snap) = source.next(poll) {
-                    if tx.send(Event::Snapshot(snap)).is_err() {
-                        return;
-                    }
-                }
+                let snap = source.next(poll);
+                // Sync status first: once a snapshot is applied, readiness must not wait for
+                // a later event.
                 if source.synced() != synced {
                     synced = source.synced();
                     if tx.send(Event::Synced(synced)).is_err() {
+                        return;
+                    }
+                }
+                if let Some(snap) = snap {
+                    if tx.send(Event::Snapshot(snap)).is_err() {
                         return;
                     }
                 }
@@ -96,6 +99,9 @@ fn answer_cni(state: &mut LoopState, cluster: &sidecap_policy::Cluster, syncer: 
         let known = cluster.pods.iter().any(|p| format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name) == pod);
         let answer = if known && !meshed.contains(&pod) {
             Some(cni::Reply { ok: true, message: format!("{pod} is not meshed; nothing to capture") })
+        } else if let Some(e) = syncer.capacity_error(&pod).filter(|_| known) {
+            // Refused even when captured whole meanwhile: the pod must not start without its rules.
+            Some(cni::Reply { ok: false, message: format!("{pod}: {e}") })
         } else if known && syncer.is_managed(&pod) {
             Some(cni::Reply { ok: true, message: format!("{pod} captured") })
         } else if let Some(e) = syncer.pod_error(&pod).filter(|_| known) {
