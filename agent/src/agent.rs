@@ -2,6 +2,7 @@
 //! the configuration source. The previous good policy stays in force on bad input.
 
 mod inputs;
+mod order;
 mod rulesets;
 mod sync;
 
@@ -159,6 +160,11 @@ pub struct Config {
     pub cni_wait: Duration,
     /// Sizes of the maps that grow with pods and rules.
     pub map_sizes: datapath::MapSizes,
+    /// Place the destination-rewriting programs first with mprog where the kernel has it
+    /// (false: `--no-mprog`, attach as on kernels without it).
+    pub mprog: bool,
+    /// How often the programs ahead of sidecap's are looked for.
+    pub order_check: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,17 +212,39 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         SourceConfig::Kubernetes(opts) => Box::new(KubeSource::connect(opts.clone())?),
     };
     datapath::probe(&cfg.cgroup)?;
-    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes)?;
+    let mprog = cfg.mprog && datapath::probe_mprog(&cfg.cgroup).map_err(datapath::Error::from)?;
+    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
         updated = ?installed.updated,
         attached = ?installed.attached,
+        reordered = ?installed.reordered,
         pod_links_updated = installed.pod_links_updated,
+        mprog = installed.mprog,
+        preorder = installed.preorder,
         "programs in place"
     );
+    if !installed.mprog {
+        tracing::info!(
+            cgroup = %cfg.cgroup.display(),
+            why = if cfg.mprog { "this kernel has no cgroup mprog (Linux < 6.17)" } else { "--no-mprog" },
+            "programs appended to the cgroup's lists: sidecap runs before programs of the cgroups above this one only"
+        );
+    }
+    let maps = datapath::Maps::open(&cfg.bpffs)?;
+    for netns in &installed.pod_links_removed {
+        let pod = maps.name(*netns).unwrap_or_else(|| format!("netns {netns}"));
+        tracing::info!(pod = %pod, netns, "pod's netns is gone (pod removed while no agent ran): its pinned sk_lookup link was removed");
+    }
+    for netns in &installed.pod_links_failed {
+        let pod = maps.name(*netns).unwrap_or_else(|| format!("netns {netns}"));
+        tracing::warn!(pod = %pod, netns, "pod's sk_lookup link could not be updated; skipped (see above)");
+    }
     health.attached.store(true, Ordering::Relaxed);
-    let mut syncer = Syncer::new(cfg, datapath::Maps::open(&cfg.bpffs)?, metrics.clone(), names)?;
+    let mut order = order::OrderWatch::new(&cfg.cgroup, &cfg.bpffs, cfg.order_check);
+    order.tick(&metrics, &health);
+    let mut syncer = Syncer::new(cfg, maps, metrics.clone(), names)?;
     tracing::info!(source = %source.describe(), "watching");
 
     // Everything the loop reacts to arrives on one channel: snapshots from the source's
@@ -319,6 +347,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             answer_cni(&mut state, &empty, &syncer, cfg.cni_wait);
         }
         syncer.drain_drop_events();
+        order.tick(&metrics, &health);
     }
     tracing::info!("stopping; capture stays in place (pinned)");
     Ok(())
