@@ -30,13 +30,27 @@ pub const NAME: &str = "cx_sock_lb";
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: attr is a valid, correctly sized bpf_attr prefix for cmd.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// One `struct bpf_insn` as a little-endian u64: code, dst|src<<4, off, imm.
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    u64::from(code) | (u64::from(dst | (src << 4)) << 8) | (u64::from(off as u16) << 16) | (u64::from(imm as u32) << 32)
+    u64::from(code)
+        | (u64::from(dst | (src << 4)) << 8)
+        | (u64::from(off as u16) << 16)
+        | (u64::from(imm as u32) << 32)
 }
 
 /// `struct bpf_sock_addr` offsets: user_ip4 and user_port, both in network byte order.
@@ -47,14 +61,14 @@ fn program(vip: SocketAddrV4, backend: Ipv4Addr) -> Vec<u64> {
     let ne = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets()) as i32;
     let port = u32::from(vip.port().to_be()) as i32;
     vec![
-        insn(0x61, 2, 1, USER_IP4, 0),       // r2 = ctx->user_ip4
-        insn(0x56, 2, 0, 4, ne(*vip.ip())),  // if w2 != VIP goto out
-        insn(0x61, 2, 1, USER_PORT, 0),      // r2 = ctx->user_port
-        insn(0x56, 2, 0, 2, port),           // if w2 != port goto out
-        insn(0xb4, 2, 0, 0, ne(backend)),    // w2 = backend
-        insn(0x63, 1, 2, USER_IP4, 0),       // ctx->user_ip4 = r2
-        insn(0xb7, 0, 0, 0, 1),              // out: r0 = 1 (allow)
-        insn(0x95, 0, 0, 0, 0),              // exit
+        insn(0x61, 2, 1, USER_IP4, 0),      // r2 = ctx->user_ip4
+        insn(0x56, 2, 0, 4, ne(*vip.ip())), // if w2 != VIP goto out
+        insn(0x61, 2, 1, USER_PORT, 0),     // r2 = ctx->user_port
+        insn(0x56, 2, 0, 2, port),          // if w2 != port goto out
+        insn(0xb4, 2, 0, 0, ne(backend)),   // w2 = backend
+        insn(0x63, 1, 2, USER_IP4, 0),      // ctx->user_ip4 = r2
+        insn(0xb7, 0, 0, 0, 1),             // out: r0 = 1 (allow)
+        insn(0x95, 0, 0, 0, 0),             // exit
     ]
 }
 
@@ -117,7 +131,12 @@ impl SockLb {
         let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
         // SAFETY: the kernel returned a new fd we own.
         let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(SockLb { prog, link: None, vip, backend })
+        Ok(SockLb {
+            prog,
+            link: None,
+            vip,
+            backend,
+        })
     }
 
     /// Attaches to `cgroup` (a test's own cgroup) with `flags` (0: append, as before 6.17).
@@ -151,7 +170,11 @@ impl SockLb {
             info: u64,
         }
         let mut buf = [0u8; 96];
-        let mut attr = InfoAttr { bpf_fd: self.prog.as_raw_fd() as u32, info_len: buf.len() as u32, info: buf.as_mut_ptr() as u64 };
+        let mut attr = InfoAttr {
+            bpf_fd: self.prog.as_raw_fd() as u32,
+            info_len: buf.len() as u32,
+            info: buf.as_mut_ptr() as u64,
+        };
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
         Ok(u32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]))
     }

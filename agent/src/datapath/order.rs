@@ -41,9 +41,17 @@ pub enum Error {
     #[error("loading the mprog probe program: {0}")]
     ProbeLoad(#[source] io::Error),
     #[error("querying the {hook} programs of cgroup {path}: {source}")]
-    Query { hook: &'static str, path: PathBuf, source: io::Error },
+    Query {
+        hook: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("attaching {hook} first on cgroup {path}: {source}")]
-    Attach { hook: &'static str, path: PathBuf, source: io::Error },
+    Attach {
+        hook: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// Whether this kernel places cgroup links (mprog: `BPF_F_BEFORE`, `expected_revision`,
@@ -53,8 +61,13 @@ pub enum Error {
 pub fn probe_mprog(cgroup: &Path) -> Result<bool, Error> {
     // r0 = 1; exit
     let insns = [0x0000_0001_0000_00b7u64, 0x0000_0000_0000_0095];
-    let prog = link::load_raw(PROG_TYPE_CGROUP_SOCK_ADDR, link::attach_type::CGROUP_INET4_CONNECT, "sidecap_probe", &insns)
-        .map_err(Error::ProbeLoad)?;
+    let prog = link::load_raw(
+        PROG_TYPE_CGROUP_SOCK_ADDR,
+        link::attach_type::CGROUP_INET4_CONNECT,
+        "sidecap_probe",
+        &insns,
+    )
+    .map_err(Error::ProbeLoad)?;
     let cg = open(cgroup)?;
     let r = link::create_with(
         prog.as_fd(),
@@ -78,19 +91,30 @@ pub fn probe_mprog(cgroup: &Path) -> Result<bool, Error> {
 }
 
 pub fn open(cgroup: &Path) -> Result<File, Error> {
-    File::open(cgroup).map_err(|source| Error::Open { path: cgroup.into(), source })
+    File::open(cgroup).map_err(|source| Error::Open {
+        path: cgroup.into(),
+        source,
+    })
 }
 
 /// The cgroup's id as BPF reports it (the cgroup2 directory's inode number).
 pub fn cgroup_id(cgroup: &Path) -> Result<u64, Error> {
     std::fs::metadata(cgroup)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .map_err(|source| Error::Open { path: cgroup.into(), source })
+        .map_err(|source| Error::Open {
+            path: cgroup.into(),
+            source,
+        })
 }
 
 /// True when the cgroup has child cgroups (their programs would run before a plain one).
 pub fn has_children(cgroup: &Path) -> bool {
-    std::fs::read_dir(cgroup).map(|rd| rd.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_dir()))).unwrap_or(false)
+    std::fs::read_dir(cgroup)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        })
+        .unwrap_or(false)
 }
 
 /// Attaches `prog` first on the cgroup's `attach_type` list (`BPF_F_BEFORE`, plus
@@ -109,12 +133,22 @@ pub fn attach_first(
     let mut last = None;
     for _ in 0..STALE_RETRIES {
         let rev = link::query(cgroup.as_fd(), attach_type, false)
-            .map_err(|source| Error::Query { hook, path: path.into(), source })?
+            .map_err(|source| Error::Query {
+                hook,
+                path: path.into(),
+                source,
+            })?
             .revision;
         match link::create_with(prog, cgroup.as_fd(), attach_type, fl, 0, rev) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => last = Some(e),
-            Err(source) => return Err(Error::Attach { hook, path: path.into(), source }),
+            Err(source) => {
+                return Err(Error::Attach {
+                    hook,
+                    path: path.into(),
+                    source,
+                });
+            }
         }
     }
     Err(Error::Attach {
@@ -125,9 +159,18 @@ pub fn attach_first(
 }
 
 /// Whether `prog_id` is first in the cgroup's own list for `attach_type`.
-pub fn is_first(cgroup: &File, path: &Path, hook: &'static str, attach_type: u32, prog_id: u32) -> Result<bool, Error> {
-    let own = link::query(cgroup.as_fd(), attach_type, false)
-        .map_err(|source| Error::Query { hook, path: path.into(), source })?;
+pub fn is_first(
+    cgroup: &File,
+    path: &Path,
+    hook: &'static str,
+    attach_type: u32,
+    prog_id: u32,
+) -> Result<bool, Error> {
+    let own = link::query(cgroup.as_fd(), attach_type, false).map_err(|source| Error::Query {
+        hook,
+        path: path.into(),
+        source,
+    })?;
     Ok(own.prog_ids.first() == Some(&prog_id))
 }
 
@@ -165,14 +208,22 @@ pub fn programs_ahead(cgroup: &Path, ours: &[(&'static str, u32, u32)]) -> Order
         let Ok(f) = File::open(&dir) else { continue };
         report.cgroups += 1;
         for (hook, attach_type, our_id) in ours {
-            let Ok(eff) = link::query(f.as_fd(), *attach_type, true) else { continue };
-            let Some(pos) = eff.prog_ids.iter().position(|id| id == our_id) else { continue };
+            let Ok(eff) = link::query(f.as_fd(), *attach_type, true) else {
+                continue;
+            };
+            let Some(pos) = eff.prog_ids.iter().position(|id| id == our_id) else {
+                continue;
+            };
             for id in &eff.prog_ids[..pos] {
                 found.entry((hook, *id)).or_insert_with(|| dir.clone());
             }
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
-            queue.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            queue.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
         }
     }
     report.ahead = found
@@ -196,9 +247,14 @@ pub fn find_pods_cgroup(root: &Path) -> Option<PathBuf> {
     for _ in 0..MAX_DEPTH {
         let mut next = Vec::new();
         for dir in &level {
-            let Ok(rd) = std::fs::read_dir(dir) else { continue };
-            let mut children: Vec<PathBuf> =
-                rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect();
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut children: Vec<PathBuf> = rd
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
             children.sort();
             if let Some(hit) = children.iter().find(|p| is_pods_cgroup_name(p)) {
                 return Some(hit.clone());
@@ -211,7 +267,9 @@ pub fn find_pods_cgroup(root: &Path) -> Option<PathBuf> {
 }
 
 fn is_pods_cgroup_name(p: &Path) -> bool {
-    let Some(name) = p.file_name().and_then(|n| n.to_str()) else { return false };
+    let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
     name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice")
 }
 
@@ -224,10 +282,25 @@ mod tests {
         let base = std::env::temp_dir().join(format!("sidecap-kubepods-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         for (i, (tree, want)) in [
-            (vec!["system.slice/kubelet.service", "kubepods.slice/kubepods-besteffort.slice"], Some("kubepods.slice")),
-            (vec!["user.slice", "kubepods/burstable/pod1"], Some("kubepods")),
-            (vec!["kubelet.slice/kubelet-kubepods.slice/x"], Some("kubelet.slice/kubelet-kubepods.slice")),
-            (vec!["system.slice/docker.service", "user.slice/kubepodsx"], None),
+            (
+                vec![
+                    "system.slice/kubelet.service",
+                    "kubepods.slice/kubepods-besteffort.slice",
+                ],
+                Some("kubepods.slice"),
+            ),
+            (
+                vec!["user.slice", "kubepods/burstable/pod1"],
+                Some("kubepods"),
+            ),
+            (
+                vec!["kubelet.slice/kubelet-kubepods.slice/x"],
+                Some("kubelet.slice/kubelet-kubepods.slice"),
+            ),
+            (
+                vec!["system.slice/docker.service", "user.slice/kubepodsx"],
+                None,
+            ),
         ]
         .into_iter()
         .enumerate()
@@ -236,7 +309,11 @@ mod tests {
             for d in &tree {
                 std::fs::create_dir_all(root.join(d)).unwrap();
             }
-            assert_eq!(find_pods_cgroup(&root), want.map(|w| root.join(w)), "{tree:?}");
+            assert_eq!(
+                find_pods_cgroup(&root),
+                want.map(|w| root.join(w)),
+                "{tree:?}"
+            );
         }
         let _ = std::fs::remove_dir_all(&base);
     }
