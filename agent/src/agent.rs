@@ -242,8 +242,9 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         tracing::warn!(pod = %pod, netns, "pod's sk_lookup link could not be updated; skipped (see above)");
     }
     health.attached.store(true, Ordering::Relaxed);
+    // First checked at the loop's first turn, before the first snapshot is applied (so
+    // /readyz never answers ready before it), and after the CNI socket is up.
     let mut order = order::OrderWatch::new(&cfg.cgroup, &cfg.bpffs, cfg.order_check);
-    order.tick(&metrics, &health);
     let mut syncer = Syncer::new(cfg, maps, metrics.clone(), names)?;
     tracing::info!(source = %source.describe(), "watching");
 
@@ -268,6 +269,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
 
     let mut state = LoopState::default();
     while !STOP.load(Ordering::SeqCst) {
+        order.tick(&metrics, &health);
         let event = rx.recv_timeout(cfg.poll_interval.min(Duration::from_millis(200)));
         health.beat();
         let seen_at = Instant::now();
@@ -347,7 +349,6 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             answer_cni(&mut state, &empty, &syncer, cfg.cni_wait);
         }
         syncer.drain_drop_events();
-        order.tick(&metrics, &health);
     }
     tracing::info!("stopping; capture stays in place (pinned)");
     Ok(())
