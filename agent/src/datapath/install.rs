@@ -182,8 +182,9 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
                 tracing::info!(
                     hook = *link,
                     cgroup = %cgroup.display(),
+                    first,
                     reason = if elsewhere { "pinned link was attached to another cgroup" } else { "another program was ahead of it" },
-                    "attached again in first place"
+                    "pinned link attached again and its pin replaced"
                 );
                 out.reordered.push(*link);
             }
