@@ -309,3 +309,62 @@ fn a_pod_whose_netns_died_while_the_agent_was_down_does_not_stop_the_next_one() 
         Some(SocketAddr::from((SVC, 80)))
     );
 }
+
+/// Programs attached directly to `cgroup`, from bpftool (names).
+fn attached_here(cgroup: &Path) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn an_agent_given_another_cgroup_moves_its_pinned_links_there() {
+    require_root!();
+    let (topo, mesh) = sandbox(Some("kubepods"));
+    let a = topo.pod("a");
+    let _up = Upstream::start(topo.services(), backend()).expect("backend");
+    let pins = BpfPinDir::new("cx-move").expect("pins");
+    let mut first = start_agent(topo.cgroup().path(), &pins, &mesh, a, &[]);
+    assert!(
+        attached_here(topo.cgroup().path())
+            .iter()
+            .any(|n| n == "sidecap_connect4")
+    );
+    assert_eq!(first.stop(), Some(0));
+    drop(first);
+
+    // The next agent attaches below (as the no-mprog default does): the pinned links follow.
+    let agent = start_agent(topo.pods_cgroup().path(), &pins, &mesh, a, &["--no-mprog"]);
+    assert!(
+        agent
+            .log()
+            .contains("reordered=[\"connect4\", \"connect6\", \"sockops\""),
+        "{}",
+        agent.log()
+    );
+    let left: Vec<String> = attached_here(topo.cgroup().path())
+        .into_iter()
+        .filter(|n| n.starts_with("sidecap"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "nothing of sidecap's stays at the old cgroup: {left:?}"
+    );
+    assert!(
+        attached_here(topo.pods_cgroup().path())
+            .iter()
+            .any(|n| n == "sidecap_connect4")
+    );
+    let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
+    lb.attach(topo.cgroup().path(), 0)
+        .expect("attach the socket LB");
+    assert_proxy_sees_vip(a, &agent);
+}
