@@ -25,11 +25,9 @@ pub fn check(bpffs: &Path) -> Result<(), Error> {
     for m in pinned {
         let info = MapInfo::from_pin(map_pin(bpffs, m.name)).map_err(|source| Error::Map { name: m.name, source })?;
         let map_type = info.map_type().map_err(|source| Error::Map { name: m.name, source })? as u32;
-        for (field, have, want) in [
-            ("type", map_type, m.map_type),
-            ("key size", info.key_size(), m.key_size),
-            ("value size", info.value_size(), m.value_size),
-        ] {
+        for (field, have, want) in
+            [("type", map_type, m.map_type), ("key size", info.key_size(), m.key_size), ("value size", info.value_size(), m.value_size)]
+        {
             if have != want {
                 return Err(Error::AbiLayout { name: m.name, field, pinned: have, ours: want });
             }
@@ -46,8 +44,7 @@ pub fn pinned_version(bpffs: &Path) -> Result<u32, Error> {
     }
     let name = abi::ABI_VERSION.name;
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
-    let map: Array<MapData, u32> =
-        Map::from_map_data(data).and_then(Array::try_from).map_err(|source| Error::Map { name, source })?;
+    let map: Array<MapData, u32> = Map::from_map_data(data).and_then(Array::try_from).map_err(|source| Error::Map { name, source })?;
     map.get(&0, 0).map_err(|source| Error::Map { name, source })
 }
 

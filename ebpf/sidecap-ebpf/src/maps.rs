@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use sidecap_common::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName,
-    PortKey, PortRule, TupleKey, abi,
+    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
+    TupleKey, abi,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -27,18 +27,15 @@ pub static OUT_CIDRS: LpmTrie<CidrKey, CidrRule, { abi::OUT_CIDRS.max_entries as
 
 /// (policy, port, proto, address prefix) → listener action.
 #[btf_map]
-pub static OUT_LISTENERS: LpmTrie<ListenerKey, ListenerRule, { abi::OUT_LISTENERS.max_entries as usize }> =
-    LpmTrie::new();
+pub static OUT_LISTENERS: LpmTrie<ListenerKey, ListenerRule, { abi::OUT_LISTENERS.max_entries as usize }> = LpmTrie::new();
 
 /// (policy, port) → inbound action.
 #[btf_map]
-pub static IN_PORTS: HashMap<InPortKey, InPortRule, { abi::IN_PORTS.max_entries as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static IN_PORTS: HashMap<InPortKey, InPortRule, { abi::IN_PORTS.max_entries as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Socket cookie → original destination, from connect until the connection is established.
 #[btf_map]
-pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, { abi::ORIG_DST_BY_COOKIE.max_entries as usize }> =
-    LruHashMap::new();
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, { abi::ORIG_DST_BY_COOKIE.max_entries as usize }> = LruHashMap::new();
 
 /// (netns, client tuple) → original destination, while the proxy's connection lives.
 #[btf_map]

@@ -3,8 +3,8 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use sidecap_common::{
-    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule,
-    PodConfig, PortKey, PortRule, decide,
+    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule, PodConfig, PortKey,
+    PortRule, decide,
 };
 
 pub use sidecap_common::decide::{Connect, RedirectKind, Verdict};

@@ -10,8 +10,7 @@ use std::net::SocketAddr;
 use sidecap_common::decide::{self, Connect, Inbound, Lookup, Outbound, Verdict};
 use sidecap_common::ip::{self, Addr};
 use sidecap_common::{
-    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule,
-    PodConfig, PortKey, PortRule,
+    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule, PodConfig, PortKey, PortRule,
 };
 
 use crate::engine::Action;
@@ -40,12 +39,7 @@ impl Lookup for Generation {
 
 /// Longest-prefix match as BPF_MAP_TYPE_LPM_TRIE does it for a query of `query_len` bits:
 /// the entry with the longest prefix (at most `query_len`) whose first bits equal the query's.
-fn lpm<K, V: Copy>(
-    map: &BTreeMap<(u32, K), V>,
-    bytes: impl Fn(&K) -> Vec<u8>,
-    query: &[u8],
-    query_len: u32,
-) -> Option<V> {
+fn lpm<K, V: Copy>(map: &BTreeMap<(u32, K), V>, bytes: impl Fn(&K) -> Vec<u8>, query: &[u8], query_len: u32) -> Option<V> {
     map.iter()
         .filter(|((len, k), _)| *len <= query_len && prefix_eq(&bytes(k), query, *len))
         .max_by_key(|((len, _), _)| *len)

@@ -2,8 +2,8 @@
 
 use crate::ip::{self, Addr};
 use crate::{
-    CIDR_FIXED_BITS, CidrKey, LISTENER_FIXED_BITS, ListenerKey, PodConfig, PortKey, action, cidr_flags, drop_reason,
-    pod_flags, port_flags, proto,
+    CIDR_FIXED_BITS, CidrKey, LISTENER_FIXED_BITS, ListenerKey, PodConfig, PortKey, action, cidr_flags, drop_reason, pod_flags, port_flags,
+    proto,
 };
 
 use super::{Lookup, is_pod_ip};
@@ -112,9 +112,7 @@ pub fn outbound<L: Lookup>(pod: &PodConfig, maps: &L, c: &Connect) -> Outbound {
 
     // 2. Envoy's inbound passthrough source and the proxy itself: istio-iptables' owner
     //    rules, in their order (the uid block, then the gid block).
-    if ip::eq(&c.bound_src, &ip::from_v4(ip::INBOUND_PASSTHROUGH_V4))
-        || ip::eq(&c.bound_src, &ip::INBOUND_PASSTHROUGH_V6)
-    {
+    if ip::eq(&c.bound_src, &ip::from_v4(ip::INBOUND_PASSTHROUGH_V4)) || ip::eq(&c.bound_src, &ip::INBOUND_PASSTHROUGH_V6) {
         return done(Verdict::Untouched, S::PassthroughSource);
     }
     let uid_match = c.uid == pod.proxy_uid;
@@ -172,9 +170,8 @@ pub fn outbound<L: Lookup>(pod: &PodConfig, maps: &L, c: &Connect) -> Outbound {
     if cidr & cidr_flags::EXCLUDED != 0 {
         return done(Verdict::Passthrough, S::ExcludedCidr);
     }
-    let in_range = pod.flags & pod_flags::INCLUDE_ALL_CIDRS != 0
-        || cidr & cidr_flags::INCLUDED != 0
-        || port_rule & port_flags::INCLUDED != 0;
+    let in_range =
+        pod.flags & pod_flags::INCLUDE_ALL_CIDRS != 0 || cidr & cidr_flags::INCLUDED != 0 || port_rule & port_flags::INCLUDED != 0;
     if !in_range {
         return done(Verdict::Passthrough, S::OutOfRange);
     }
@@ -188,9 +185,7 @@ pub fn outbound<L: Lookup>(pod: &PodConfig, maps: &L, c: &Connect) -> Outbound {
     };
     let verdict = match act {
         // Istio never redirects non-DNS UDP to Envoy.
-        action::CAPTURE if c.proto == proto::TCP => {
-            Verdict::Redirect { port: pod.outbound_port, kind: RedirectKind::Capture }
-        }
+        action::CAPTURE if c.proto == proto::TCP => Verdict::Redirect { port: pod.outbound_port, kind: RedirectKind::Capture },
         action::DROP => Verdict::Drop { reason: drop_why },
         _ => Verdict::Passthrough,
     };
