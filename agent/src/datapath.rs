@@ -18,7 +18,6 @@ use std::path::PathBuf;
 /// One pod's compiled policy: exactly the map entries the kernel reads.
 pub use sidecap_policy::Generation;
 
-pub use abi::pinned_version;
 pub use install::map_pin;
 pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
 pub use maps::{Capacity, ListenerEntries, Maps, PodState, listeners_by_policy};

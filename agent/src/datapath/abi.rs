@@ -37,7 +37,7 @@ pub fn check(bpffs: &Path) -> Result<(), Error> {
 }
 
 /// The version stamped under `bpffs`; 0 when the maps carry none (made before versioning).
-pub fn pinned_version(bpffs: &Path) -> Result<u32, Error> {
+fn pinned_version(bpffs: &Path) -> Result<u32, Error> {
     let path = map_pin(bpffs, abi::ABI_VERSION.name);
     if !path.exists() {
         return Ok(0);

@@ -14,7 +14,7 @@ use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
-    outbound::KernelMaps,
+    lookup::KernelMaps,
 };
 
 const AF_INET: u32 = 2;
