@@ -1,5 +1,6 @@
-//! Property tests: the compiled maps, read by a model of the kernel's lookups, decide what the
-//! engine decided; exclusions only ever reduce capture; REGISTRY_ONLY drops what no listener
+//! Property tests: the compiled maps, read by the kernel programs' own decision code
+//! (`sidecap_common::decide`, over a model of the maps' lookups), decide what the engine
+//! decided; exclusions only ever reduce capture; REGISTRY_ONLY drops what no listener
 //! matches; diffs are complete.
 
 mod common;
