@@ -1,9 +1,12 @@
 //! The kernel side, kept thin: load the embedded object, pin its maps and links under one
 //! bpffs directory, attach once to a cgroup, and read/write the pinned maps.
 //!
-//! Layout under `--bpffs` (default `/sys/fs/bpf/sidecap`):
-//! `maps/<NAME>` for every map, `links/<program>` for the cgroup links.
+//! Layout under `--bpffs` (default `/sys/fs/bpf/sidecap`), names from
+//! `sidecap_common::abi`: `maps/<NAME>` for every map (`maps/ABI_VERSION` holds the
+//! layout's version), `links/<program>` for the cgroup links, `links/netns/<cookie>` for
+//! the pods' sk_lookup links, `progs/sk_lookup`.
 
+mod abi;
 mod install;
 pub mod link;
 mod maps;
@@ -16,6 +19,7 @@ use std::path::PathBuf;
 /// One pod's compiled policy: exactly the map entries the kernel reads.
 pub use sidecap_policy::Generation;
 
+pub use install::map_pin;
 pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
 pub use maps::{Capacity, ListenerEntries, Maps, PodState, listeners_by_policy};
 pub use order::{find_pods_cgroup, probe_mprog};
@@ -24,23 +28,6 @@ pub use sizes::MapSizes;
 
 /// The eBPF object built by agent/build.rs from `ebpf/sidecap-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sidecap"));
-
-/// Every map the object defines; all are pinned so that state survives agent restarts.
-pub const MAP_NAMES: &[&str] = &[
-    "PODS",
-    "OUT_PORTS",
-    "OUT_CIDRS",
-    "OUT_LISTENERS",
-    "IN_PORTS",
-    "ORIG_DST_BY_COOKIE",
-    "ORIG_DST",
-    "COUNTERS",
-    "DROP_EVENTS",
-    "INBOUND_LISTENERS",
-    "POD_ADDRS",
-    "DNS_ORIG",
-    "POD_NAMES",
-];
 
 /// Cgroup programs: (function name in the object, link pin name, attach type).
 pub const CGROUP_PROGRAMS: &[(&str, &str, u32)] = &[
@@ -78,6 +65,17 @@ pub enum Error {
     NotInstalled { path: PathBuf },
     #[error(transparent)]
     Order(#[from] order::Error),
+    #[error(
+        "the maps pinned under {path} have layout version {pinned}, this sidecap uses version {ours}: \
+         refusing to read or reuse them. Run the sidecap that made them, or remove them with \
+         `sidecap uninstall --bpffs {path}` (capture stops until an agent installs again)",
+        path = path.display()
+    )]
+    AbiVersion { path: PathBuf, pinned: u32, ours: u32 },
+    #[error("pinned map {name} has {field} {pinned}, this sidecap's layout says {ours}: refusing to use it")]
+    AbiLayout { name: &'static str, field: &'static str, pinned: u32, ours: u32 },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
 }
 
 impl Error {

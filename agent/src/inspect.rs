@@ -8,6 +8,7 @@ use std::{
 };
 
 use serde::Serialize;
+use sidecap_common::decide::{Connect, InboundStep, Outbound, OutboundStep, RedirectKind, Verdict};
 use sidecap_common::{LISTENER_FIXED_BITS, PodConfig, action, pod_flags};
 
 use crate::{datapath, netns};
@@ -202,12 +203,23 @@ pub fn explain_live(bpffs: &Path, pod: &str, to: &[std::net::SocketAddr], inboun
     let g = maps.generation_of(netns)?.ok_or_else(|| ExplainError::NoPod { pod: pod.to_string(), bpffs: bpffs.into() })?;
     let mut decisions = Vec::new();
     for dst in to {
-        let (a, why) = simulate::outbound_why(&g, *dst, sidecap_common::proto::TCP);
-        decisions.push(serde_json::json!({"to": dst.to_string(), "action": a.as_str(), "reason": why}));
+        // The programs' own decision code, over the maps as they are now: once for an
+        // application socket, once for the proxy's (its owner rules).
+        let app = simulate::app_connect(&g.pod, *dst, sidecap_common::proto::TCP);
+        let proxy = Connect { uid: g.pod.proxy_uid, gid: g.pod.proxy_gid, ..app };
+        let o = simulate::outbound_connect(&g, &app);
+        let p = simulate::outbound_connect(&g, &proxy);
+        decisions.push(serde_json::json!({
+            "to": dst.to_string(),
+            "action": simulate::action_of(&o.verdict).as_str(),
+            "reason": outbound_reason(&g, &app, &o),
+            "proxy": {"verdict": verdict_name(&p.verdict), "reason": outbound_reason(&g, &proxy, &p)},
+        }));
     }
     for port in inbound {
-        let a = simulate::inbound(&g, *port);
-        decisions.push(serde_json::json!({"inbound": port, "action": a.as_str(), "reason": "kernel inbound rules (IN_PORTS)"}));
+        let i = simulate::inbound_from(&g, &simulate::outside_addr(&g.pod), *port);
+        let a = if i.capture { "capture" } else { "passthrough" };
+        decisions.push(serde_json::json!({"inbound": port, "action": a, "reason": inbound_reason(&i.step, *port)}));
     }
     let mut listeners: Vec<&String> = g.listener_names.iter().filter(|n| !n.is_empty()).collect();
     listeners.sort();
@@ -230,4 +242,57 @@ pub enum ExplainError {
     Datapath(#[from] datapath::Error),
     #[error("pod {pod} is not in the maps under {bpffs} (not meshed on this node, or not synced yet)")]
     NoPod { pod: String, bpffs: std::path::PathBuf },
+}
+
+/// What a connect verdict does, in words.
+fn verdict_name(v: &Verdict) -> String {
+    match v {
+        Verdict::Untouched => "untouched".into(),
+        Verdict::Passthrough => "passthrough".into(),
+        Verdict::Redirect { port, kind: RedirectKind::Capture } => format!("capture to 127.0.0.1:{port}"),
+        Verdict::Redirect { port, kind: RedirectKind::ProxyToSelf } => format!("to the proxy's inbound 127.0.0.1:{port}"),
+        Verdict::Redirect { port, kind: RedirectKind::Dns } => format!("DNS proxy 127.0.0.1:{port}"),
+        Verdict::Drop { .. } => "drop".into(),
+    }
+}
+
+/// The kernel step that decided an outbound connect, for `sidecap explain`.
+fn outbound_reason(g: &datapath::Generation, c: &Connect, o: &Outbound) -> String {
+    let ip = std::net::IpAddr::from(sidecap_common::ip::to_bytes(&c.dst)).to_canonical();
+    let port = c.port;
+    match o.step {
+        OutboundStep::ExcludedPort => format!("excluded outbound port {port}"),
+        OutboundStep::PassthroughSource => "bound to the inbound passthrough source 127.0.0.6".into(),
+        OutboundStep::ProxyUid => format!("the proxy's own traffic (uid {})", g.pod.proxy_uid),
+        OutboundStep::ProxyGid => format!("the proxy's own traffic (gid {})", g.pod.proxy_gid),
+        OutboundStep::ProxyGidLoopback => format!("proxy gid {} to loopback or the pod itself", g.pod.proxy_gid),
+        OutboundStep::ProxySelfCall => format!("the proxy calling its own pod at {ip}: through inbound"),
+        OutboundStep::Dns => format!("DNS capture: port 53 to 127.0.0.1:{}", g.pod.dns_port),
+        OutboundStep::Loopback => format!("loopback or the pod's own address {ip}"),
+        OutboundStep::CaptureOff => "outbound capture off for this pod".into(),
+        OutboundStep::ExcludedCidr => format!("{ip} is in an excluded outbound range"),
+        OutboundStep::OutOfRange => format!("{ip} is outside the included outbound ranges"),
+        OutboundStep::Listener { id } => {
+            let name = g.listener_names.get(id as usize).cloned().unwrap_or_else(|| format!("#{id}"));
+            let udp = c.proto == sidecap_common::proto::UDP && !matches!(o.verdict, Verdict::Drop { .. });
+            if udp { format!("listener {name}, but UDP is never redirected to the proxy") } else { format!("listener {name}") }
+        }
+        OutboundStep::NoListener => match g.pod.default_action {
+            action::DROP => "no listener: REGISTRY_ONLY".into(),
+            action::CAPTURE => "no listener: ALLOW_ANY through the proxy (Istio-exact mode)".into(),
+            _ => "no listener: ALLOW_ANY passthrough".into(),
+        },
+    }
+}
+
+/// The kernel step that decided an inbound connection, for `sidecap explain`.
+fn inbound_reason(step: &InboundStep, port: u16) -> String {
+    match step {
+        InboundStep::CaptureOff => "inbound capture off for this pod".into(),
+        InboundStep::PassthroughSource => "from the inbound passthrough source".into(),
+        InboundStep::FromSelf => "from loopback or the pod itself".into(),
+        InboundStep::PortRule { action: a } => format!("IN_PORTS rule for port {port}: {}", action_name(*a)),
+        InboundStep::AllPorts => format!("port {port}: includeInboundPorts is *"),
+        InboundStep::NotIncluded => format!("port {port} is not in includeInboundPorts"),
+    }
 }

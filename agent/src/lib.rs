@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cgroup;
+pub mod cli;
 pub mod cni;
 pub mod datapath;
 pub mod inspect;

@@ -283,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { paths } => {
-            let code = sidecap_policy::cli::validate(&paths, &mut std::io::stdout());
+            let code = sidecap::cli::validate(&paths, &mut std::io::stdout());
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
         Cmd::Explain { config: None, bpffs, pod, to, inbound, output, .. } => {
@@ -306,18 +306,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Explain { config: Some(config), pod, to, inbound, output, allow_any, .. } => {
             let pod: sidecap_policy::PodRef =
                 pod.parse().map_err(|e| anyhow::anyhow!("--pod {pod:?}: {e}"))?;
-            let args = sidecap_policy::cli::ExplainArgs {
+            let args = sidecap::cli::ExplainArgs {
                 config: vec![config],
                 pod,
                 to,
                 inbound,
                 output: match output {
-                    Output::Json => sidecap_policy::cli::OutputFormat::Json,
-                    Output::Text => sidecap_policy::cli::OutputFormat::Text,
+                    Output::Json => sidecap::cli::OutputFormat::Json,
+                    Output::Text => sidecap::cli::OutputFormat::Text,
                 },
                 allow_any: engine(allow_any).allow_any,
             };
-            sidecap_policy::cli::explain(&args, &mut std::io::stdout())?;
+            sidecap::cli::explain(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
     }

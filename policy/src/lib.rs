@@ -5,7 +5,6 @@
 //! Flow: `Cluster::load_paths` → `evaluate` (selection, host import, listeners, knobs) →
 //! `PodPolicy::decide_*` / `compile` → `diff` between generations.
 
-pub mod cli;
 pub mod cluster;
 pub mod compile;
 pub mod engine;

@@ -1,6 +1,7 @@
 //! Istio's admission rules for `Sidecar`, with Istio's wording
 //! (pkg/config/validation/validation.go `ValidateSidecar` and the helpers it calls).
 
+mod files;
 pub mod names;
 mod pool;
 pub mod ports;
@@ -10,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::Protocol;
 use crate::model::sidecar::{CaptureMode, OutboundTrafficPolicy, Sidecar, SidecarSpec, TrafficPolicyMode};
+
+pub use files::{Finding, validate_paths};
 
 use names::{go_quote, validate_sidecar_host};
 use ports::{UNIX_PREFIX, validate_ip_address, validate_port, validate_port_name, validate_protocol, validate_unix_address};

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use sidecap_policy::Action;
-use sidecap_policy::cli;
+use common::cli;
 
 fn with(examples: &[&str]) -> sidecap_policy::Cluster {
     let mut paths = vec![testdata("examples-cluster")];

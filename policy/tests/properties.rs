@@ -1,5 +1,6 @@
-//! Property tests: the compiled maps, read by a model of the kernel's lookups, decide what the
-//! engine decided; exclusions only ever reduce capture; REGISTRY_ONLY drops what no listener
+//! Property tests: the compiled maps, read by the kernel programs' own decision code
+//! (`sidecap_common::decide`, over a model of the maps' lookups), decide what the engine
+//! decided; exclusions only ever reduce capture; REGISTRY_ONLY drops what no listener
 //! matches; diffs are complete.
 
 mod common;
@@ -7,6 +8,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use proptest::prelude::*;
+use sidecap_common::decide::{Connect, RedirectKind, Verdict};
 use sidecap_common::proto;
 use sidecap_policy::compile::simulate;
 use sidecap_policy::engine::IngressPort;
@@ -122,6 +124,33 @@ proptest! {
         for port in inbound.into_iter().chain([15008, 15020, 15021, 15090]) {
             let want = p.decide_inbound(port);
             prop_assert_eq!(simulate::inbound(&g, port), want.action, "inbound {} reason {}", port, want.reason);
+        }
+    }
+
+    /// The proxy's own connects (its uid, or only its gid), through the kernel's decision
+    /// code: never captured to the outbound port, never dropped; redirected only to its own
+    /// inbound port, and only for TCP to the pod's own address or loopback other than
+    /// 127.0.0.1, as istio-iptables' owner rules do.
+    #[test]
+    fn the_proxy_is_never_captured_or_dropped(p in pod_policy(), dsts in proptest::collection::vec((ip_pool(), port()), 1..24), by_gid in any::<bool>(), udp in any::<bool>()) {
+        let g = compile(&p, 7, 1);
+        let l4 = if udp { proto::UDP } else { proto::TCP };
+        for (ip, port) in dsts {
+            let dst = SocketAddr::new(ip, port);
+            let app = simulate::app_connect(&g.pod, dst, l4);
+            let c = if by_gid { Connect { gid: g.pod.proxy_gid, ..app } } else { Connect { uid: g.pod.proxy_uid, gid: g.pod.proxy_gid, ..app } };
+            let v = simulate::outbound_connect(&g, &c).verdict;
+            match v {
+                Verdict::Untouched | Verdict::Passthrough => {}
+                Verdict::Redirect { kind: RedirectKind::ProxyToSelf, port: to } => {
+                    prop_assert_eq!(to, g.pod.inbound_port);
+                    prop_assert!(!udp, "UDP never goes to inbound: {}", dst);
+                    let own = g.pod.ips[..usize::from(g.pod.n_ips)].contains(&sidecap_common::ip::to_bytes(&c.dst));
+                    let lo = ip.to_canonical().is_loopback() && !matches!(ip.to_canonical(), IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+                    prop_assert!(own || lo, "only self calls go to inbound: {}", dst);
+                }
+                other => prop_assert!(false, "proxy connect to {} by {}: {:?}", dst, if by_gid { "gid" } else { "uid" }, other),
+            }
         }
     }
 

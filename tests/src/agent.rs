@@ -206,6 +206,22 @@ impl Agent {
         None
     }
 
+    /// Waits (bounded) for the agent to exit on its own; its exit code, or None if it is
+    /// still running at `timeout` (then it is killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     /// Panics with the agent's log if it has exited.
     pub fn assert_running(&mut self) {
         if let Some(c) = self.child.as_mut() {

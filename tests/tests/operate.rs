@@ -88,6 +88,10 @@ fn explain_reads_the_live_kernel_state_and_agrees_with_what_connects_do() {
     assert_eq!(got[2], ("passthrough", "excluded outbound port 9999"), "{v:#}");
     assert_eq!(got[3].0, "capture", "{v:#}");
     assert_eq!(got[4].0, "passthrough", "15021 is the proxy's own port: {v:#}");
+    // The same destination from the proxy's own socket: istio-iptables' owner rules, which
+    // the kernel code (and so explain) applies.
+    assert_eq!(d[0]["proxy"]["verdict"], "untouched", "{v:#}");
+    assert_eq!(d[0]["proxy"]["reason"], "the proxy's own traffic (uid 1337)", "{v:#}");
 
     // And the kernel does what explain says.
     let a = m.pod("a");

@@ -50,3 +50,70 @@ fn a_new_agent_swaps_programs_in_place_with_no_failed_connect() {
     }
     assert!(m.agent.log().contains("pod_links_updated=1"), "{}", m.agent.log());
 }
+
+/// `maps/ABI_VERSION[0]` as pinned.
+fn pinned_abi_version(pins: &std::path::Path) -> u32 {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(pins.join("maps/ABI_VERSION"))
+        .args(["key", "0", "0", "0", "0"])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool map lookup: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let bytes: Vec<u8> = v["value"]
+        .as_array()
+        .expect("value bytes")
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str().expect("hex byte").trim_start_matches("0x"), 16).expect("hex"))
+        .collect();
+    u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))
+}
+
+fn set_pinned_abi_version(pins: &std::path::Path, v: u32) {
+    let mut args: Vec<String> = vec!["map".into(), "update".into(), "pinned".into()];
+    args.push(pins.join("maps/ABI_VERSION").display().to_string());
+    args.extend(["key", "0", "0", "0", "0", "value"].map(String::from));
+    args.extend(v.to_le_bytes().iter().map(|b| b.to_string()));
+    let st = Command::new("bpftool").args(&args).status().expect("bpftool");
+    assert!(st.success(), "bpftool {args:?}");
+}
+
+/// Pins made by another layout version (a newer agent's, or one from before versioning)
+/// are refused with both versions named, and left as they are: the running programs keep
+/// their maps, nothing is misread or overwritten.
+#[test]
+fn an_agent_refuses_maps_pinned_by_another_layout_version() {
+    require_root!();
+    let mut m = Mesh::start(MeshSpec::default());
+    let pins = m.pins.path().to_path_buf();
+    let ours = pinned_abi_version(&pins);
+    assert!(ours >= 1, "the agent stamps its layout version, got {ours}");
+    let (_, prog_before) = link_info(&pins.join("links/connect4"));
+    assert_eq!(m.agent.stop(), Some(0));
+
+    // A layout this agent does not know.
+    set_pinned_abi_version(&pins, ours + 1);
+    m.agent.restart();
+    let code = m.agent.wait_exit(Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c != 0), "the agent must exit with an error, got {code:?}\n{}", m.agent.log());
+    let want = format!("layout version {}, this sidecap uses version {ours}", ours + 1);
+    assert!(m.agent.log().contains(&want), "{want:?} not in the log:\n{}", m.agent.log());
+    assert_eq!(link_info(&pins.join("links/connect4")).1, prog_before, "the attached program is left alone");
+    let (code, _, err) = sidecap(&["inspect", "--bpffs", &pins.display().to_string()]);
+    assert!(code != 0 && err.contains(&want), "inspect refuses too: {code} {err}");
+
+    // Back to ours: the agent adopts the pins again.
+    set_pinned_abi_version(&pins, ours);
+    m.agent.restart();
+    m.agent.wait_ready(sidecap_tests::fixture::WAIT);
+    assert_eq!(m.agent.stop(), Some(0));
+
+    // Maps from before versioning carry no version map at all.
+    std::fs::remove_file(pins.join("maps/ABI_VERSION")).expect("unpin ABI_VERSION");
+    m.agent.restart();
+    let code = m.agent.wait_exit(Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c != 0), "got {code:?}\n{}", m.agent.log());
+    let want = format!("layout version 0, this sidecap uses version {ours}");
+    assert!(m.agent.log().contains(&want), "{want:?} not in the log:\n{}", m.agent.log());
+}

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, RingBuf};
-use sidecap_common::{DropEvent, PodConfig, drop_reason};
+use sidecap_common::{DropEvent, PodConfig, abi, drop_reason};
 use sidecap_policy::{Cluster, EntryCounts, Generation, PodRef, ScopeKey, Scopes};
 
 use super::{Config, Error, rulesets::RuleSets};
@@ -91,10 +91,10 @@ fn same_config(a: &PodConfig, b: &PodConfig) -> bool {
 /// "needs N entries of MAP; F of M free" when `need` does not fit, per map.
 fn does_not_fit(need: EntryCounts, used: EntryCounts, cap: &datapath::Capacity) -> Option<String> {
     let maps = [
-        ("OUT_LISTENERS", "--max-listeners", need.listeners, used.listeners, cap.listeners),
-        ("OUT_PORTS", "--max-rules", need.out_ports, used.out_ports, cap.out_ports),
-        ("OUT_CIDRS", "--max-rules", need.out_cidrs, used.out_cidrs, cap.out_cidrs),
-        ("IN_PORTS", "--max-rules", need.in_ports, used.in_ports, cap.in_ports),
+        (abi::OUT_LISTENERS.name, "--max-listeners", need.listeners, used.listeners, cap.listeners),
+        (abi::OUT_PORTS.name, "--max-rules", need.out_ports, used.out_ports, cap.out_ports),
+        (abi::OUT_CIDRS.name, "--max-rules", need.out_cidrs, used.out_cidrs, cap.out_cidrs),
+        (abi::IN_PORTS.name, "--max-rules", need.in_ports, used.in_ports, cap.in_ports),
     ];
     maps.into_iter().find(|(_, _, need, used, max)| used + need > *max).map(|(map, flag, need, used, max)| {
         format!(
@@ -107,8 +107,8 @@ fn does_not_fit(need: EntryCounts, used: EntryCounts, cap: &datapath::Capacity) 
 impl Syncer {
     pub fn new(cfg: &Config, maps: datapath::Maps, metrics: Metrics, names: PodNames) -> Result<Self, Error> {
         let drops = Map::from_map_data(
-            MapData::from_pin(cfg.bpffs.join("maps/DROP_EVENTS"))
-                .map_err(|source| datapath::Error::Map { name: "DROP_EVENTS", source })?,
+            MapData::from_pin(datapath::map_pin(&cfg.bpffs, abi::DROP_EVENTS.name))
+                .map_err(|source| datapath::Error::Map { name: abi::DROP_EVENTS.name, source })?,
         )
         .and_then(RingBuf::try_from)
         .map_err(|e| tracing::warn!(error = %e, "drop events unavailable"))
@@ -266,7 +266,7 @@ impl Syncer {
             let need = EntryCounts { listeners: added, ..EntryCounts::default() };
             if let Some(why) = does_not_fit(need, self.sets.used(), self.maps.capacity()) {
                 for i in &idx {
-                    self.refuse_for_capacity(&wants[*i].pod, &why, "OUT_LISTENERS");
+                    self.refuse_for_capacity(&wants[*i].pod, &why, abi::OUT_LISTENERS.name);
                     done[*i] = true;
                     report.errors += 1;
                 }
@@ -338,7 +338,7 @@ impl Syncer {
                 "the node already has {} meshed pods, the size of map PODS (--max-pods); not captured",
                 self.managed.len()
             );
-            self.refuse_for_capacity(&w.pod, &why, "PODS");
+            self.refuse_for_capacity(&w.pod, &why, abi::PODS.name);
             self.drop_if_unheld(target);
             return Err(why);
         }
@@ -469,11 +469,11 @@ impl Syncer {
         let used = self.sets.used();
         let cap = *self.maps.capacity();
         for (map, used, max) in [
-            ("PODS", self.managed.len(), cap.pods),
-            ("OUT_LISTENERS", used.listeners, cap.listeners),
-            ("OUT_PORTS", used.out_ports, cap.out_ports),
-            ("OUT_CIDRS", used.out_cidrs, cap.out_cidrs),
-            ("IN_PORTS", used.in_ports, cap.in_ports),
+            (abi::PODS.name, self.managed.len(), cap.pods),
+            (abi::OUT_LISTENERS.name, used.listeners, cap.listeners),
+            (abi::OUT_PORTS.name, used.out_ports, cap.out_ports),
+            (abi::OUT_CIDRS.name, used.out_cidrs, cap.out_cidrs),
+            (abi::IN_PORTS.name, used.in_ports, cap.in_ports),
         ] {
             let l = MapLabels { map: map.to_string() };
             self.metrics.map_entries.get_or_create(&l).set(used as i64);

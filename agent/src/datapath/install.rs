@@ -12,7 +12,9 @@ use aya::{
     programs::{Program, links::PinnedLink},
 };
 
-use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, MAP_NAMES, order};
+use sidecap_common::abi::{self, pin};
+
+use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, order};
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -42,20 +44,20 @@ pub struct Installed {
 }
 
 fn maps_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join("maps")
+    bpffs.join(pin::MAPS_DIR)
 }
 
 fn links_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join("links")
+    bpffs.join(pin::LINKS_DIR)
 }
 
 fn progs_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join("progs")
+    bpffs.join(pin::PROGS_DIR)
 }
 
 /// Per-pod sk_lookup links: `links/netns/<cookie>`.
 fn netns_links_dir(bpffs: &Path) -> PathBuf {
-    links_dir(bpffs).join("netns")
+    links_dir(bpffs).join(pin::NETNS_LINKS_DIR)
 }
 
 pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {
@@ -67,7 +69,7 @@ fn link_pin(bpffs: &Path, name: &str) -> PathBuf {
 }
 
 fn sk_lookup_pin(bpffs: &Path) -> PathBuf {
-    progs_dir(bpffs).join("sk_lookup")
+    progs_dir(bpffs).join(pin::SK_LOOKUP_PROG)
 }
 
 fn is_bpffs(dir: &Path) -> bool {
@@ -122,8 +124,9 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
     std::fs::create_dir_all(progs_dir(bpffs)).map_err(Error::io(progs_dir(bpffs)))?;
 
+    super::abi::check(bpffs)?;
     let mut loader = EbpfLoader::new();
-    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, map_pin(bpffs, m))).collect();
+    let pins: Vec<(&str, PathBuf)> = abi::MAPS.iter().map(|m| (m.name, map_pin(bpffs, m.name))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -141,6 +144,7 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
+    super::abi::stamp(&mut ebpf)?;
 
     let mut out = Installed { mprog, preorder: mprog && order::has_children(cgroup), ..Installed::default() };
     let cgroup_file = File::open(cgroup).map_err(Error::io(cgroup))?;
@@ -308,7 +312,7 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>, Error> {
                 remove_tree(&path, &mut removed)?;
                 continue;
             }
-            if dir.ends_with("links") {
+            if dir.ends_with(pin::LINKS_DIR) {
                 if let Ok(link) = PinnedLink::from_pin(&path) {
                     // unpin() removes the file; dropping the FdLink detaches.
                     let _ = link.unpin().map_err(Error::io(&path))?;

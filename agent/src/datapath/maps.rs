@@ -6,7 +6,7 @@ use std::{collections::{BTreeMap, BTreeSet}, path::Path};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, lpm_trie::{Key, LpmTrie}};
 use sidecap_common::{
     CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PodCounters,
-    PodName, PortKey, PortRule,
+    PodName, PortKey, PortRule, abi,
 };
 
 use super::{Error, Generation, install::map_pin};
@@ -64,7 +64,7 @@ fn open(bpffs: &Path, name: &'static str) -> Result<Map, Error> {
 }
 
 macro_rules! typed {
-    ($bpffs:expr, $name:literal) => {
+    ($bpffs:expr, $name:expr) => {
         open($bpffs, $name)?.try_into().map_err(|source| Error::Map { name: $name, source })?
     };
 }
@@ -72,21 +72,22 @@ macro_rules! typed {
 impl Maps {
     /// Opens the pinned maps; works whether or not the agent is running.
     pub fn open(bpffs: &Path) -> Result<Self, Error> {
+        super::abi::check(bpffs)?;
         Ok(Self {
-            pods: typed!(bpffs, "PODS"),
-            out_ports: typed!(bpffs, "OUT_PORTS"),
-            out_cidrs: typed!(bpffs, "OUT_CIDRS"),
-            listeners: typed!(bpffs, "OUT_LISTENERS"),
-            in_ports: typed!(bpffs, "IN_PORTS"),
-            counters: typed!(bpffs, "COUNTERS"),
-            pod_addrs: typed!(bpffs, "POD_ADDRS"),
-            names: typed!(bpffs, "POD_NAMES"),
+            pods: typed!(bpffs, abi::PODS.name),
+            out_ports: typed!(bpffs, abi::OUT_PORTS.name),
+            out_cidrs: typed!(bpffs, abi::OUT_CIDRS.name),
+            listeners: typed!(bpffs, abi::OUT_LISTENERS.name),
+            in_ports: typed!(bpffs, abi::IN_PORTS.name),
+            counters: typed!(bpffs, abi::COUNTERS.name),
+            pod_addrs: typed!(bpffs, abi::POD_ADDRS.name),
+            names: typed!(bpffs, abi::POD_NAMES.name),
             capacity: Capacity {
-                pods: max_entries(bpffs, "PODS")?,
-                out_ports: max_entries(bpffs, "OUT_PORTS")?,
-                out_cidrs: max_entries(bpffs, "OUT_CIDRS")?,
-                listeners: max_entries(bpffs, "OUT_LISTENERS")?,
-                in_ports: max_entries(bpffs, "IN_PORTS")?,
+                pods: max_entries(bpffs, abi::PODS.name)?,
+                out_ports: max_entries(bpffs, abi::OUT_PORTS.name)?,
+                out_cidrs: max_entries(bpffs, abi::OUT_CIDRS.name)?,
+                listeners: max_entries(bpffs, abi::OUT_LISTENERS.name)?,
+                in_ports: max_entries(bpffs, abi::IN_PORTS.name)?,
             },
         })
     }
@@ -96,7 +97,7 @@ impl Maps {
         self.pods
             .iter()
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Map { name: "PODS", source })
+            .map_err(|source| Error::Map { name: abi::PODS.name, source })
     }
 
     pub fn pod(&self, netns: u64) -> Option<PodConfig> {
@@ -140,18 +141,18 @@ impl Maps {
         let e = |name| move |source| Error::Map { name, source };
         let pol = id.to_be_bytes();
         for (k, v) in &rules.out_ports {
-            self.out_ports.insert(PortKey { policy: id, ..*k }, v, 0).map_err(e("OUT_PORTS"))?;
+            self.out_ports.insert(PortKey { policy: id, ..*k }, v, 0).map_err(e(abi::OUT_PORTS.name))?;
         }
         for ((len, k), v) in &rules.out_cidrs {
-            self.out_cidrs.insert(&Key::new(*len, CidrKey { policy: pol, ..*k }), v, 0).map_err(e("OUT_CIDRS"))?;
+            self.out_cidrs.insert(&Key::new(*len, CidrKey { policy: pol, ..*k }), v, 0).map_err(e(abi::OUT_CIDRS.name))?;
         }
         for ((len, k), v) in &rules.listeners {
             self.listeners
                 .insert(&Key::new(*len, ListenerKey { policy: pol, ..*k }), v, 0)
-                .map_err(e("OUT_LISTENERS"))?;
+                .map_err(e(abi::OUT_LISTENERS.name))?;
         }
         for (k, v) in &rules.in_ports {
-            self.in_ports.insert(InPortKey { policy: id, ..*k }, v, 0).map_err(e("IN_PORTS"))?;
+            self.in_ports.insert(InPortKey { policy: id, ..*k }, v, 0).map_err(e(abi::IN_PORTS.name))?;
         }
         Ok(())
     }
@@ -168,7 +169,7 @@ impl Maps {
             if old.listeners.get(&(*len, *k)) != Some(v) {
                 self.listeners
                     .insert(&Key::new(*len, ListenerKey { policy: pol, ..*k }), v, 0)
-                    .map_err(e("OUT_LISTENERS"))?;
+                    .map_err(e(abi::OUT_LISTENERS.name))?;
                 n += 1;
             }
         }
@@ -203,15 +204,15 @@ impl Maps {
         if self.counters.get(&netns, 0).is_err() {
             let cpus = aya::util::nr_cpus().map_err(|(path, source)| Error::Io { path: path.into(), source })?;
             let zero = aya::maps::PerCpuValues::try_from(vec![PodCounters::default(); cpus])
-                .map_err(|source| Error::Io { path: "COUNTERS".into(), source })?;
+                .map_err(|source| Error::Io { path: abi::COUNTERS.name.into(), source })?;
             // Another writer may have created it meanwhile: that is fine.
             let _ = self.counters.insert(netns, zero, BPF_NOEXIST);
         }
         for ip in pod_ips(config) {
-            self.pod_addrs.insert(ip, netns, 0).map_err(|source| Error::Map { name: "POD_ADDRS", source })?;
+            self.pod_addrs.insert(ip, netns, 0).map_err(|source| Error::Map { name: abi::POD_ADDRS.name, source })?;
         }
         let previous = self.pod(netns);
-        self.pods.insert(netns, config, 0).map_err(|source| Error::Map { name: "PODS", source })?;
+        self.pods.insert(netns, config, 0).map_err(|source| Error::Map { name: abi::PODS.name, source })?;
         if let Some(prev) = previous {
             for ip in pod_ips(&prev).iter().filter(|ip| !pod_ips(config).contains(ip)) {
                 self.forget_addr(ip, netns);
@@ -227,21 +228,21 @@ impl Maps {
         let e = |name| move |source| Error::Map { name, source };
         let mut out: BTreeMap<u32, Generation> = BTreeMap::new();
         for kv in self.out_ports.iter() {
-            let (k, v) = kv.map_err(e("OUT_PORTS"))?;
+            let (k, v) = kv.map_err(e(abi::OUT_PORTS.name))?;
             out.entry(k.policy).or_default().out_ports.insert(PortKey { policy: 0, ..k }, v);
         }
         for kv in self.in_ports.iter() {
-            let (k, v) = kv.map_err(e("IN_PORTS"))?;
+            let (k, v) = kv.map_err(e(abi::IN_PORTS.name))?;
             out.entry(k.policy).or_default().in_ports.insert(InPortKey { policy: 0, ..k }, v);
         }
         for kv in self.out_cidrs.iter() {
-            let (k, v) = kv.map_err(e("OUT_CIDRS"))?;
+            let (k, v) = kv.map_err(e(abi::OUT_CIDRS.name))?;
             let d = k.data();
             let g = out.entry(u32::from_be_bytes(d.policy)).or_default();
             g.out_cidrs.insert((k.prefix_len(), CidrKey { policy: [0; 4], ..d }), v);
         }
         for kv in self.listeners.iter() {
-            let (k, v) = kv.map_err(e("OUT_LISTENERS"))?;
+            let (k, v) = kv.map_err(e(abi::OUT_LISTENERS.name))?;
             let d = k.data();
             let g = out.entry(u32::from_be_bytes(d.policy)).or_default();
             let i = v.listener_id as usize;
@@ -273,7 +274,7 @@ impl Maps {
         let mut n = PodName::default();
         let len = name.len().min(n.name.len() - 1);
         n.name[..len].copy_from_slice(&name.as_bytes()[..len]);
-        self.names.insert(netns, n, 0).map_err(|source| Error::Map { name: "POD_NAMES", source })
+        self.names.insert(netns, n, 0).map_err(|source| Error::Map { name: abi::POD_NAMES.name, source })
     }
 
     /// Forgets a pod: its `PODS` entry first (capture stops), then its counters, name and
@@ -282,7 +283,7 @@ impl Maps {
         let previous = self.pod(netns);
         match self.pods.remove(&netns) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(Error::Map { name: "PODS", source }),
+            Err(source) => return Err(Error::Map { name: abi::PODS.name, source }),
         }
         let _ = self.counters.remove(&netns);
         let _ = self.names.remove(&netns);
@@ -348,10 +349,10 @@ pub type ListenerEntries = BTreeMap<u32, Vec<(u32, u16, [u8; 16], u8)>>;
 
 /// Reads `OUT_LISTENERS` whole (for inspection; the kernel never scans it).
 pub fn listeners_by_policy(bpffs: &Path) -> Result<ListenerEntries, Error> {
-    let trie: LpmTrie<MapData, ListenerKey, ListenerRule> = typed!(bpffs, "OUT_LISTENERS");
+    let trie: LpmTrie<MapData, ListenerKey, ListenerRule> = typed!(bpffs, abi::OUT_LISTENERS.name);
     let mut out: ListenerEntries = BTreeMap::new();
     for kv in trie.iter() {
-        let (k, v) = kv.map_err(|source| Error::Map { name: "OUT_LISTENERS", source })?;
+        let (k, v) = kv.map_err(|source| Error::Map { name: abi::OUT_LISTENERS.name, source })?;
         let d = k.data();
         out.entry(u32::from_be_bytes(d.policy)).or_default().push((
             k.prefix_len(),
@@ -372,25 +373,25 @@ impl Maps {
         let e = |name| move |source| Error::Map { name, source };
         let mut g = Generation { pod, ..Generation::default() };
         for kv in self.out_ports.iter() {
-            let (k, v) = kv.map_err(e("OUT_PORTS"))?;
+            let (k, v) = kv.map_err(e(abi::OUT_PORTS.name))?;
             if k.policy == id {
                 g.out_ports.insert(k, v);
             }
         }
         for kv in self.in_ports.iter() {
-            let (k, v) = kv.map_err(e("IN_PORTS"))?;
+            let (k, v) = kv.map_err(e(abi::IN_PORTS.name))?;
             if k.policy == id {
                 g.in_ports.insert(k, v);
             }
         }
         for kv in self.out_cidrs.iter() {
-            let (k, v) = kv.map_err(e("OUT_CIDRS"))?;
+            let (k, v) = kv.map_err(e(abi::OUT_CIDRS.name))?;
             if u32::from_be_bytes(k.data().policy) == id {
                 g.out_cidrs.insert((k.prefix_len(), k.data()), v);
             }
         }
         for kv in self.listeners.iter() {
-            let (k, v) = kv.map_err(e("OUT_LISTENERS"))?;
+            let (k, v) = kv.map_err(e(abi::OUT_LISTENERS.name))?;
             let d = k.data();
             if u32::from_be_bytes(d.policy) != id {
                 continue;

@@ -21,20 +21,22 @@ impl Default for MapSizes {
     }
 }
 
+use sidecap_common::abi;
+
 impl MapSizes {
     /// (map name, max entries) for every sized map.
     pub fn per_map(&self) -> [(&'static str, u32); 9] {
         let addrs = self.pods.saturating_mul(sidecap_common::MAX_POD_IPS as u32);
         [
-            ("PODS", self.pods),
-            ("COUNTERS", self.pods),
-            ("POD_NAMES", self.pods),
-            ("INBOUND_LISTENERS", self.pods),
-            ("POD_ADDRS", addrs),
-            ("OUT_LISTENERS", self.listeners),
-            ("OUT_PORTS", self.rules),
-            ("OUT_CIDRS", self.rules),
-            ("IN_PORTS", self.rules),
+            (abi::PODS.name, self.pods),
+            (abi::COUNTERS.name, self.pods),
+            (abi::POD_NAMES.name, self.pods),
+            (abi::INBOUND_LISTENERS.name, self.pods),
+            (abi::POD_ADDRS.name, addrs),
+            (abi::OUT_LISTENERS.name, self.listeners),
+            (abi::OUT_PORTS.name, self.rules),
+            (abi::OUT_CIDRS.name, self.rules),
+            (abi::IN_PORTS.name, self.rules),
         ]
     }
 }

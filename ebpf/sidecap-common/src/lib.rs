@@ -9,6 +9,10 @@
 //!   kernel hashes and compares keys byte by byte.
 #![no_std]
 
+pub mod abi;
+pub mod decide;
+pub mod ip;
+
 /// Istio's defaults (istio-iptables / pilot-agent).
 pub mod defaults {
     pub const PROXY_UID: u32 = 1337;

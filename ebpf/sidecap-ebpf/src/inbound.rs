@@ -8,12 +8,13 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkLookupContext, SockOpsContext},
 };
-use sidecap_common::{InPortKey, action, pod_flags, proto};
+use sidecap_common::{decide, proto};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
-    maps::{IN_PORTS, INBOUND_LISTENERS, POD_ADDRS, PODS},
+    maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
+    lookup::KernelMaps,
 };
 
 const AF_INET: u32 = 2;
@@ -71,32 +72,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     };
     let netns = unsafe { *POD_ADDRS.get_ptr(&addr::to_bytes(&local))? };
     let pod = unsafe { *PODS.get_ptr(&netns)? };
-    if pod.flags & pod_flags::INBOUND_CAPTURE == 0 {
-        return None;
-    }
-    // Envoy's inbound passthrough (127.0.0.6 / ::6) and the pod talking to itself.
-    if addr::eq(&remote, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4))
-        || addr::eq(&remote, &addr::INBOUND_PASSTHROUGH_V6)
-        || addr::is_loopback(&remote)
-    {
-        return None;
-    }
-    let mut i = 0;
-    while i < sidecap_common::MAX_POD_IPS {
-        if i < pod.n_ips as usize && addr::eq(&addr::from_bytes(&pod.ips[i]), &remote) {
-            return None;
-        }
-        i += 1;
-    }
-    let rule = IN_PORTS
-        .get_ptr(&InPortKey { policy: pod.policy, port: lport as u16, _pad: 0 })
-        .map(|r| unsafe { (*r).action });
-    let capture = match rule {
-        Some(action::PASSTHROUGH) => false,
-        Some(action::CAPTURE) => true,
-        _ => pod.flags & pod_flags::INBOUND_ALL_PORTS != 0,
-    };
-    if !capture {
+    if !decide::inbound(&pod, &KernelMaps, &remote, lport as u16).capture {
         return None;
     }
     // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the

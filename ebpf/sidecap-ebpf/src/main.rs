@@ -8,6 +8,7 @@ mod connect;
 mod counters;
 mod dns;
 mod inbound;
+mod lookup;
 mod maps;
 mod origdst;
 mod outbound;

@@ -1,66 +1,72 @@
 //! Every map the programs share with the agent (pinned by it under `--bpffs`).
-//! BTF-defined, so `bpftool map dump` prints field names.
+//! BTF-defined, so `bpftool map dump` prints field names. Names, types and capacities are
+//! `sidecap_common::abi`'s; the agent's tests check this object against it.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SockHash},
     macros::btf_map,
 };
 use sidecap_common::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig,
-    PodCounters, PodName, PortKey, PortRule, TupleKey,
+    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
+    TupleKey, abi,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
 
 /// netns cookie → the pod's configuration. Absent: not a meshed pod, hands off.
 #[btf_map]
-pub static PODS: HashMap<u64, PodConfig, 4096> = HashMap::new();
+pub static PODS: HashMap<u64, PodConfig, { abi::PODS.max_entries as usize }> = HashMap::new();
 
 /// (policy, port, proto) → exclude/include flags.
 #[btf_map]
-pub static OUT_PORTS: HashMap<PortKey, PortRule, 262144, NO_PREALLOC> = HashMap::new();
+pub static OUT_PORTS: HashMap<PortKey, PortRule, { abi::OUT_PORTS.max_entries as usize }, NO_PREALLOC> = HashMap::new();
 
 /// (policy, address prefix) → exclude/include flags.
 #[btf_map]
-pub static OUT_CIDRS: LpmTrie<CidrKey, CidrRule, 262144> = LpmTrie::new();
+pub static OUT_CIDRS: LpmTrie<CidrKey, CidrRule, { abi::OUT_CIDRS.max_entries as usize }> = LpmTrie::new();
 
 /// (policy, port, proto, address prefix) → listener action.
 #[btf_map]
-pub static OUT_LISTENERS: LpmTrie<ListenerKey, ListenerRule, 1048576> = LpmTrie::new();
+pub static OUT_LISTENERS: LpmTrie<ListenerKey, ListenerRule, { abi::OUT_LISTENERS.max_entries as usize }> = LpmTrie::new();
 
 /// (policy, port) → inbound action.
 #[btf_map]
-pub static IN_PORTS: HashMap<InPortKey, InPortRule, 262144, NO_PREALLOC> = HashMap::new();
+pub static IN_PORTS: HashMap<InPortKey, InPortRule, { abi::IN_PORTS.max_entries as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Socket cookie → original destination, from connect until the connection is established.
 #[btf_map]
-pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, { abi::ORIG_DST_BY_COOKIE.max_entries as usize }> = LruHashMap::new();
 
 /// (netns, client tuple) → original destination, while the proxy's connection lives.
 #[btf_map]
-pub static ORIG_DST: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
+pub static ORIG_DST: LruHashMap<TupleKey, OrigDst, { abi::ORIG_DST.max_entries as usize }> = LruHashMap::new();
 
 /// netns cookie → per-CPU counters (the agent creates the entry with the pod).
 #[btf_map]
-pub static COUNTERS: PerCpuHashMap<u64, PodCounters, 4096> = PerCpuHashMap::new();
+pub static COUNTERS: PerCpuHashMap<u64, PodCounters, { abi::COUNTERS.max_entries as usize }> = PerCpuHashMap::new();
 
 /// Denied connects, for the agent's logs.
 #[btf_map]
-pub static DROP_EVENTS: RingBuf<sidecap_common::DropEvent, { 256 * 1024 }> = RingBuf::new();
+pub static DROP_EVENTS: RingBuf<sidecap_common::DropEvent, { abi::DROP_EVENTS.max_entries as usize }> = RingBuf::new();
 
 /// netns cookie → the proxy's inbound listener in that netns (registered at LISTEN).
 #[btf_map]
-pub static INBOUND_LISTENERS: SockHash<u64, 4096> = SockHash::new();
+pub static INBOUND_LISTENERS: SockHash<u64, { abi::INBOUND_LISTENERS.max_entries as usize }> = SockHash::new();
 
 /// A pod address (IPv4-mapped or IPv6) → the pod's netns cookie, so that sk_lookup, which
 /// runs before any socket exists, can tell whose address a connection is for.
 #[btf_map]
-pub static POD_ADDRS: HashMap<[u8; 16], u64, 16384> = HashMap::new();
+pub static POD_ADDRS: HashMap<[u8; 16], u64, { abi::POD_ADDRS.max_entries as usize }> = HashMap::new();
 
 /// UDP socket cookie → the DNS server the app asked, to restore it on replies.
 #[btf_map]
-pub static DNS_ORIG: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+pub static DNS_ORIG: LruHashMap<u64, OrigDst, { abi::DNS_ORIG.max_entries as usize }> = LruHashMap::new();
 
 /// netns cookie → "namespace/name": for inspection only (the programs never read it).
 #[btf_map]
-pub static POD_NAMES: HashMap<u64, PodName, 4096, NO_PREALLOC> = HashMap::new();
+pub static POD_NAMES: HashMap<u64, PodName, { abi::POD_NAMES.max_entries as usize }, NO_PREALLOC> = HashMap::new();
+
+/// `[0]`: the pinned layout's `abi::VERSION`, written by the agent (the programs never read
+/// it): an agent of another layout refuses these pins instead of misreading them.
+#[btf_map]
+pub static ABI_VERSION: Array<u32, { abi::ABI_VERSION.max_entries as usize }> = Array::new();

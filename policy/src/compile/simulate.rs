@@ -1,11 +1,17 @@
-//! A pure model of the kernel programs' lookups (docs/kernel-contract.md, outbound steps 2–7
-//! and inbound): hash lookups and longest-prefix match over a `Generation`. Tests check it
-//! against the engine's decisions; it is what proves the compiled maps mean what was decided.
+//! The kernel programs' decisions over a `Generation` instead of the kernel's maps: the very
+//! code the programs run (`sidecap_common::decide`), with the maps' lookups (hash and
+//! longest-prefix match) done over the compiled entries. Tests check it against the
+//! engine's decisions; it is what proves the compiled maps mean what was decided, and what
+//! `sidecap explain` runs over the live maps.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use sidecap_common::{CidrKey, ListenerKey, PortKey, action, cidr_flags, pod_flags, port_flags, proto};
+use sidecap_common::decide::{self, Connect, Inbound, Lookup, Outbound, Verdict};
+use sidecap_common::ip::{self, Addr};
+use sidecap_common::{
+    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule, PodConfig, PortKey, PortRule,
+};
 
 use crate::engine::Action;
 use crate::model::Cidr;
@@ -13,21 +19,31 @@ use crate::model::cidr::canonical;
 
 use super::Generation;
 
-fn as_action(a: u8) -> Action {
-    match a {
-        action::CAPTURE => Action::Capture,
-        action::DROP => Action::Drop,
-        _ => Action::Passthrough,
+impl Lookup for Generation {
+    fn out_port(&self, key: &PortKey) -> Option<PortRule> {
+        self.out_ports.get(key).copied()
+    }
+
+    fn out_cidr(&self, key: &CidrKey) -> Option<CidrRule> {
+        lpm(&self.out_cidrs, cidr_bytes, &cidr_bytes(key), CIDR_FIXED_BITS + 128)
+    }
+
+    fn out_listener(&self, key: &ListenerKey) -> Option<ListenerRule> {
+        lpm(&self.listeners, listener_bytes, &listener_bytes(key), LISTENER_FIXED_BITS + 128)
+    }
+
+    fn in_port(&self, key: &InPortKey) -> Option<InPortRule> {
+        self.in_ports.get(key).copied()
     }
 }
 
-/// Longest-prefix match as BPF_MAP_TYPE_LPM_TRIE does it: the entry with the longest prefix
-/// whose first `len` bits equal the query's.
-fn lpm<'a, K, V>(map: &'a BTreeMap<(u32, K), V>, bytes: impl Fn(&K) -> Vec<u8>, query: &[u8]) -> Option<&'a V> {
+/// Longest-prefix match as BPF_MAP_TYPE_LPM_TRIE does it for a query of `query_len` bits:
+/// the entry with the longest prefix (at most `query_len`) whose first bits equal the query's.
+fn lpm<K, V: Copy>(map: &BTreeMap<(u32, K), V>, bytes: impl Fn(&K) -> Vec<u8>, query: &[u8], query_len: u32) -> Option<V> {
     map.iter()
-        .filter(|((len, k), _)| prefix_eq(&bytes(k), query, *len))
+        .filter(|((len, k), _)| *len <= query_len && prefix_eq(&bytes(k), query, *len))
         .max_by_key(|((len, _), _)| *len)
-        .map(|(_, v)| v)
+        .map(|(_, v)| *v)
 }
 
 fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
@@ -61,88 +77,64 @@ fn listener_bytes(k: &ListenerKey) -> Vec<u8> {
     v
 }
 
-/// An application socket (not the proxy's, not bound to 127.0.0.6) connecting to `dst`.
-pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
-    outbound_why(g, dst, l4).0
+/// `dst`'s address as the programs see it (IPv4 and v4-mapped IPv6 alike).
+pub fn kernel_addr(dst: std::net::IpAddr) -> Addr {
+    ip::from_bytes(&Cidr::mapped(canonical(dst)))
 }
 
-/// Like [`outbound`], with the kernel step that decided, for `sidecap explain` on live maps.
-pub fn outbound_why(g: &Generation, dst: SocketAddr, l4: u8) -> (Action, String) {
-    let pod = &g.pod;
-    let ip = canonical(dst.ip());
-    let addr = Cidr::mapped(ip);
-    let port = dst.port();
-    // 1. Excluded ports (first, as in istio-iptables' ISTIO_OUTPUT).
-    let port_rule = g.out_ports.get(&PortKey { policy: pod.policy, port, proto: l4, _pad: 0 });
-    if port_rule.is_some_and(|r| r.flags & port_flags::EXCLUDED != 0) {
-        return (Action::Passthrough, format!("excluded outbound port {port}"));
+/// A uid (and gid) that is neither the pod's proxy uid nor its proxy gid: an application.
+pub fn app_id(pod: &PodConfig) -> u32 {
+    let mut id = 1000;
+    while id == pod.proxy_uid || id == pod.proxy_gid {
+        id += 1;
     }
-    // 3. DNS capture.
-    if pod.flags & pod_flags::DNS_CAPTURE != 0 && port == 53 {
-        return (Action::Capture, format!("DNS capture: port 53 to 127.0.0.1:{}", pod.dns_port));
+    id
+}
+
+/// An application socket (not the proxy's, not bound) connecting to `dst`.
+pub fn app_connect(pod: &PodConfig, dst: SocketAddr, l4: u8) -> Connect {
+    let id = app_id(pod);
+    Connect { dst: kernel_addr(dst.ip()), port: dst.port(), proto: l4, bound_src: [0; 4], uid: id, gid: id }
+}
+
+/// What connect does with `c`, and the rule that decided.
+pub fn outbound_connect(g: &Generation, c: &Connect) -> Outbound {
+    decide::outbound(&g.pod, g, c)
+}
+
+/// The engine's terms for a connect verdict: a redirect (to the proxy, its inbound port
+/// or the DNS proxy) is a capture; a socket left alone passes through.
+pub fn action_of(v: &Verdict) -> Action {
+    match v {
+        Verdict::Redirect { .. } => Action::Capture,
+        Verdict::Drop { .. } => Action::Drop,
+        Verdict::Untouched | Verdict::Passthrough => Action::Passthrough,
     }
-    // 4. Loopback and the pod's own addresses.
-    let loopback = match ip {
-        IpAddr::V4(v4) => v4.octets()[0] == 127,
-        IpAddr::V6(v6) => v6.is_loopback(),
-    };
-    let n = usize::from(pod.n_ips).min(pod.ips.len());
-    let localhost = match ip {
-        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
-        IpAddr::V6(v6) => v6.is_loopback(),
-    };
-    let lo_routed = loopback || pod.ips[..n].contains(&addr);
-    if localhost || (lo_routed && pod.flags & pod_flags::LOOPBACK_IN_RANGE == 0) {
-        return (Action::Passthrough, format!("loopback or the pod's own address {ip}"));
-    }
-    // 5. Capture range.
-    if pod.flags & pod_flags::OUTBOUND_CAPTURE == 0 {
-        return (Action::Passthrough, "outbound capture off for this pod".into());
-    }
-    let mut q = pod.policy.to_be_bytes().to_vec();
-    q.extend_from_slice(&addr);
-    let cidr = lpm(&g.out_cidrs, cidr_bytes, &q);
-    if cidr.is_some_and(|r| r.flags & cidr_flags::EXCLUDED != 0) {
-        return (Action::Passthrough, format!("{ip} is in an excluded outbound range"));
-    }
-    let in_range = pod.flags & pod_flags::INCLUDE_ALL_CIDRS != 0
-        || cidr.is_some_and(|r| r.flags & cidr_flags::INCLUDED != 0)
-        || port_rule.is_some_and(|r| r.flags & port_flags::INCLUDED != 0);
-    if !in_range {
-        return (Action::Passthrough, format!("{ip} is outside the included outbound ranges"));
-    }
-    // 6. Listeners.
-    let mut q = pod.policy.to_be_bytes().to_vec();
-    q.extend_from_slice(&port.to_be_bytes());
-    q.push(l4);
-    q.push(0);
-    q.extend_from_slice(&addr);
-    if let Some(rule) = lpm(&g.listeners, listener_bytes, &q) {
-        let a = as_action(rule.action);
-        let name = g.listener_names.get(rule.listener_id as usize).cloned().unwrap_or_else(|| format!("#{}", rule.listener_id));
-        if l4 == proto::UDP && a == Action::Capture {
-            return (Action::Passthrough, format!("listener {name}, but UDP is never redirected to the proxy"));
+}
+
+/// An application socket connecting to `dst`.
+pub fn outbound(g: &Generation, dst: SocketAddr, l4: u8) -> Action {
+    action_of(&outbound_connect(g, &app_connect(&g.pod, dst, l4)).verdict)
+}
+
+/// An address outside the pod (not loopback, not one of its own): TEST-NET-1's first free one.
+pub fn outside_addr(pod: &PodConfig) -> Addr {
+    let mut last = 1u8;
+    loop {
+        let a = ip::from_v4(u32::from_ne_bytes([192, 0, 2, last]));
+        if !decide::is_pod_ip(pod, &a) || last == u8::MAX {
+            return a;
         }
-        return (a, format!("listener {name}"));
+        last += 1;
     }
-    // 7. Default.
-    let why = match pod.default_action {
-        action::DROP => "no listener: REGISTRY_ONLY",
-        action::CAPTURE => "no listener: ALLOW_ANY through the proxy (Istio-exact mode)",
-        _ => "no listener: ALLOW_ANY passthrough",
-    };
-    (as_action(pod.default_action), why.into())
+}
+
+/// A TCP connection from `remote` to the pod's `port`.
+pub fn inbound_from(g: &Generation, remote: &Addr, port: u16) -> Inbound {
+    decide::inbound(&g.pod, g, remote, port)
 }
 
 /// A connection from outside the pod to its `port`.
 pub fn inbound(g: &Generation, port: u16) -> Action {
-    let pod = &g.pod;
-    if pod.flags & pod_flags::INBOUND_CAPTURE == 0 {
-        return Action::Passthrough;
-    }
-    match g.in_ports.get(&sidecap_common::InPortKey { policy: pod.policy, port, _pad: 0 }) {
-        Some(r) => as_action(r.action),
-        None if pod.flags & pod_flags::INBOUND_ALL_PORTS != 0 => Action::Capture,
-        None => Action::Passthrough,
-    }
+    if inbound_from(g, &outside_addr(&g.pod), port).capture { Action::Capture } else { Action::Passthrough }
 }

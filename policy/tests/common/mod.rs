@@ -77,3 +77,32 @@ pub fn check_in(p: &PodPolicy, cases: &[(u16, Action)]) {
         assert_eq!(d.action, *want, "{} inbound {port}: {}", p.pod, d.reason);
     }
 }
+
+/// `sidecap validate`'s verdicts, from the engine's typed findings, one `NS/NAME: ok` /
+/// `NS/NAME: error: MSG` line each (the binary's own rendering is tested in agent/tests/cli.rs).
+pub mod cli {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    use sidecap_policy::validate::{Finding, validate_paths};
+
+    /// Writes the verdict lines; returns 1 when any finding is an error.
+    pub fn validate(paths: &[PathBuf], out: &mut Vec<u8>) -> i32 {
+        let findings = validate_paths(paths);
+        for f in &findings {
+            match f {
+                Finding::Load(e) => writeln!(out, "error: {e}"),
+                Finding::Sidecar { key, validation: v } => {
+                    let mut lines: Vec<String> = v.warnings.iter().map(|w| format!("{key}: warning: {w}")).collect();
+                    lines.extend(v.errors.iter().map(|e| format!("{key}: error: {e}")));
+                    if lines.is_empty() {
+                        lines.push(format!("{key}: ok"));
+                    }
+                    lines.iter().try_for_each(|l| writeln!(out, "{l}"))
+                }
+            }
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        i32::from(findings.iter().any(Finding::is_error))
+    }
+}

@@ -9,8 +9,8 @@ use std::str::FromStr;
 
 use serde_json::{Value, json};
 
-use crate::cluster::{Cluster, LoadError, PodRef};
-use crate::engine::{AllowAnyMode, EngineOptions, PolicyError, evaluate};
+use sidecap_policy::cluster::{Cluster, LoadError, PodRef};
+use sidecap_policy::engine::{AllowAnyMode, EngineOptions, PodPolicy, PolicyError, evaluate};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -90,7 +90,7 @@ pub fn explain(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), ExplainErr
     Ok(())
 }
 
-fn write_text(policy: &crate::engine::PodPolicy, doc: &Value, out: &mut dyn Write) -> Result<(), ExplainError> {
+fn write_text(policy: &PodPolicy, doc: &Value, out: &mut dyn Write) -> Result<(), ExplainError> {
     writeln!(out, "pod:                    {}", policy.pod)?;
     writeln!(out, "sidecar:                {}", policy.sidecar.as_deref().unwrap_or("(implicit default */*)"))?;
     writeln!(out, "outboundTrafficPolicy:  {}", policy.outbound_traffic_policy.as_str())?;

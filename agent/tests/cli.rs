@@ -1,10 +1,19 @@
 //! `sidecap validate` and `sidecap explain` output contracts.
 
-mod common;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use common::*;
-use sidecap_policy::cli::{self, ExplainArgs, OutputFormat};
+use sidecap::cli::{self, ExplainArgs, OutputFormat};
 use sidecap_policy::{AllowAnyMode, PodRef};
+
+/// The policy crate's test clusters.
+fn testdata(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policy/testdata").join(p)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
 
 fn explain(sidecar: Option<&str>, to: &[&str], inbound: &[u16], output: OutputFormat) -> String {
     let mut config = vec![testdata("seed-cluster")];
