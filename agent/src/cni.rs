@@ -6,5 +6,6 @@
 pub mod install;
 pub mod protocol;
 pub mod server;
+pub mod state;
 
 pub use protocol::{Reply, Request};

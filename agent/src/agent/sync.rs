@@ -468,6 +468,25 @@ impl Syncer {
         self.managed.values().any(|m| m.pod.to_string() == pod)
     }
 
+    /// Whether `pod`'s capture at `netns` is what the agent wrote, read back from the kernel
+    /// (not from memory: an entry deleted behind the agent's back is reported).
+    pub fn check_capture(&mut self, pod: &str, netns: &std::path::Path) -> Result<(), String> {
+        if let Some(e) = self.pod_errors.get(pod) {
+            return Err(format!("{pod} not captured: {e}"));
+        }
+        let cookie = self.cookies.cookie(netns).map_err(|e| format!("{pod}: {e}"))?;
+        let managed = self
+            .managed
+            .get(&cookie)
+            .filter(|m| m.pod.to_string() == pod)
+            .ok_or_else(|| format!("{pod}: the agent has no capture for netns {}", netns.display()))?;
+        match self.maps.pod(cookie) {
+            Some(c) if same_config(&c, &managed.config) => Ok(()),
+            Some(_) => Err(format!("{pod}: map PODS holds another configuration for netns {cookie} than the agent wrote")),
+            None => Err(format!("{pod}: map PODS has no entry for netns {cookie}: capture missing")),
+        }
+    }
+
     /// The pod's current problem, if any (the reason its policy is not in the kernel).
     pub fn pod_error(&self, pod: &str) -> Option<&str> {
         self.pod_errors.get(pod).map(String::as_str)
