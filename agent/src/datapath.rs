@@ -9,6 +9,7 @@ pub mod link;
 mod maps;
 mod probe;
 mod sizes;
+pub mod listeners;
 
 use std::path::PathBuf;
 

@@ -364,6 +364,15 @@ impl Syncer {
         if linked && v6 {
             netns::add_inbound_passthrough_v6(&w.path).map_err(|e| e.to_string())?;
         }
+        // A proxy that listened before this pod was written was never seen by sockops.
+        if current.is_none() && config.inbound_port != 0 {
+            let proc_root = std::path::Path::new("/proc");
+            match datapath::listeners::register_listeners(&self.cfg.bpffs, proc_root, w.netns, &w.path, config.inbound_port) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pod = %w.pod, port = config.inbound_port, listeners = n, "adopted the proxy's running inbound listener"),
+                Err(e) => tracing::warn!(pod = %w.pod, error = %e, "inbound capture waits until the proxy listens again"),
+            }
+        }
         tracing::info!(
             pod = %w.pod,
             netns = w.netns,
