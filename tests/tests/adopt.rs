@@ -32,7 +32,10 @@ fn a_proxy_listening_before_the_agent_started_captures_inbound_at_once() {
     let pins = BpfPinDir::new("cn-adopt").expect("pins");
     let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &[]);
     agent.wait_pods(&[a.cookie().expect("cookie")], 1, WAIT);
-    assert!(agent.log().contains("adopted the proxy's running inbound listener pod=default/a port=15006 listeners=1"), "{}", agent.log());
+    // Written right after the pod's PODS entry.
+    wait_until("the running listener adopted", WAIT, || {
+        agent.log().contains("adopted the proxy's running inbound listener pod=default/a port=15006 listeners=1")
+    });
 
     // The proxy never listened again, yet the very first inbound connection is its.
     let r = probe.connect(client, Creds::APP, &a_app.to_string(), &ConnectOpts::send("after"));
