@@ -74,7 +74,13 @@ impl CniState {
                 self.next_seq
             }
         };
-        let a = Attachment { pod: req.pod(), netns: req.netns.clone(), ips: req.ips.clone(), network: req.network.clone(), seq };
+        let a = Attachment {
+            pod: req.pod(),
+            netns: req.netns.clone(),
+            ips: req.ips.clone(),
+            network: req.network.clone(),
+            seq,
+        };
         self.attachments.insert(req.container_id.clone(), a);
     }
 

@@ -36,7 +36,9 @@ pub enum Error {
     Netns { path: PathBuf, source: std::io::Error },
     #[error("pidfd_open of pid {pid} (the proxy's listener on port {port}): {source}")]
     PidfdOpen { pid: u32, port: u16, source: std::io::Error },
-    #[error("pidfd_getfd of fd {fd} of pid {pid} (the proxy's listener on port {port}; needs CAP_SYS_PTRACE): {source}")]
+    #[error(
+        "pidfd_getfd of fd {fd} of pid {pid} (the proxy's listener on port {port}; needs CAP_SYS_PTRACE): {source}"
+    )]
     GetFd { pid: u32, fd: u32, port: u16, source: std::io::Error },
     #[error("map INBOUND_LISTENERS: {0}")]
     Map(#[source] aya::maps::MapError),
@@ -52,7 +54,13 @@ pub struct Listener {
 
 /// Registers the pod's listeners on `port` that already exist; returns how many (0: the
 /// proxy is not listening yet, and sockops will register it when it does).
-pub fn register_listeners(bpffs: &Path, proc_root: &Path, cookie: u64, netns: &Path, port: u16) -> Result<usize, Error> {
+pub fn register_listeners(
+    bpffs: &Path,
+    proc_root: &Path,
+    cookie: u64,
+    netns: &Path,
+    port: u16,
+) -> Result<usize, Error> {
     let found = find_listeners(proc_root, netns, port)?;
     if found.is_empty() {
         return Ok(0);
@@ -131,7 +139,8 @@ fn take_fd(pid: u32, fd: u32, port: u16) -> Result<OwnedFd, Error> {
         return Err(Error::PidfdOpen { pid, port, source: std::io::Error::last_os_error() });
     }
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd as libc::c_int, 0) };
+    let raw =
+        unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd as libc::c_int, 0) };
     if raw < 0 {
         return Err(Error::GetFd { pid, fd, port, source: std::io::Error::last_os_error() });
     }
