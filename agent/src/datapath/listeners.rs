@@ -1,19 +1,21 @@
 //! Adopting a proxy that was listening before its pod was written. sockops registers the
 //! inbound listener in `INBOUND_LISTENERS` only when it starts listening (and only for a netns
 //! already in `PODS`), so a pod running before sidecap arrived would never be captured
-//! inbound. Here the listener is found through /proc (a process in the pod's netns, a
-//! LISTEN socket on the inbound port in that netns's TCP table, the fd naming that socket
-//! inode), duplicated into the agent with pidfd_getfd(2), and inserted under the key sockops
-//! would have used. The duplicate refers to the same socket, so closing ours changes nothing.
+//! inbound. Here the listener is found through /proc: the processes in the pod's netns
+//! (`/proc/<pid>/ns/net`), the LISTEN socket on the inbound port in that netns's TCP table
+//! (`/proc/<pid>/net/tcp{,6}`, its inode). The process's fds are then duplicated into the
+//! agent with pidfd_getfd(2), one number at a time up to its fd table size (listing
+//! `/proc/<pid>/fd` of another user would need CAP_DAC_READ_SEARCH as well), until one is
+//! that socket, which is inserted under the key sockops would have used. A duplicate refers
+//! to the same socket, so closing ours changes nothing for the proxy.
 //!
-//! Needs CAP_SYS_PTRACE over the proxy's process (pidfd_getfd checks
-//! PTRACE_MODE_ATTACH_REALCREDS; reading another user's /proc/<pid>/fd is the same check) and
-//! the host's /proc (hostPID).
+//! Needs CAP_SYS_PTRACE over the proxy's processes (`ns/net` and pidfd_getfd are ptrace
+//! access checks) and the host's /proc (hostPID).
 
 use std::{
     collections::BTreeMap,
     os::{
-        fd::{FromRawFd, OwnedFd},
+        fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
@@ -30,26 +32,30 @@ const V6_LISTENER: u64 = 1 << 63;
 /// `st` of a listening socket in /proc/net/tcp{,6}.
 const TCP_LISTEN: &str = "0A";
 
+/// fds probed in a process whose fd table size cannot be read.
+const DEFAULT_FD_TABLE: u32 = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("netns {path}: {source}")]
     Netns { path: PathBuf, source: std::io::Error },
-    #[error("pidfd_open of pid {pid} (the proxy's listener on port {port}): {source}")]
-    PidfdOpen { pid: u32, port: u16, source: std::io::Error },
     #[error(
-        "pidfd_getfd of fd {fd} of pid {pid} (the proxy's listener on port {port}; needs CAP_SYS_PTRACE): {source}"
+        "the netns of {denied} processes could not be read (needs CAP_SYS_PTRACE and the host's /proc): \
+         a proxy already listening on port {port} cannot be found"
     )]
-    GetFd { pid: u32, fd: u32, port: u16, source: std::io::Error },
+    Denied { denied: usize, port: u16 },
+    #[error("pidfd_getfd of pid {pid} (the proxy's listener on port {port}; needs CAP_SYS_PTRACE): {source}")]
+    GetFd { pid: u32, port: u16, source: std::io::Error },
     #[error("map INBOUND_LISTENERS: {0}")]
     Map(#[source] aya::maps::MapError),
 }
 
-/// A listening socket of the pod, and one process fd that holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listener {
-    pub pid: u32,
-    pub fd: u32,
-    pub v6: bool,
+/// The pod's listening sockets on a port, and the processes that may hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    pub pids: Vec<u32>,
+    /// Socket inode → IPv6 (one per family, as sockops keeps one per key).
+    pub sockets: BTreeMap<u64, bool>,
 }
 
 /// Registers the pod's listeners on `port` that already exist; returns how many (0: the
@@ -62,56 +68,48 @@ pub fn register_listeners(
     port: u16,
 ) -> Result<usize, Error> {
     let found = find_listeners(proc_root, netns, port)?;
-    if found.is_empty() {
+    if found.sockets.is_empty() {
         return Ok(0);
     }
     let data = MapData::from_pin(map_pin(bpffs, "INBOUND_LISTENERS")).map_err(Error::Map)?;
     let mut map: SockHash<MapData, u64> = Map::SockHash(data).try_into().map_err(Error::Map)?;
-    for l in &found {
-        let fd = take_fd(l.pid, l.fd, port)?;
-        let key = if l.v6 { cookie | V6_LISTENER } else { cookie };
+    let mut n = 0;
+    for (inode, v6) in &found.sockets {
+        let Some(fd) = take_socket(proc_root, &found.pids, *inode, port)? else { continue };
+        let key = if *v6 { cookie | V6_LISTENER } else { cookie };
         map.insert(key, fd, 0).map_err(Error::Map)?;
+        n += 1;
     }
-    Ok(found.len())
+    Ok(n)
 }
 
-/// One listener per family (sockops keeps one per key too): the first process found holding it.
-pub fn find_listeners(proc_root: &Path, netns: &Path, port: u16) -> Result<Vec<Listener>, Error> {
+pub fn find_listeners(proc_root: &Path, netns: &Path, port: u16) -> Result<Found, Error> {
     let md = std::fs::metadata(netns).map_err(|source| Error::Netns { path: netns.into(), source })?;
     let target = (md.dev(), md.ino());
-    let pids: Vec<u32> = std::fs::read_dir(proc_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| {
-            std::fs::metadata(proc_root.join(format!("{pid}/ns/net"))).is_ok_and(|m| (m.dev(), m.ino()) == target)
-        })
-        .collect();
-    let Some(first) = pids.first() else { return Ok(Vec::new()) };
+    // Processes whose netns the agent may not look at are counted: one may be the proxy.
+    let mut hidden = 0;
+    let mut pids: Vec<u32> = Vec::new();
+    for e in std::fs::read_dir(proc_root).into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        match std::fs::metadata(proc_root.join(format!("{pid}/ns/net"))) {
+            Ok(m) if (m.dev(), m.ino()) == target => pids.push(pid),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => hidden += 1,
+            Err(_) => {}
+        }
+    }
+    let Some(first) = pids.first() else {
+        return if hidden > 0 { Err(Error::Denied { denied: hidden, port }) } else { Ok(Found::default()) };
+    };
     // The TCP tables of /proc/<pid>/net are those of the pid's netns.
-    let mut inodes: BTreeMap<u64, bool> = BTreeMap::new();
+    let mut sockets: BTreeMap<u64, bool> = BTreeMap::new();
     for (table, v6) in [("tcp", false), ("tcp6", true)] {
         let text = std::fs::read_to_string(proc_root.join(format!("{first}/net/{table}"))).unwrap_or_default();
-        for ino in listening_inodes(&text, port) {
-            inodes.insert(ino, v6);
+        if let Some(ino) = listening_inodes(&text, port).first() {
+            sockets.insert(*ino, v6);
         }
     }
-    let mut out: Vec<Listener> = Vec::new();
-    for pid in &pids {
-        let Ok(fds) = std::fs::read_dir(proc_root.join(format!("{pid}/fd"))) else { continue };
-        for e in fds.flatten() {
-            let Ok(target) = std::fs::read_link(e.path()) else { continue };
-            let Some(ino) = socket_inode(&target.to_string_lossy()) else { continue };
-            let (Some(&v6), Some(fd)) = (inodes.get(&ino), e.file_name().to_str().and_then(|f| f.parse().ok())) else {
-                continue;
-            };
-            if !out.iter().any(|l| l.v6 == v6) {
-                out.push(Listener { pid: *pid, fd, v6 });
-            }
-        }
-    }
-    Ok(out)
+    Ok(Found { pids, sockets })
 }
 
 /// Inodes of the LISTEN sockets on `port` in a /proc/net/tcp{,6} table.
@@ -128,23 +126,42 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
         .collect()
 }
 
-/// `socket:[12345]` → 12345.
-fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+/// `FDSize:` of /proc/<pid>/status (readable by anyone).
+fn fd_table_size(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix("FDSize:")?.trim().parse().ok())
 }
 
-fn take_fd(pid: u32, fd: u32, port: u16) -> Result<OwnedFd, Error> {
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if pidfd < 0 {
-        return Err(Error::PidfdOpen { pid, port, source: std::io::Error::last_os_error() });
+/// A duplicate of the socket with this inode, from whichever of `pids` holds it.
+fn take_socket(proc_root: &Path, pids: &[u32], inode: u64, port: u16) -> Result<Option<OwnedFd>, Error> {
+    for &pid in pids {
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if raw < 0 {
+            continue; // exited meanwhile
+        }
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let status = std::fs::read_to_string(proc_root.join(format!("{pid}/status"))).unwrap_or_default();
+        for fd in 0..fd_table_size(&status).unwrap_or(DEFAULT_FD_TABLE) {
+            let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as libc::c_int, 0) };
+            if raw < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // No such fd, or the process exited: try the next.
+                    Some(libc::EBADF) => continue,
+                    Some(libc::ESRCH) => break,
+                    _ => return Err(Error::GetFd { pid, port, source: e }),
+                }
+            }
+            let dup = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstat(dup.as_raw_fd(), &mut st) } == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+                && st.st_ino == inode
+            {
+                return Ok(Some(dup));
+            }
+        }
     }
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    let raw =
-        unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd as libc::c_int, 0) };
-    if raw < 0 {
-        return Err(Error::GetFd { pid, fd, port, source: std::io::Error::last_os_error() });
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -160,7 +177,7 @@ mod tests {
         assert_eq!(listening_inodes(t, 15022), vec![4242]);
         assert_eq!(listening_inodes(t, 15001), vec![4444]);
         assert!(listening_inodes(t, 15006).is_empty());
-        assert_eq!(socket_inode("socket:[4242]"), Some(4242));
-        assert_eq!(socket_inode("pipe:[1]"), None);
+        let status = "Name:\thaproxy\nUmask:\t0022\nFDSize:\t128\nGroups:\t\n";
+        assert_eq!(fd_table_size(status), Some(128));
     }
 }
