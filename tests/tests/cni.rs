@@ -131,6 +131,20 @@ fn cni_add_fails_the_pod_when_the_agent_is_unreachable() {
     assert_eq!(out["code"], 11);
     // Tear-down must not be blocked by a missing agent.
     assert_eq!(cni("DEL", "a", "/run/netns/none", &socket, &[]).0, 0);
+    // CNI 1.1 STATUS: "plugin not available" while the agent is unreachable; CHECK fails.
+    let (code, out, _) = cni_call("STATUS", &[], &conf(&socket, &[]));
+    assert_eq!((code, out["code"].as_u64()), (1, Some(50)), "{out}");
+    let (code, out, _) = cni("CHECK", "a", "/run/netns/none", &socket, &[]);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
+    // A configuration version the plugin does not speak: code 1 ("incompatible CNI version").
+    let mut old = conf(&socket, &[]);
+    old["cniVersion"] = "0.2.0".into();
+    let (code, out, _) = cni_call("ADD", &[("CNI_CONTAINERID", "x"), ("CNI_ARGS", "K8S_POD_NAMESPACE=d;K8S_POD_NAME=a")], &old);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(1)), "{out}");
+    // A runtime without K8S_POD_NAMESPACE and no podNamespace configured: refused, naming the flag.
+    let (code, out, _) = cni_call("ADD", &[("CNI_CONTAINERID", "x"), ("CNI_ARGS", "K8S_POD_NAME=a")], &conf(&socket, &[]));
+    assert_eq!(code, 1, "{out}");
+    assert!(out["msg"].as_str().unwrap().contains("--pod-namespace"), "{out}");
 }
 
 fn pods_in(pins: &BpfPinDir) -> Vec<String> {
