@@ -327,15 +327,24 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     if let Some(socket) = &cfg.cni_socket {
         let path = cni::state::CniState::path_for(socket);
         match cni::state::CniState::load(&path) {
-            Ok(s) => {
+            Ok(mut s) => {
+                let pruned = s.prune_gone();
+                for (id, a) in &pruned {
+                    let netns = a.netns.display();
+                    tracing::info!(container = %id, pod = %a.pod, %netns, "netns gone while the agent was down; forgotten");
+                }
                 if !s.is_empty() {
                     tracing::info!(containers = s.len(), path = %path.display(), "CNI state of a previous agent");
                 }
                 state.cni_pods = s;
+                state.cni_state_path = Some(path);
+                save_if(&state, !pruned.is_empty());
             }
-            Err(e) => tracing::error!(error = %e, "CNI state unreadable; starting without it"),
+            Err(e) => {
+                tracing::error!(error = %e, "CNI state unreadable; starting without it");
+                state.cni_state_path = Some(path);
+            }
         }
-        state.cni_state_path = Some(path);
     }
     while !STOP.load(Ordering::SeqCst) {
         let event = rx.recv_timeout(cfg.poll_interval.min(Duration::from_millis(200)));

@@ -304,7 +304,7 @@ fn the_daemonsets_capabilities_adopt_a_running_proxy_and_sys_ptrace_is_needed() 
     let (captured, code, log) = agent_with(&no_ptrace, &topo, &mesh, Duration::from_secs(20), false);
     assert!(captured && code == Some(0), "without sys_ptrace: captured={captured} exit={code:?}\n{log}");
     assert!(
-        log.contains("inbound capture waits until the proxy listens again") && log.contains("needs CAP_SYS_PTRACE"),
+        log.contains("inbound capture waits until the proxy listens again") && log.contains("the agent lacks CAP_SYS_PTRACE"),
         "{log}"
     );
 }

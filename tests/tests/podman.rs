@@ -183,6 +183,12 @@ fn meshed_pod(name: &str) -> String {
     )
 }
 
+fn plain_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  containers:\n  - name: app\n"
+    )
+}
+
 fn missing_tools() -> Option<String> {
     let mut missing: Vec<&str> =
         ["podman", "runc", "conmon", "nsenter"].into_iter().filter(|b| which(b).is_none()).collect();
@@ -291,9 +297,18 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     });
     assert!(no_attachments());
 
-    // With the agent down a new container is refused (fails closed), naming the reason; and
-    // removing it still works (DEL always succeeds).
+    // A container running when the agent goes down, then removed: its DEL cannot reach the
+    // agent, yet `podman rm` succeeds (DEL always exits 0). (Not meshed: a meshed pod whose
+    // netns dies while the agent is down leaves a severed sk_lookup link, issue 11 point 2.)
+    podman.create("late", &["listen", "0.0.0.0:9080", "--max-secs", "120"]);
+    mesh.write("pod-late.yaml", &plain_pod("late"));
+    podman.ok(&["start", "late"]);
+    assert!(!no_attachments());
     agent.stop();
+    podman.ok(&["rm", "--force", "--time", "0", "late"]);
+
+    // With the agent down a new container is refused (fails closed), naming the reason; and
+    // removing it still works.
     podman.create("web2", &["connect", SVC_ADDR]);
     let out = podman.run(&["start", "web2"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -303,4 +318,10 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
         "{err}"
     );
     podman.ok(&["rm", "--force", "web2"]);
+
+    // The next agent forgets the container whose DEL it missed: its netns is gone.
+    agent.restart();
+    agent.wait_ready(Duration::from_secs(20));
+    assert!(agent.log().contains("netns gone while the agent was down; forgotten container="), "{}", agent.log());
+    assert!(no_attachments());
 }

@@ -103,6 +103,18 @@ impl CniState {
         gone
     }
 
+    /// Forgets containers whose netns is gone: their DEL was missed (the agent was down when
+    /// the runtime tore them down). A live container's netns path always exists.
+    pub fn prune_gone(&mut self) -> Vec<(String, Attachment)> {
+        let gone: Vec<String> = self
+            .attachments
+            .iter()
+            .filter(|(_, a)| !a.netns.as_os_str().is_empty() && !a.netns.exists())
+            .map(|(id, _)| id.clone())
+            .collect();
+        gone.into_iter().filter_map(|id| self.attachments.remove(&id).map(|a| (id, a))).collect()
+    }
+
     pub fn get(&self, container_id: &str) -> Option<&Attachment> {
         self.attachments.get(container_id)
     }
@@ -190,6 +202,11 @@ mod tests {
         s.add(&add("d", "a", "c1", "/x"));
         s.save(&path).unwrap();
         assert_eq!(CniState::load(&path).unwrap(), s);
+        // A container torn down while the agent was down: its netns path is gone.
+        s.add(&add("d", "b", "c2", &dir.display().to_string()));
+        let pruned = s.prune_gone();
+        assert_eq!(pruned.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["c1"]);
+        assert!(s.get("c2").is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

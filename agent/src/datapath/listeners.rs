@@ -39,11 +39,8 @@ const DEFAULT_FD_TABLE: u32 = 1024;
 pub enum Error {
     #[error("netns {path}: {source}")]
     Netns { path: PathBuf, source: std::io::Error },
-    #[error(
-        "the netns of {denied} processes could not be read (needs CAP_SYS_PTRACE and the host's /proc): \
-         a proxy already listening on port {port} cannot be found"
-    )]
-    Denied { denied: usize, port: u16 },
+    #[error("the agent lacks CAP_SYS_PTRACE: a proxy already listening on port {port} cannot be adopted")]
+    NoPtrace { port: u16 },
     #[error("pidfd_getfd of pid {pid} (the proxy's listener on port {port}; needs CAP_SYS_PTRACE): {source}")]
     GetFd { pid: u32, port: u16, source: std::io::Error },
     #[error("map INBOUND_LISTENERS: {0}")]
@@ -86,21 +83,22 @@ pub fn register_listeners(
 pub fn find_listeners(proc_root: &Path, netns: &Path, port: u16) -> Result<Found, Error> {
     let md = std::fs::metadata(netns).map_err(|source| Error::Netns { path: netns.into(), source })?;
     let target = (md.dev(), md.ino());
-    // Processes whose netns the agent may not look at are counted: one may be the proxy.
-    let mut hidden = 0;
-    let mut pids: Vec<u32> = Vec::new();
-    for e in std::fs::read_dir(proc_root).into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        match std::fs::metadata(proc_root.join(format!("{pid}/ns/net"))) {
-            Ok(m) if (m.dev(), m.ino()) == target => pids.push(pid),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => hidden += 1,
-            Err(_) => {}
-        }
+    // Without the capability every process of another user is invisible: say so once,
+    // rather than find nothing. With it, a process that cannot be looked at is one in
+    // transition (exec, exit), which holds no listener of ours.
+    if !has_cap_sys_ptrace() {
+        return Err(Error::NoPtrace { port });
     }
-    let Some(first) = pids.first() else {
-        return if hidden > 0 { Err(Error::Denied { denied: hidden, port }) } else { Ok(Found::default()) };
-    };
+    let pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            std::fs::metadata(proc_root.join(format!("{pid}/ns/net"))).is_ok_and(|m| (m.dev(), m.ino()) == target)
+        })
+        .collect();
+    let Some(first) = pids.first() else { return Ok(Found::default()) };
     // The TCP tables of /proc/<pid>/net are those of the pid's netns.
     let mut sockets: BTreeMap<u64, bool> = BTreeMap::new();
     for (table, v6) in [("tcp", false), ("tcp6", true)] {
@@ -124,6 +122,16 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
             ok.then(|| f.get(9)?.parse().ok()).flatten()
         })
         .collect()
+}
+
+/// CAP_SYS_PTRACE in this process's effective set.
+fn has_cap_sys_ptrace() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok())
+        .is_some_and(|eff| eff & (1 << CAP_SYS_PTRACE) != 0)
 }
 
 /// `FDSize:` of /proc/<pid>/status (readable by anyone).
