@@ -33,6 +33,12 @@ pub struct MapLabels {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    /// The cgroup hook (`connect4`, `connect6`, `sendmsg4`, `sendmsg6`).
+    pub hook: String,
+}
+
 /// The agent's own metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +55,8 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabels, Gauge>,
     /// Pods refused because their rule set did not fit (counted once per pod and reason).
     pub capacity_refusals: Family<MapLabels, Counter>,
+    /// Other programs that run before sidecap's on a hook that rewrites destinations.
+    pub programs_ahead: Family<HookLabels, Gauge>,
 }
 
 impl Metrics {
@@ -64,6 +72,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             capacity_refusals: Family::default(),
+            programs_ahead: Family::default(),
         };
         registry.register("sidecap_pods_managed", "Meshed pods whose policy is in the kernel", m.pods_managed.clone());
         registry.register(
@@ -90,6 +99,11 @@ impl Metrics {
             "sidecap_capacity_refusals",
             "Pods refused because their rule set did not fit the maps (their previous policy stays)",
             m.capacity_refusals.clone(),
+        );
+        registry.register(
+            "sidecap_programs_ahead",
+            "Other BPF programs that run before sidecap's on a hook that rewrites destinations (they see the Service VIP first)",
+            m.programs_ahead.clone(),
         );
         m
     }

@@ -122,3 +122,38 @@ fn pods_of_different_namespaces_may_still_share_a_rule_set() {
     let g = |p: &str| compile(&evaluate_in(&c, &reg, &p.parse().unwrap(), &opts).expect("evaluate"), 0, 0);
     assert_eq!(g("shop/a").rules_hash(), g("other/i").rules_hash());
 }
+
+#[test]
+fn a_rule_set_captured_whole_sends_everything_not_excluded_to_the_proxy() {
+    // The fallback for a pod whose rules do not fit the maps: istio-init's behaviour, every
+    // outbound connection to the proxy except what the pod excludes. Nothing passes through
+    // on sidecap's own shortcut, and REGISTRY_ONLY's drop is left to the proxy.
+    use sidecap_policy::{Action, compile::simulate::outbound};
+    let pods = [
+        pod("shop", "f", "app: web", ", traffic.sidecar.istio.io/excludeOutboundPorts: '5432'", &["10.244.0.6"]),
+        pod("locked", "k", "app: web", "", &["10.244.2.1"]),
+    ]
+    .concat();
+    let c = load_with(&[], &format!("{pods}{REST}"));
+    let reg = registry::build(&c);
+    let opts = EngineOptions::default();
+    let g = |p: &str| compile(&evaluate_in(&c, &reg, &p.parse().unwrap(), &opts).expect("evaluate"), 0, 0);
+    let to = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    let tcp = sidecap_common::proto::TCP;
+
+    let f = g("shop/f");
+    let whole = f.capture_all();
+    assert!(whole.listeners.is_empty() && whole.listener_names.is_empty());
+    assert_eq!(whole.entry_counts().listeners, 0);
+    assert!(f.differs_in_listeners_only(&whole), "only listener entries go");
+    assert_eq!(outbound(&f, to("10.96.0.10:80"), tcp), Action::Capture);
+    assert_eq!(outbound(&whole, to("10.96.0.10:80"), tcp), Action::Capture);
+    assert_eq!(outbound(&f, to("192.0.2.1:443"), tcp), Action::Passthrough, "ALLOW_ANY: sidecap's direct passthrough");
+    assert_eq!(outbound(&whole, to("192.0.2.1:443"), tcp), Action::Capture, "captured whole: the proxy passes it through");
+    assert_eq!(outbound(&whole, to("10.96.0.10:5432"), tcp), Action::Passthrough, "an excluded port stays excluded");
+
+    let k = g("locked/k");
+    assert_eq!(outbound(&k, to("10.96.0.11:6379"), tcp), Action::Drop, "REGISTRY_ONLY: not in the Sidecar's scope");
+    assert_eq!(outbound(&k.capture_all(), to("10.96.0.11:6379"), tcp), Action::Capture, "the proxy enforces REGISTRY_ONLY");
+    assert_ne!(whole.rules_hash(), f.rules_hash(), "a set of its own, unless the pod had no listener entries anyway");
+}

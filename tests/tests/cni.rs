@@ -82,6 +82,7 @@ fn cni_add_returns_once_the_pod_is_captured() {
     let sock_arg = socket.display().to_string();
     let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &["--cni-socket", &sock_arg, "--cni-wait-secs", "2"]);
     agent.wait_pods(&[], 0, Duration::from_secs(20));
+    agent.wait_cni_socket(&socket, Duration::from_secs(20));
     let _up = Upstream::start(topo.services(), (SVC, 80).into()).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
 
@@ -176,6 +177,7 @@ fn cni_calls_are_keyed_by_container_id_as_the_spec_says() {
     let sock_arg = socket.display().to_string();
     let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &["--cni-socket", &sock_arg, "--cni-wait-secs", "5"]);
     agent.wait_pods(&[], 0, Duration::from_secs(20));
+    agent.wait_cni_socket(&socket, Duration::from_secs(20));
     let _up = Upstream::start(topo.services(), (SVC, 80).into()).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
     let connect = |n: usize| {
