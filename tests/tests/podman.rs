@@ -183,12 +183,6 @@ fn meshed_pod(name: &str) -> String {
     )
 }
 
-fn plain_pod(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\nspec:\n  containers:\n  - name: app\n"
-    )
-}
-
 fn missing_tools() -> Option<String> {
     let mut missing: Vec<&str> =
         ["podman", "runc", "conmon", "nsenter"].into_iter().filter(|b| which(b).is_none()).collect();
@@ -297,13 +291,13 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     });
     assert!(no_attachments());
 
-    // A container running when the agent goes down, then removed: its DEL cannot reach the
-    // agent, yet `podman rm` succeeds (DEL always exits 0). (Not meshed: a meshed pod whose
-    // netns dies while the agent is down leaves a severed sk_lookup link, issue 11 point 2.)
+    // A captured container running when the agent goes down, then removed: its DEL cannot
+    // reach the agent, yet `podman rm` succeeds (DEL always exits 0).
     podman.create("late", &["listen", "0.0.0.0:9080", "--max-secs", "120"]);
-    mesh.write("pod-late.yaml", &plain_pod("late"));
+    mesh.write("pod-late.yaml", &meshed_pod("late"));
     podman.ok(&["start", "late"]);
     assert!(!no_attachments());
+    assert_eq!(inspect(pins.path())[0]["pod"], format!("{NAMESPACE}/late"));
     agent.stop();
     podman.ok(&["rm", "--force", "--time", "0", "late"]);
 
@@ -319,9 +313,13 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     );
     podman.ok(&["rm", "--force", "web2"]);
 
-    // The next agent forgets the container whose DEL it missed: its netns is gone.
+    // The next agent forgets the container whose DEL it missed (its netns is gone) and
+    // removes its capture.
     agent.restart();
     agent.wait_ready(Duration::from_secs(20));
     assert!(agent.log().contains("netns gone while the agent was down; forgotten container="), "{}", agent.log());
     assert!(no_attachments());
+    wait_until("late's capture removed", Duration::from_secs(30), || {
+        inspect(pins.path()).as_array().unwrap().is_empty()
+    });
 }
