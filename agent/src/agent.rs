@@ -29,9 +29,6 @@ enum Event {
     Cni(cni::server::Pending),
 }
 
-/// netns path and IPs the CNI plugin reported, per `namespace/name`.
-type CniPods = std::collections::HashMap<String, (PathBuf, Vec<std::net::IpAddr>)>;
-
 #[derive(Default)]
 struct LoopState {
     last_good: Option<sidecap_policy::Cluster>,
@@ -39,7 +36,9 @@ struct LoopState {
     last_apply: Option<Instant>,
     last_full: Option<Instant>,
     collected: bool,
-    cni_pods: CniPods,
+    /// What the plugin reported, by container id; saved to `cni_state_path` on change.
+    cni_pods: cni::state::CniState,
+    cni_state_path: Option<PathBuf>,
     cni_waiting: Vec<(cni::Request, mpsc::Sender<cni::Reply>, Instant)>,
 }
 
@@ -71,14 +70,16 @@ fn spawn_source(mut source: Box<dyn Source>, poll: Duration, tx: mpsc::Sender<Ev
 
 /// The snapshot with what the CNI plugin told us: the pod's netns (as the
 /// `sidecap.io/netns` annotation) and, when the object has none yet, its IPs.
-fn with_cni_pods(cluster: &sidecap_policy::Cluster, cni: &CniPods) -> sidecap_policy::Cluster {
+/// A pod recreated under the same name is the newer container's.
+fn with_cni_pods(cluster: &sidecap_policy::Cluster, cni: &cni::state::CniState) -> sidecap_policy::Cluster {
     if cni.is_empty() {
         return cluster.clone();
     }
+    let by_pod = cni.by_pod();
     let mut c = cluster.clone();
     for p in &mut c.pods {
         let key = format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name);
-        let Some((netns, ips)) = cni.get(&key) else { continue };
+        let Some(cni::state::Attachment { netns, ips, .. }) = by_pod.get(key.as_str()) else { continue };
         p.obj
             .metadata
             .annotations
@@ -124,6 +125,90 @@ fn answer_cni(state: &mut LoopState, cluster: &sidecap_policy::Cluster, syncer: 
             None => true,
         }
     });
+}
+
+/// CHECK: the container is the pod's current one, and its capture is in the kernel.
+fn check_cni(state: &LoopState, syncer: &mut Syncer, req: &cni::Request) -> Result<String, String> {
+    let id = &req.container_id;
+    let a = state
+        .cni_pods
+        .get(id)
+        .ok_or_else(|| format!("container {id} ({}) is unknown to the agent: never added, or deleted", req.pod()))?;
+    let pod = &a.pod;
+    if !req.netns.as_os_str().is_empty() && req.netns != a.netns {
+        return Err(format!("{pod}: container {id} was added with netns {}, not {}", a.netns.display(), req.netns.display()));
+    }
+    if let Some((current, _)) = state.cni_pods.current(pod).filter(|(c, _)| c != id) {
+        return Err(format!("{pod} is now container {current}, not {id}"));
+    }
+    let cluster = state.last_good.as_ref().ok_or_else(|| format!("{pod}: the agent has no configuration yet"))?;
+    if !cluster.pods.iter().any(|p| format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name) == *pod) {
+        return Err(format!("{pod} is not in the agent's source; not captured"));
+    }
+    if !cluster.meshed_pods().iter().any(|p| p.to_string() == *pod) {
+        return Ok(format!("{pod} is not meshed; nothing to capture"));
+    }
+    syncer.check_capture(pod, &a.netns)?;
+    Ok(format!("{pod} captured"))
+}
+
+fn send(reply: &mpsc::Sender<cni::Reply>, id: &str, ok: bool, message: String) {
+    tracing::info!(container = %id, ok, message = %message, "sidecap-cni answered");
+    let _ = reply.send(cni::Reply { ok, message });
+}
+
+/// Applies a plugin call to the CNI state; true when the state changed.
+fn on_cni_call(state: &mut LoopState, syncer: &mut Syncer, req: cni::Request, reply: mpsc::Sender<cni::Reply>) -> bool {
+    use cni::protocol::Command;
+    let id = req.container_id.clone();
+    let changed = match req.command {
+        Command::Add => {
+            let before = state.cni_pods.get(&id).cloned();
+            state.cni_pods.add(&req);
+            // Answered once the pod is set up (answer_cni).
+            state.cni_waiting.push((req, reply, Instant::now()));
+            state.cni_pods.get(&id) != before.as_ref()
+        }
+        Command::Del => {
+            let removed = state.cni_pods.remove(&id);
+            let message = match &removed {
+                Some(a) => match state.cni_pods.current(&a.pod) {
+                    Some((other, _)) => format!("forgot container {id}; {} stays with container {other}", a.pod),
+                    None => format!("forgot container {id} ({})", a.pod),
+                },
+                // A DEL for a container never added (or deleted already) must succeed too.
+                None => format!("container {id} unknown; nothing to forget"),
+            };
+            send(&reply, &id, true, message);
+            removed.is_some()
+        }
+        Command::Check => {
+            match check_cni(state, syncer, &req) {
+                Ok(m) => send(&reply, &id, true, m),
+                Err(m) => send(&reply, &id, false, m),
+            }
+            false
+        }
+        Command::Status => {
+            send(&reply, &id, true, "ready".into());
+            false
+        }
+        Command::Gc => {
+            let gone = state.cni_pods.collect(&req.network, &req.valid);
+            send(&reply, &id, true, format!("forgot {} containers of network {:?}: {gone:?}", gone.len(), req.network));
+            !gone.is_empty()
+        }
+    };
+    save_if(state, changed);
+    changed
+}
+
+fn save_if(state: &LoopState, changed: bool) {
+    if let Some(path) = state.cni_state_path.as_ref().filter(|_| changed) {
+        if let Err(e) = state.cni_pods.save(path) {
+            tracing::error!(error = %e, "saving CNI state; a restarted agent will not know these pods");
+        }
+    }
 }
 
 use crate::{
@@ -274,6 +359,28 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     drop(tx);
 
     let mut state = LoopState::default();
+    if let Some(socket) = &cfg.cni_socket {
+        let path = cni::state::CniState::path_for(socket);
+        match cni::state::CniState::load(&path) {
+            Ok(mut s) => {
+                let pruned = s.prune_gone();
+                for (id, a) in &pruned {
+                    let netns = a.netns.display();
+                    tracing::info!(container = %id, pod = %a.pod, %netns, "netns gone while the agent was down; forgotten");
+                }
+                if !s.is_empty() {
+                    tracing::info!(containers = s.len(), path = %path.display(), "CNI state of a previous agent");
+                }
+                state.cni_pods = s;
+                state.cni_state_path = Some(path);
+                save_if(&state, !pruned.is_empty());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "CNI state unreadable; starting without it");
+                state.cni_state_path = Some(path);
+            }
+        }
+    }
     while !STOP.load(Ordering::SeqCst) {
         order.tick(&metrics, &health);
         let event = rx.recv_timeout(cfg.poll_interval.min(Duration::from_millis(200)));
@@ -295,18 +402,16 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             }
             Ok(Event::Synced(s)) => health.synced.store(s, Ordering::Relaxed),
             Ok(Event::Cni((req, reply))) => {
-                tracing::info!(pod = %req.pod(), netns = %req.netns.display(), command = ?req.command, "sidecap-cni call");
-                match req.command {
-                    cni::protocol::Command::Add => {
-                        state.cni_pods.insert(req.pod(), (req.netns.clone(), req.ips.clone()));
-                        state.cni_waiting.push((req, reply, Instant::now()));
-                    }
-                    cni::protocol::Command::Del => {
-                        state.cni_pods.remove(&req.pod());
-                        let _ = reply.send(cni::Reply { ok: true, message: "forgotten".into() });
-                    }
-                }
-                fresh = true;
+                tracing::info!(
+                    pod = %req.pod(),
+                    container = %req.container_id,
+                    netns = %req.netns.display(),
+                    command = ?req.command,
+                    "sidecap-cni call"
+                );
+                let add = req.command == cni::protocol::Command::Add;
+                // An ADD is answered once applied, even when it changed nothing (idempotent).
+                fresh = on_cni_call(&mut state, &mut syncer, req, reply) || add;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,

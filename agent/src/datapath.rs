@@ -13,6 +13,7 @@ mod maps;
 pub mod order;
 mod probe;
 mod sizes;
+pub mod listeners;
 
 use std::path::PathBuf;
 

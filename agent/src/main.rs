@@ -122,6 +122,11 @@ enum Cmd {
         /// rewrites its configuration (0: install once and exit).
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         watch_secs: u64,
+        /// Namespace of pods whose runtime sends no K8S_POD_NAMESPACE in CNI_ARGS (podman sends
+        /// only K8S_POD_NAME); written as `podNamespace` into our entry. Not needed (and not
+        /// used) with Kubernetes, whose runtimes always send the namespace.
+        #[arg(long, value_name = "NS")]
+        pod_namespace: Option<String>,
     },
     /// Show each meshed pod as the kernel sees it (reads the pinned maps; the agent may be down).
     Inspect {
@@ -262,12 +267,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("removed {} pins under {}", removed.len(), bpffs.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::InstallCni { cni_bin_dir, cni_conf_dir, socket, plugin, watch_secs } => {
+        Cmd::InstallCni { cni_bin_dir, cni_conf_dir, socket, plugin, watch_secs, pod_namespace } => {
             let plugin = match plugin {
                 Some(p) => p,
                 None => std::env::current_exe().context("locating this executable")?.with_file_name("sidecap-cni"),
             };
-            let opts = sidecap::cni::install::Options { bin_dir: cni_bin_dir, conf_dir: cni_conf_dir, socket, plugin };
+            let opts = sidecap::cni::install::Options { bin_dir: cni_bin_dir, conf_dir: cni_conf_dir, socket, plugin, pod_namespace };
             install_cni(&opts, watch_secs)?;
             Ok(ExitCode::SUCCESS)
         }

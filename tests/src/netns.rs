@@ -15,6 +15,8 @@ pub const SO_NETNS_COOKIE: libc::c_int = 71;
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Made by this test (deleted on drop), not by someone else (a container runtime).
+    owned: bool,
 }
 
 impl Netns {
@@ -22,9 +24,20 @@ impl Netns {
     pub fn new(prefix: &str) -> io::Result<Netns> {
         let name = unique_name(prefix);
         run("ip", &["netns", "add", &name])?;
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A namespace someone else made under /run/netns (e.g. podman's `netns-…`); it is
+    /// theirs to delete, so dropping this leaves it alone.
+    pub fn existing(path: &Path) -> io::Result<Netns> {
+        let bad = || io::Error::other(format!("{} is not a named netns under /run/netns", path.display()));
+        if path.parent() != Some(Path::new("/run/netns")) {
+            return Err(bad());
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(bad)?.to_string();
+        Ok(Netns { name, owned: false })
     }
 
     pub fn name(&self) -> &str {
@@ -103,6 +116,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // Interfaces inside (veth ends) are destroyed with the namespace.
         if let Err(e) = run("ip", &["netns", "delete", &self.name]) {
             eprintln!("sidecap-tests: {e}");

@@ -285,6 +285,32 @@ fn the_daemonsets_capabilities_are_enough_and_sys_admin_is_needed() {
 }
 
 #[test]
+fn the_daemonsets_capabilities_adopt_a_running_proxy_and_sys_ptrace_is_needed() {
+    require_root!();
+    let caps = manifest_caps("base/daemonset.yaml", "agent");
+    let topo = Topology::builder().pod("a").service_addr(SVC).build().expect("topology");
+    let mesh = MeshDir::new();
+    mesh.pod(topo.pod("a"), "default", &[("app", "a")], &[]);
+    // The proxy (uid 1337, not the agent's) listens before any agent runs.
+    let _hp = Haproxy::start(topo.pod("a"), HaproxyConfig::default()).expect("haproxy");
+
+    // The DaemonSet's set: its 15006 listener is taken over (pidfd_getfd) at once.
+    let (captured, code, log) = agent_with(&caps, &topo, &mesh, Duration::from_secs(20), false);
+    assert!(captured && code == Some(0), "with {caps:?}: captured={captured} exit={code:?}\n{log}");
+    assert!(log.contains("adopted the proxy's running inbound listener pod=default/a port=15006"), "{log}");
+
+    // Without SYS_PTRACE the pod is captured but the running listener cannot be seen, and
+    // the log says why.
+    let no_ptrace: Vec<String> = caps.iter().filter(|c| *c != "sys_ptrace").cloned().collect();
+    let (captured, code, log) = agent_with(&no_ptrace, &topo, &mesh, Duration::from_secs(20), false);
+    assert!(captured && code == Some(0), "without sys_ptrace: captured={captured} exit={code:?}\n{log}");
+    assert!(
+        log.contains("inbound capture waits until the proxy listens again") && log.contains("the agent lacks CAP_SYS_PTRACE"),
+        "{log}"
+    );
+}
+
+#[test]
 fn the_uninstall_daemonsets_one_capability_removes_everything() {
     require_root!();
     let mut m = Mesh::start(MeshSpec::default());

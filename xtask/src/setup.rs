@@ -13,6 +13,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("iptables", "iptables-restore"),
     ("iproute2", "ip"),
+    // tests/tests/podman.rs: a real container runtime running the CNI chain.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];
 
 pub fn is_root() -> bool {
@@ -29,6 +33,10 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
+    // A full path: a file outside PATH (CNI plugins live in /usr/lib/cni).
+    if bin.starts_with('/') {
+        return Some(PathBuf::from(bin)).filter(|p| p.is_file());
+    }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])

@@ -366,6 +366,15 @@ impl Syncer {
         if linked && v6 {
             netns::add_inbound_passthrough_v6(&w.path).map_err(|e| e.to_string())?;
         }
+        // A proxy that listened before this pod was written was never seen by sockops.
+        if current.is_none() && config.inbound_port != 0 {
+            let proc_root = std::path::Path::new("/proc");
+            match datapath::listeners::register_listeners(&self.cfg.bpffs, proc_root, w.netns, &w.path, config.inbound_port) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pod = %w.pod, port = config.inbound_port, listeners = n, "adopted the proxy's running inbound listener"),
+                Err(e) => tracing::warn!(pod = %w.pod, error = %e, "inbound capture waits until the proxy listens again"),
+            }
+        }
         tracing::info!(
             pod = %w.pod,
             netns = w.netns,
@@ -490,6 +499,25 @@ impl Syncer {
     /// True when `pod` (`namespace/name`) has its policy in the kernel.
     pub fn is_managed(&self, pod: &str) -> bool {
         self.managed.values().any(|m| m.pod.to_string() == pod)
+    }
+
+    /// Whether `pod`'s capture at `netns` is what the agent wrote, read back from the kernel
+    /// (not from memory: an entry deleted behind the agent's back is reported).
+    pub fn check_capture(&mut self, pod: &str, netns: &std::path::Path) -> Result<(), String> {
+        if let Some(e) = self.pod_errors.get(pod) {
+            return Err(format!("{pod} not captured: {e}"));
+        }
+        let cookie = self.cookies.cookie(netns).map_err(|e| format!("{pod}: {e}"))?;
+        let managed = self
+            .managed
+            .get(&cookie)
+            .filter(|m| m.pod.to_string() == pod)
+            .ok_or_else(|| format!("{pod}: the agent has no capture for netns {}", netns.display()))?;
+        match self.maps.pod(cookie) {
+            Some(c) if same_config(&c, &managed.config) => Ok(()),
+            Some(_) => Err(format!("{pod}: map PODS holds another configuration for netns {cookie} than the agent wrote")),
+            None => Err(format!("{pod}: map PODS has no entry for netns {cookie}: capture missing")),
+        }
     }
 
     /// The pod's current problem, if any (the reason its policy is not in the kernel).

@@ -23,6 +23,8 @@ use std::{
 
 use serde_json::Value;
 
+use super::protocol::POD_NAMESPACE_KEY;
+
 /// Our entry's `type`, and the binary's name in the CNI bin dir.
 pub const PLUGIN_TYPE: &str = "sidecap-cni";
 /// Key in our entry naming the `.conf` a conflist was made from (restored on removal).
@@ -59,6 +61,9 @@ pub struct Options {
     pub socket: PathBuf,
     /// The `sidecap-cni` binary to copy.
     pub plugin: PathBuf,
+    /// `podNamespace` of our entry: the namespace of pods whose runtime sends no
+    /// `K8S_POD_NAMESPACE` (podman). None on Kubernetes nodes, whose runtimes always send it.
+    pub pod_namespace: Option<String>,
 }
 
 /// What happened to the primary configuration.
@@ -112,6 +117,7 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         }
     }
     let socket = opts.socket.to_string_lossy();
+    let ns = opts.pod_namespace.as_deref();
     let text = read_text(&primary)?;
     let is_list = has_plugins_array(&primary, &text)?;
     let (conf, change) = if is_list {
@@ -119,7 +125,8 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         let ours = our_elements(&text, &spans);
         let last_is_ours_with_socket = ours.len() == 1
             && ours[0] == spans.elems.len() - 1
-            && element_value(&text, spans.elems[ours[0]])["socketPath"].as_str() == Some(&*socket);
+            && element_value(&text, spans.elems[ours[0]])["socketPath"].as_str() == Some(&*socket)
+            && element_value(&text, spans.elems[ours[0]])[POD_NAMESPACE_KEY].as_str() == ns;
         if last_is_ours_with_socket {
             (primary, ConfChange::Unchanged)
         } else {
@@ -131,14 +138,14 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
                 Some(from) if spans.elems.len() == 2 && ours == [1] => {
                     let original = original_before(&text, &spans, 1);
                     let v: Value = serde_json::from_str(&original).map_err(|e| json_err(&primary, e.to_string()))?;
-                    converted_list(&v, &original, &socket, &from)
+                    converted_list(&v, &original, &socket, ns, &from)
                 }
                 converted_from => {
                     let mut t = text.clone();
                     for &i in ours.iter().rev() {
                         t = remove_element(&t, i).map_err(|m| json_err(&primary, m))?;
                     }
-                    append_element(&t, &entry(&socket, converted_from.as_deref())).map_err(|m| json_err(&primary, m))?
+                    append_element(&t, &entry(&socket, ns, converted_from.as_deref())).map_err(|m| json_err(&primary, m))?
                 }
             };
             write_atomic(&primary, t.as_bytes(), mode_of(&primary))?;
@@ -149,7 +156,7 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         // A single plugin: a conflist of it and us, next to it; then the .conf goes.
         let from_name = file_name(&primary);
         let v: Value = serde_json::from_str(&text).map_err(|e| json_err(&primary, e.to_string()))?;
-        let list = converted_list(&v, &text, &socket, &from_name);
+        let list = converted_list(&v, &text, &socket, ns, &from_name);
         let target = primary.with_extension("conflist");
         write_atomic(&target, list.as_bytes(), mode_of(&primary))?;
         fs::remove_file(&primary).map_err(io(&primary))?;
@@ -238,8 +245,11 @@ fn has_plugins_array(path: &Path, text: &str) -> Result<bool, Error> {
 }
 
 /// Our entry, one line.
-fn entry(socket: &str, converted_from: Option<&str>) -> String {
+fn entry(socket: &str, pod_namespace: Option<&str>, converted_from: Option<&str>) -> String {
     let mut s = format!("{{\"type\": \"{PLUGIN_TYPE}\", \"socketPath\": {}", Value::from(socket));
+    if let Some(ns) = pod_namespace {
+        s.push_str(&format!(", \"{POD_NAMESPACE_KEY}\": {}", Value::from(ns)));
+    }
     if let Some(f) = converted_from {
         s.push_str(&format!(", \"{CONVERTED_FROM}\": {}", Value::from(f)));
     }
@@ -249,12 +259,12 @@ fn entry(socket: &str, converted_from: Option<&str>) -> String {
 
 /// A conflist of a single-plugin configuration (its bytes verbatim, right after '[', up to
 /// the comma) and our entry.
-fn converted_list(conf: &Value, original: &str, socket: &str, from: &str) -> String {
+fn converted_list(conf: &Value, original: &str, socket: &str, pod_namespace: Option<&str>, from: &str) -> String {
     format!(
         "{{\n  \"cniVersion\": {},\n  \"name\": {},\n  \"plugins\": [{original},\n    {}\n  ]\n}}\n",
         conf.get("cniVersion").cloned().unwrap_or_else(|| "0.3.1".into()),
         conf.get("name").cloned().unwrap_or_else(|| "k8s-pod-network".into()),
-        entry(socket, Some(from)),
+        entry(socket, pod_namespace, Some(from)),
     )
 }
 

@@ -102,7 +102,7 @@ impl Dirs {
         p
     }
     fn opts(&self, socket: &str) -> Options {
-        Options { bin_dir: self.bin(), conf_dir: self.conf(), socket: socket.into(), plugin: self.root.join("sidecap-cni.src") }
+        Options { bin_dir: self.bin(), conf_dir: self.conf(), socket: socket.into(), plugin: self.root.join("sidecap-cni.src"), pod_namespace: None }
     }
     /// Every file in the conf and bin dirs with its bytes and mode.
     fn snapshot(&self) -> Vec<(String, Vec<u8>, u32)> {
@@ -306,4 +306,22 @@ fn scanner_finds_the_top_level_plugins_only() {
     let empty = r#"{"plugins": []}"#;
     assert_eq!(append_element(empty, "{\"type\": \"x\"}").unwrap(), r#"{"plugins": [{"type": "x"}]}"#);
     assert_eq!(remove_element(r#"{"plugins": [{"type": "x"}, 2]}"#, 0).unwrap(), r#"{"plugins": [2]}"#);
+}
+
+#[test]
+fn the_pod_namespace_is_written_and_a_change_of_it_updates_the_entry() {
+    let d = Dirs::new("podns");
+    let path = d.write("87-podman.conflist", ONE_LINE);
+    let podman = Options { pod_namespace: Some("podman".into()), ..d.opts(SOCK) };
+    assert_eq!(install(&podman).unwrap().change, ConfChange::Appended);
+    assert_eq!(
+        plugins(&path).last().unwrap(),
+        &serde_json::json!({"type": "sidecap-cni", "socketPath": SOCK, "podNamespace": "podman"})
+    );
+    assert_eq!(install(&podman).unwrap().change, ConfChange::Unchanged);
+    // Without the flag the key goes again (a Kubernetes node never gets a guessed namespace).
+    assert_eq!(install(&d.opts(SOCK)).unwrap().change, ConfChange::Updated);
+    assert_eq!(plugins(&path).last().unwrap(), &serde_json::json!({"type": "sidecap-cni", "socketPath": SOCK}));
+    uninstall(&d.conf(), &d.bin()).unwrap();
+    assert_eq!(fs::read_to_string(&path).unwrap(), ONE_LINE);
 }
