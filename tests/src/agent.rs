@@ -167,11 +167,12 @@ impl Agent {
         }
     }
 
-    /// Waits for the agent's CNI socket: the maps are pinned before it is served, so a plugin
+    /// Waits until the agent's CNI socket accepts connections: the maps are pinned before it is served, so a plugin
     /// call right after `wait_pods` could find nothing to connect to.
     pub fn wait_cni_socket(&mut self, socket: &Path, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !socket.exists() {
+        // Connectable, not only present: a killed agent leaves its socket file behind.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             self.assert_running();
             assert!(Instant::now() < deadline, "no CNI socket at {} after {timeout:?}; log:\n{}", socket.display(), self.log());
             std::thread::sleep(Duration::from_millis(20));

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cni;
 pub mod differential;
 pub mod fixture;
 pub mod haproxy;
