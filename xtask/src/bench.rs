@@ -108,7 +108,7 @@ impl Params {
         Params {
             profile: "smoke",
             rounds: 1,
-            duration_ms: 80,
+            duration_ms: 200,
             warmup_ms: 20,
             rule_sizes: vec![1, 100],
             cp_default: vec![(4, 200)],
