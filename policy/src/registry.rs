@@ -1,11 +1,11 @@
 //! The service registry istiod would build: Kubernetes Services (pilot/pkg/serviceregistry/kube
 //! `ConvertService`) and ServiceEntries (serviceentry `convertServices`, one per host × address).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::cluster::Cluster;
-use crate::model::{Cidr, Protocol};
+use crate::model::{Cidr, EndpointSlice, Protocol};
 
 /// Istio's `DomainSuffix` default.
 pub const DOMAIN_SUFFIX: &str = "cluster.local";
@@ -83,8 +83,17 @@ impl ServiceView {
 /// Every service in the cluster, oldest first (then hostname, namespace), as istiod orders them.
 pub fn build(cluster: &Cluster) -> Vec<ServiceView> {
     let mut out = Vec::new();
+    // EndpointSlices by (namespace, service-name), so that each Service finds its own
+    // without scanning all of them (10,000 Services × 20,000 slices otherwise).
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for es in &cluster.endpoint_slices {
+        if let Some(svc) = es.obj.service_name() {
+            slices.entry((es.obj.metadata.ns(), svc)).or_default().push(&es.obj);
+        }
+    }
     for s in &cluster.services {
-        out.push(from_kube(cluster, &s.obj));
+        let own = slices.get(&(s.obj.metadata.ns(), s.obj.metadata.name.as_str())).map(Vec::as_slice).unwrap_or_default();
+        out.push(from_kube(own, &s.obj));
     }
     for se in &cluster.service_entries {
         out.extend(from_service_entry(cluster, &se.obj));
@@ -97,7 +106,8 @@ fn port_u16(p: u32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
 
-fn from_kube(cluster: &Cluster, svc: &crate::model::Service) -> ServiceView {
+/// `svc` with `slices`, the EndpointSlices naming it.
+fn from_kube(slices: &[&EndpointSlice], svc: &crate::model::Service) -> ServiceView {
     let ns = svc.metadata.ns().to_string();
     let name = &svc.metadata.name;
     let spec = &svc.spec;
@@ -132,11 +142,7 @@ fn from_kube(cluster: &Cluster, svc: &crate::model::Service) -> ServiceView {
         })
         .collect();
     let mut endpoints = Vec::new();
-    for es in &cluster.endpoint_slices {
-        let es = &es.obj;
-        if es.metadata.ns() != ns || es.service_name() != Some(name.as_str()) {
-            continue;
-        }
+    for es in slices {
         let names: Vec<String> = es.ports.iter().map(|p| p.name.clone().unwrap_or_default()).collect();
         for ep in &es.endpoints {
             for a in &ep.addresses {
