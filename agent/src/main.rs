@@ -84,6 +84,10 @@ enum Cmd {
         /// Port and CIDR rules of all rule sets together (OUT_PORTS, OUT_CIDRS, IN_PORTS, each).
         #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().rules, value_parser = clap::value_parser!(u32).range(1..))]
         max_rules: u32,
+        /// Connections whose original destination is held at once, between the app's
+        /// connect and the proxy's accept (ORIG_DST, ORIG_DST_BY_COOKIE, DNS_ORIG, each; LRU).
+        #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().connections, value_parser = clap::value_parser!(u32).range(1024..))]
+        max_connections: u32,
         /// Do not use cgroup mprog placement (BPF_F_BEFORE/BPF_F_PREORDER) even where the
         /// kernel has it: attach as on kernels older than 6.17.
         #[arg(long)]
@@ -214,7 +218,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, no_mprog, order_check_secs } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, max_connections, no_mprog, order_check_secs } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -245,7 +249,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 cni_socket: (cni_socket != "off").then(|| PathBuf::from(&cni_socket)),
                 cni_wait: Duration::from_secs(cni_wait_secs),
-                map_sizes: sidecap::datapath::MapSizes { pods: max_pods, listeners: max_listeners, rules: max_rules },
+                map_sizes: sidecap::datapath::MapSizes { pods: max_pods, listeners: max_listeners, rules: max_rules, connections: max_connections },
                 mprog: !no_mprog,
                 order_check: Duration::from_secs(order_check_secs),
             };

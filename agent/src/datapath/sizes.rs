@@ -13,11 +13,15 @@ pub struct MapSizes {
     pub listeners: u32,
     /// `OUT_PORTS`, `OUT_CIDRS`, `IN_PORTS`: port and CIDR rules of every rule set together.
     pub rules: u32,
+    /// `ORIG_DST`, `ORIG_DST_BY_COOKIE`, `DNS_ORIG`: original destinations of connections
+    /// between the app's connect and the proxy's accept (LRU maps, preallocated, so their
+    /// size is most of the kernel memory sidecap uses: about 110 bytes per entry each).
+    pub connections: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { pods: 1024, listeners: 1 << 20, rules: 1 << 16 }
+        MapSizes { pods: 1024, listeners: 1 << 20, rules: 1 << 16, connections: 1 << 14 }
     }
 }
 
@@ -25,7 +29,7 @@ use sidecap_common::abi;
 
 impl MapSizes {
     /// (map name, max entries) for every sized map.
-    pub fn per_map(&self) -> [(&'static str, u32); 9] {
+    pub fn per_map(&self) -> [(&'static str, u32); 12] {
         let addrs = self.pods.saturating_mul(sidecap_common::MAX_POD_IPS as u32);
         [
             (abi::PODS.name, self.pods),
@@ -37,6 +41,9 @@ impl MapSizes {
             (abi::OUT_PORTS.name, self.rules),
             (abi::OUT_CIDRS.name, self.rules),
             (abi::IN_PORTS.name, self.rules),
+            (abi::ORIG_DST.name, self.connections),
+            (abi::ORIG_DST_BY_COOKIE.name, self.connections),
+            (abi::DNS_ORIG.name, self.connections),
         ]
     }
 }
