@@ -80,6 +80,11 @@ enum Cmd {
         /// Port and CIDR rules of all rule sets together (OUT_PORTS, OUT_CIDRS, IN_PORTS, each).
         #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().rules, value_parser = clap::value_parser!(u32).range(1..))]
         max_rules: u32,
+        /// With --kubernetes: /readyz fails, naming the kind, when a kind has had no successful
+        /// list, watch start, event or bookmark for this many seconds (watches are renewed every
+        /// 240 s and API servers send bookmarks about every minute, so a healthy kind never does).
+        #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        kube_stale_after_secs: u64,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory;
     /// with --cni-conf-dir/--cni-bin-dir first remove the chained plugin from the node.
@@ -198,7 +203,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, kube_stale_after_secs } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -209,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--kubernetes needs the node's name: --node-name or NODE_NAME")?;
                     let mut opts = sidecap::source::kube::KubeOptions::new(node);
                     opts.kubeconfig = kubeconfig;
+                    opts.stale_after = Duration::from_secs(kube_stale_after_secs);
                     agent::SourceConfig::Kubernetes(opts)
                 }
             };

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::cluster::{Cluster, Loaded};
+use crate::cluster::{Cluster, HeldSidecar, Loaded};
 use crate::model::Sidecar;
 
 /// The governing Sidecar and the namespace its `.` means (the pod's, also for a root default).
@@ -49,4 +49,24 @@ pub fn select<'a>(cluster: &'a Cluster, pod_ns: &str, pod_labels: &BTreeMap<Stri
     let root_default =
         order.into_iter().find(|s| s.obj.metadata.ns() == root.as_str() && s.obj.spec.workload_selector.is_none());
     Selected { sidecar: root_default, config_namespace: pod_ns.to_string(), from_root: root_default.is_some() }
+}
+
+/// A Sidecar that could not be read and could govern this pod, had it been read: one of the
+/// pod's namespace whose selector matches (or is unknown), or the root namespace's
+/// selector-less one when no Sidecar of the pod's namespace governs it. Such a pod keeps the
+/// policy it had: an unreadable Sidecar neither widens nor narrows anything.
+pub fn held<'a>(cluster: &'a Cluster, pod_ns: &str, pod_labels: &BTreeMap<String, String>) -> Option<&'a HeldSidecar> {
+    if cluster.held_sidecars.is_empty() {
+        return None;
+    }
+    let matches = |h: &HeldSidecar| h.selector.as_ref().is_none_or(|sel| sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    if let Some(h) = cluster.held_sidecars.iter().find(|h| h.namespace == pod_ns && matches(h)) {
+        return Some(h);
+    }
+    let root = cluster.mesh.root_namespace.as_str();
+    let own = select(cluster, pod_ns, pod_labels);
+    if own.sidecar.is_some() && !own.from_root {
+        return None;
+    }
+    cluster.held_sidecars.iter().find(|h| h.namespace == root && h.selector.is_none())
 }
