@@ -81,8 +81,8 @@ enum Cmd {
         #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().rules, value_parser = clap::value_parser!(u32).range(1..))]
         max_rules: u32,
         /// With --kubernetes: /readyz fails, naming the kind, when a kind has had no successful
-        /// list, watch start, event or bookmark for this many seconds (watches are renewed every
-        /// 240 s and API servers send bookmarks about every minute, so a healthy kind never does).
+        /// list, event, bookmark or server-ended watch for this many seconds (the API server ends
+        /// each watch after 240 s, so a healthy but quiet kind never goes that long).
         #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         kube_stale_after_secs: u64,
     },

@@ -4,8 +4,8 @@
 //! ServiceEntries at the newest version the API server serves. `next` turns the stores into a
 //! complete `Cluster` after every watcher has listed once. API errors are logged per kind and
 //! HTTP code, counted and retried with backoff; the stores, and so the last snapshot, stay as
-//! they were. A kind without a successful list, watch, event or bookmark for `stale_after`
-//! makes the agent unready, naming the kind.
+//! they were. A kind without a successful list, event, bookmark or server-ended watch for
+//! `stale_after` makes the agent unready, naming the kind.
 //!
 //! An object version that does not type keeps the object's last typed version in force; a
 //! Sidecar that never typed holds the pods it could govern at their previous policy.
@@ -72,8 +72,9 @@ pub struct KubeOptions {
     /// Each watch asks the server to end it after this long (`timeoutSeconds`, at most 290 s),
     /// then it is renewed; one silent (no event, no bookmark) for 1.5 times this is given up.
     pub watch_timeout: Duration,
-    /// A kind with no successful list, watch start, event or bookmark for this long makes
-    /// `/readyz` fail, naming the kind.
+    /// A kind with no successful list, event, bookmark or watch ended by the server for this
+    /// long makes `/readyz` fail, naming the kind. Longer than `watch_timeout`, so that a
+    /// quiet but healthy kind never looks stale.
     pub stale_after: Duration,
 }
 

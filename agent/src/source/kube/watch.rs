@@ -97,7 +97,7 @@ impl Kind {
 /// How the kind is doing, for readiness and metrics.
 #[derive(Clone, Debug)]
 pub struct Status {
-    /// The last successful list, watch start, event or bookmark (or the start).
+    /// The last successful list, event, bookmark or watch ended by the server (or the start).
     pub last_ok: Instant,
     /// The last error since then, as logged.
     pub error: Option<String>,
@@ -507,14 +507,17 @@ async fn watch(
                 continue;
             }
         };
-        rep.ok();
+        // An open watch is not yet a success: a stuck one opens fine and then says nothing.
         retry.reset();
         let mut stream = std::pin::pin!(stream);
         loop {
             let item = match tokio::time::timeout(silent, stream.next()).await {
                 Ok(Some(item)) => item,
-                // Ended (the server's timeout): watch again from where we are.
-                Ok(None) => break,
+                // Ended by the server (its timeout): healthy; watch again from where we are.
+                Ok(None) => {
+                    rep.ok();
+                    break;
+                }
                 Err(_) => {
                     rep.error(&ApiError {
                         during: "watch",
