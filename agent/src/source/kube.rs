@@ -76,6 +76,8 @@ pub struct KubeOptions {
     /// long makes `/readyz` fail, naming the kind. Longer than `watch_timeout`, so that a
     /// quiet but healthy kind never looks stale.
     pub stale_after: Duration,
+    /// Lists read from etcd (quorum) come in pages of this many objects.
+    pub page_size: u32,
 }
 
 impl KubeOptions {
@@ -90,6 +92,7 @@ impl KubeOptions {
             debounce: Duration::from_millis(50),
             watch_timeout: Duration::from_secs(240),
             stale_after: Duration::from_secs(300),
+            page_size: 500,
         }
     }
 }
@@ -169,6 +172,7 @@ impl KubeSource {
             retry_max: opts.retry_max,
             rediscover_interval: opts.rediscover_interval,
             watch_timeout: opts.watch_timeout,
+            page_size: opts.page_size.max(1),
         };
         let task_shared = shared.clone();
         let thread = std::thread::Builder::new()

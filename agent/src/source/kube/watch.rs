@@ -79,9 +79,6 @@ pub const ISTIO_GROUP: &str = "networking.istio.io";
 /// Newest first: the first one the API server serves is watched.
 pub const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 
-/// Quorum lists are read in pages of this many objects.
-const PAGE: u32 = 500;
-
 impl Kind {
     /// Lists may come from the API server's watch cache (resourceVersion "0", or "not older
     /// than" the last one seen): Pods, Services, EndpointSlices, Namespaces. They are the
@@ -205,6 +202,8 @@ pub struct WatchOptions {
     /// The server ends each watch after this long (`timeoutSeconds`); one silent for this
     /// long and a half is given up and renewed.
     pub watch_timeout: Duration,
+    /// Objects per page of a quorum list.
+    pub page_size: u32,
 }
 
 /// Runs every kind's watcher until the future is dropped.
@@ -392,7 +391,7 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
         let mut from = if kind.cached_lists() { ListFrom::Any } else { ListFrom::MostRecent };
         // List and watch this version until it stops being served.
         loop {
-            let rv = match list(&api, &ar, kind, fields.as_deref(), &from, slot, &rep).await {
+            let rv = match list(&api, &ar, kind, fields.as_deref(), &from, opts.page_size, slot, &rep).await {
                 Ok(rv) => rv,
                 Err(e) => {
                     rep.error(&e);
@@ -419,6 +418,7 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Lists every object (paged when from etcd) into a new store that replaces the kind's at the
 /// end, so that readers never see a partial list. Returns the list's resourceVersion.
 async fn list(
@@ -427,6 +427,7 @@ async fn list(
     kind: Kind,
     fields: Option<&str>,
     from: &ListFrom,
+    page_size: u32,
     slot: &Slot,
     rep: &Reporter<'_>,
 ) -> Result<String, ApiError> {
@@ -440,7 +441,7 @@ async fn list(
             lp.resource_version = Some(rv.clone());
             lp.version_match = Some(VersionMatch::NotOlderThan);
         }
-        ListFrom::MostRecent => lp.limit = Some(PAGE),
+        ListFrom::MostRecent => lp.limit = Some(page_size),
     }
     // The previous store (another version's, before a rediscovery) stays readable until this
     // list is complete, and lends each object's last typed version.
