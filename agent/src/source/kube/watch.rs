@@ -410,7 +410,7 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
             retry.reset();
             slot.synced.store(true, Ordering::SeqCst);
             shared.bump();
-            match watch(&api, &ar, kind, fields.as_deref(), rv, slot, &mut rep, &mut *retry, &opts, &shared).await {
+            match watch(&client, &api, &ar, kind, fields.as_deref(), rv, slot, &mut rep, &mut *retry, &opts, &shared).await {
                 Next::Relist(f) => from = if kind.cached_lists() { f } else { ListFrom::MostRecent },
                 Next::Rediscover => break,
             }
@@ -477,6 +477,7 @@ async fn list(
 /// Watches from `rv` until a relist or a rediscovery is needed; renews ended watches.
 #[allow(clippy::too_many_arguments)]
 async fn watch(
+    client: &Client,
     api: &Api<DynamicObject>,
     ar: &ApiResource,
     kind: Kind,
@@ -563,7 +564,14 @@ async fn watch(
                     }
                 }
                 Err(e) => {
-                    let e = ApiError::of("watch", &e);
+                    // kube reports a watch's HTTP error as the stream's first item: a JSON
+                    // Status as an API error, anything else (the mux's plain "404 page not
+                    // found") as a parse error. For Istio's kinds, ask whether the version is
+                    // still served.
+                    let mut e = ApiError::of("watch", &e);
+                    if e.code.is_none() && kind.builtin().is_none() && !served(client, ar).await {
+                        e.code = Some(404);
+                    }
                     rep.error(&e);
                     match e.code {
                         Some(410) => return Next::Relist(ListFrom::NotOlderThan(rv)),
@@ -575,6 +583,18 @@ async fn watch(
                 }
             }
         }
+    }
+}
+
+/// Whether the API server still serves this resource's version (a transport failure says
+/// nothing, so it counts as served).
+async fn served(client: &Client, ar: &ApiResource) -> bool {
+    let gvk = GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind);
+    match kube::discovery::pinned_kind(client, &gvk).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(r)) => r.code != 404,
+        Err(kube::Error::Discovery(_)) => false,
+        Err(_) => true,
     }
 }
 
