@@ -143,9 +143,12 @@ pub fn type_object(api_version: &str, kind_name: &str, key: &str, obj: DynamicOb
     if let Some(m) = value.as_object_mut() {
         m.insert("apiVersion".into(), api_version.into());
         m.insert("kind".into(), kind_name.into());
-        // Not read by the policy crate; the bulk of many objects.
+        // Not read by the policy crate, and the bulk of many objects: not kept.
         if let Some(meta) = m.get_mut("metadata").and_then(|v| v.as_object_mut()) {
             meta.remove("managedFields");
+            if let Some(ann) = meta.get_mut("annotations").and_then(|v| v.as_object_mut()) {
+                ann.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
         }
     }
     load_json(&value, &src)
