@@ -6,6 +6,7 @@
 //!
 //! Needs root; takes about a minute; not run by default:
 //!   cargo test --release -p sidecap --test kube_scale -- --ignored --nocapture
+//! `SIDECAP_AGENT_BIN=PATH` measures another build of the agent (an older one, to compare).
 
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -82,8 +83,12 @@ fn populate(server: &FakeApiServer) {
         let ns = format!("ns-{}", i % NAMESPACES);
         let name = format!("svc-{i}");
         let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        // As `kubectl apply` leaves it: the object's own JSON in an annotation.
+        let applied = format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"annotations\":{{}},\"labels\":{{\"app\":\"{name}\"}},\"name\":\"{name}\",\"namespace\":\"{ns}\"}},\"spec\":{{\"ports\":[{{\"name\":\"http\",\"port\":80,\"protocol\":\"TCP\",\"targetPort\":8080}},{{\"name\":\"tcp\",\"port\":9000,\"protocol\":\"TCP\",\"targetPort\":9000}}],\"selector\":{{\"app\":\"{name}\"}}}}}}\n"
+        );
         server.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns,
-                                "labels": {"app": name}, "annotations": {"note": "a typical object carries some metadata"}},
+                                "labels": {"app": name}, "annotations": {"kubectl.kubernetes.io/last-applied-configuration": applied}},
             "spec": {"clusterIP": ip, "clusterIPs": [ip], "type": "ClusterIP", "selector": {"app": name},
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
                                {"name": "tcp", "port": 9000 + (i % 1000) as u16, "protocol": "TCP", "targetPort": 9000}]}}));
@@ -140,7 +145,9 @@ fn first_sync_and_rss_at_10k_services() {
     };
 
     let start = Instant::now();
-    let agent = Command::new(env!("CARGO_BIN_EXE_sidecap"))
+    let bin = std::env::var("SIDECAP_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sidecap").to_string());
+    println!("kube_scale: agent {bin}");
+    let agent = Command::new(&bin)
         .args(["agent", "--kubernetes", "--node-name", NODE, "--cni-socket", "off", "--admin-addr", &admin])
         .arg("--kubeconfig")
         .arg(&kubeconfig)

@@ -13,6 +13,7 @@
 //! A pod's netns is found from its processes (`netns::netns_of_pod`), unless the object
 //! already carries the `sidecap.io/netns` annotation.
 
+mod list;
 pub mod netns;
 mod store;
 mod watch;
@@ -401,7 +402,7 @@ mod tests {
             "status": {"phase": "Running", "podIP": "10.0.0.1"},
         }))
         .expect("object");
-        let (e, out) = store::entry_of(Kind::Pod, "v1", "Pod", obj, &|_| None);
+        let (e, out) = store::entry_of(Kind::Pod, "v1", "Pod", serde_json::to_value(obj).expect("json"), &|_| None);
         assert!(out.newly_untyped.is_none() && e.untyped.is_none(), "{e:?}");
         let Some([Loaded { obj: Object::Pod(p), source }]) = e.typed.as_deref() else { panic!("{e:?}") };
         assert_eq!(p.metadata.key(), "ns/p");
@@ -412,12 +413,11 @@ mod tests {
 
     #[test]
     fn an_object_that_stops_typing_keeps_its_last_typed_version() {
-        let sidecar = |port: serde_json::Value, rv: &str| -> kube::api::DynamicObject {
-            serde_json::from_value(serde_json::json!({
+        let sidecar = |port: serde_json::Value, rv: &str| -> serde_json::Value {
+            serde_json::json!({
                 "metadata": {"name": "s", "namespace": "shop", "resourceVersion": rv},
                 "spec": {"workloadSelector": {"labels": {"app": "web"}}, "egress": [{"port": {"number": port}, "hosts": ["./*"]}]},
-            }))
-            .expect("object")
+            })
         };
         let (good, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!(80), "1"), &|_| None);
         assert!(out.newly_untyped.is_none());

@@ -9,7 +9,6 @@ use std::{
     path::PathBuf,
 };
 
-use kube::api::DynamicObject;
 use sidecap_policy::{
     cluster::{HeldSidecar, LoadError, Loaded, Object, Source as ObjectSource, load_json},
     validate::validate_sidecar,
@@ -47,8 +46,9 @@ pub struct Outcome {
     pub newly_invalid: Option<String>,
 }
 
-pub fn key_of(obj: &DynamicObject) -> String {
-    format!("{}/{}", obj.metadata.namespace.as_deref().unwrap_or(""), obj.metadata.name.as_deref().unwrap_or(""))
+pub fn key_of(obj: &serde_json::Value) -> String {
+    let meta = |f: &str| obj.pointer(&format!("/metadata/{f}")).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    format!("{}/{}", meta("namespace"), meta("name"))
 }
 
 /// Types one object version; `prev` looks up what was kept of the object before (asked only
@@ -57,15 +57,19 @@ pub fn entry_of(
     kind: Kind,
     api_version: &str,
     kind_name: &str,
-    obj: DynamicObject,
+    obj: serde_json::Value,
     prev: &dyn Fn(&str) -> Option<Entry>,
 ) -> (Entry, Outcome) {
     let key = key_of(&obj);
     let mut out = Outcome::default();
-    let host_network = obj.data.pointer("/spec/hostNetwork").and_then(|v| v.as_bool()).unwrap_or(false);
-    let phase = obj.data.pointer("/status/phase").and_then(|v| v.as_str()).unwrap_or("");
+    let host_network = obj.pointer("/spec/hostNetwork").and_then(|v| v.as_bool()).unwrap_or(false);
+    let phase = obj.pointer("/status/phase").and_then(|v| v.as_str()).unwrap_or("");
     // Succeeded/Failed pods have no processes and no netns to find.
-    let uid = obj.metadata.uid.clone().filter(|_| kind == Kind::Pod && !matches!(phase, "Succeeded" | "Failed"));
+    let uid = obj
+        .pointer("/metadata/uid")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .filter(|_| kind == Kind::Pod && !matches!(phase, "Succeeded" | "Failed"));
     let selector = (kind == Kind::Sidecar).then(|| read_selector(&obj)).flatten();
     if kind == Kind::Pod && host_network {
         // Its processes live in the node's netns: never captured, so not kept.
@@ -125,21 +129,14 @@ fn sidecar_problems(s: &sidecap_policy::model::Sidecar) -> Option<String> {
 }
 
 /// `spec.workloadSelector.labels` when every label is a string.
-fn read_selector(obj: &DynamicObject) -> Option<BTreeMap<String, String>> {
-    let labels = obj.data.pointer("/spec/workloadSelector/labels")?.as_object()?;
+fn read_selector(obj: &serde_json::Value) -> Option<BTreeMap<String, String>> {
+    let labels = obj.pointer("/spec/workloadSelector/labels")?.as_object()?;
     labels.iter().map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()
 }
 
-/// A stored object as JSON (with the apiVersion/kind that list items omit) → typed objects.
-pub fn type_object(api_version: &str, kind_name: &str, key: &str, obj: DynamicObject) -> (Vec<Loaded<Object>>, Vec<LoadError>) {
+/// An object as JSON (given the apiVersion/kind that list items omit) → typed objects.
+pub fn type_object(api_version: &str, kind_name: &str, key: &str, mut value: serde_json::Value) -> (Vec<Loaded<Object>>, Vec<LoadError>) {
     let src = ObjectSource { file: PathBuf::from(format!("kubernetes:{kind_name}/{}", key.trim_start_matches('/'))), document: 1, line: 1 };
-    let mut value = match serde_json::to_value(obj) {
-        Ok(v) => v,
-        Err(e) => {
-            let err = LoadError::Shape { file: src.file, document: 1, line: 1, message: e.to_string() };
-            return (Vec::new(), vec![err]);
-        }
-    };
     if let Some(m) = value.as_object_mut() {
         m.insert("apiVersion".into(), api_version.into());
         m.insert("kind".into(), kind_name.into());

@@ -16,7 +16,7 @@ use std::{
 
 use futures::StreamExt as _;
 use kube::{
-    Api, Client,
+    Api, Client, Resource as _,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, VersionMatch, WatchEvent, WatchParams},
     runtime::{utils::Backoff, watcher::DefaultBackoff},
 };
@@ -383,6 +383,10 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
             Kind::MeshConfig => Api::namespaced_with(client.clone(), &opts.istio_namespace, &ar),
             _ => Api::all_with(client.clone(), &ar),
         };
+        let url = match kind {
+            Kind::MeshConfig => DynamicObject::url_path(&ar, Some(&opts.istio_namespace)),
+            _ => DynamicObject::url_path(&ar, None),
+        };
         let fields = match kind {
             Kind::Pod => Some(format!("spec.nodeName={}", opts.node_name)),
             Kind::MeshConfig => Some("metadata.name=istio".to_string()),
@@ -391,7 +395,7 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
         let mut from = if kind.cached_lists() { ListFrom::Any } else { ListFrom::MostRecent };
         // List and watch this version until it stops being served.
         loop {
-            let rv = match list(&api, &ar, kind, fields.as_deref(), &from, opts.page_size, slot, &rep).await {
+            let rv = match list(&client, &url, &ar, kind, fields.as_deref(), &from, opts.page_size, slot, &rep).await {
                 Ok(rv) => rv,
                 Err(e) => {
                     rep.error(&e);
@@ -422,7 +426,8 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
 /// Lists every object (paged when from etcd) into a new store that replaces the kind's at the
 /// end, so that readers never see a partial list. Returns the list's resourceVersion.
 async fn list(
-    api: &Api<DynamicObject>,
+    client: &Client,
+    url: &str,
     ar: &ApiResource,
     kind: Kind,
     fields: Option<&str>,
@@ -449,20 +454,18 @@ async fn list(
     let mut objects = HashMap::new();
     let mut rv;
     loop {
-        let page = match api.list(&lp).await {
-            Ok(p) => p,
-            Err(e) => {
-                return Err(ApiError::of("list", &e));
-            }
-        };
-        rv = page.metadata.resource_version.clone().unwrap_or_default();
-        for obj in page.items {
+        let req = kube::core::Request::new(url).list(&lp).map_err(|e| ApiError { during: "list", code: None, message: e.to_string() })?;
+        let body = client.request_text(req).await.map_err(|e| ApiError::of("list", &e))?;
+        let page = super::list::parse(&body, &mut |obj| {
             let key = store::key_of(&obj);
             let (entry, out) = store::entry_of(kind, &ar.api_version, &ar.kind, obj, &prev);
             rep.outcome(&key, &out);
             objects.insert(key, entry);
-        }
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+        })
+        .map_err(|e| ApiError { during: "list", code: None, message: format!("decoding the list: {e}") })?;
+        drop(body);
+        rv = page.resource_version;
+        match page.next {
             Some(c) => lp.continue_token = Some(c),
             None => break,
         }
@@ -533,6 +536,7 @@ async fn watch(
                 Ok(WatchEvent::Added(obj) | WatchEvent::Modified(obj)) => {
                     rep.ok();
                     rv = obj.metadata.resource_version.clone().unwrap_or(rv);
+                    let Ok(obj) = serde_json::to_value(obj) else { continue };
                     let key = store::key_of(&obj);
                     let prev = |key: &str| slot.lock_store().as_ref().and_then(|s| s.objects.get(key).cloned());
                     let (entry, out) = store::entry_of(kind, &ar.api_version, &ar.kind, obj, &prev);
@@ -545,8 +549,9 @@ async fn watch(
                 Ok(WatchEvent::Deleted(obj)) => {
                     rep.ok();
                     rv = obj.metadata.resource_version.clone().unwrap_or(rv);
+                    let key = format!("{}/{}", obj.metadata.namespace.as_deref().unwrap_or(""), obj.metadata.name.as_deref().unwrap_or(""));
                     if let Some(s) = slot.lock_store().as_mut() {
-                        s.objects.remove(&store::key_of(&obj));
+                        s.objects.remove(&key);
                     }
                     shared.bump();
                 }
