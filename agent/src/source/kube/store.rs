@@ -140,12 +140,35 @@ pub fn type_object(api_version: &str, kind_name: &str, key: &str, mut value: ser
     if let Some(m) = value.as_object_mut() {
         m.insert("apiVersion".into(), api_version.into());
         m.insert("kind".into(), kind_name.into());
-        // Not read by the policy crate, and the bulk of many objects: not kept.
+        // What the policy crate never reads is not kept: 30,000 objects' labels and
+        // annotations are most of what a Service or EndpointSlice weighs once typed.
         if let Some(meta) = m.get_mut("metadata").and_then(|v| v.as_object_mut()) {
             meta.remove("managedFields");
             if let Some(ann) = meta.get_mut("annotations").and_then(|v| v.as_object_mut()) {
                 ann.remove("kubectl.kubernetes.io/last-applied-configuration");
             }
+            let keep = |map: Option<&mut serde_json::Value>, wanted: &str| {
+                if let Some(map) = map.and_then(|v| v.as_object_mut()) {
+                    map.retain(|k, _| k == wanted);
+                }
+            };
+            match kind_name {
+                // Read: the exportTo annotation (registry.rs), nothing of the labels.
+                "Service" => {
+                    meta.remove("labels");
+                    keep(meta.get_mut("annotations"), "networking.istio.io/exportTo");
+                }
+                // Read: the service-name label only.
+                "EndpointSlice" => {
+                    meta.remove("annotations");
+                    keep(meta.get_mut("labels"), "kubernetes.io/service-name");
+                }
+                _ => {}
+            }
+        }
+        // Only a pod's status (its IPs, its phase) is read.
+        if kind_name != "Pod" {
+            m.remove("status");
         }
     }
     load_json(&value, &src)
@@ -170,3 +193,4 @@ pub fn held(store: &Store) -> Vec<HeldSidecar> {
     out.sort_by_key(|h| h.key());
     out
 }
+

@@ -412,6 +412,8 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
             };
             rep.ok();
             retry.reset();
+            // The list's transient JSON is freed between the objects kept: give those pages back.
+            unsafe { libc::malloc_trim(0) };
             slot.synced.store(true, Ordering::SeqCst);
             shared.bump();
             match watch(&client, &api, &ar, kind, fields.as_deref(), rv, slot, &mut rep, &mut *retry, &opts, &shared).await {
