@@ -48,7 +48,7 @@ impl Inputs {
         let sidecars = by_ns
             .into_iter()
             .map(|(ns, v)| {
-                let h = held.get(ns.as_str()).map(|h| hash_debug(h)).unwrap_or(0);
+                let h = held.get(ns.as_str()).map(hash_debug).unwrap_or(0);
                 (ns, hash_debug(&v) ^ h)
             })
             .collect::<HashMap<_, _>>();

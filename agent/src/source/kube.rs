@@ -36,6 +36,9 @@ use watch::{Shared, WatchOptions};
 use super::Source;
 use crate::{admin::Health, metrics::{KubeKindLabels, Metrics}};
 
+/// A kept object and, for a running pod, its UID (to find its netns).
+type Kept = (Option<String>, Loaded<Object>);
+
 /// Sent with every request, so that audit logs name us.
 pub const USER_AGENT: &str = concat!("sidecap/", env!("CARGO_PKG_VERSION"));
 
@@ -220,7 +223,7 @@ impl KubeSource {
     }
 
     /// Every kept object of every store, in a stable order, with the Sidecars that never typed.
-    fn objects(&self) -> (Vec<(Option<String>, Loaded<Object>)>, Vec<sidecap_policy::cluster::HeldSidecar>) {
+    fn objects(&self) -> (Vec<Kept>, Vec<sidecap_policy::cluster::HeldSidecar>) {
         let mut out = Vec::new();
         let mut held = Vec::new();
         for slot in &self.shared.slots {
