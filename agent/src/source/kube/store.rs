@@ -42,6 +42,8 @@ pub struct Store {
 pub struct Outcome {
     /// It does not type, for a reason not reported for this object before.
     pub newly_untyped: Option<String>,
+    /// The field it fails on, when the policy crate names one.
+    pub field: Option<String>,
     /// It types but Istio's validation rejects it, for reasons not reported before.
     pub newly_invalid: Option<String>,
 }
@@ -94,6 +96,10 @@ pub fn entry_of(
             let prev = prev.as_ref();
             if prev.and_then(|p| p.untyped.as_ref()) != Some(&why) {
                 out.newly_untyped = Some(why.clone());
+                out.field = match e {
+                    LoadError::Field(f) => Some(f.field.clone()),
+                    _ => None,
+                };
             }
             Entry {
                 typed: prev.and_then(|p| p.typed.clone()),

@@ -312,7 +312,8 @@ impl Reporter<'_> {
     fn outcome(&self, key: &str, out: &store::Outcome) {
         let kind = self.slot.kind.name();
         if let Some(why) = &out.newly_untyped {
-            tracing::error!(kind, object = key, reason = %why,
+            let field = out.field.as_deref().unwrap_or("-");
+            tracing::error!(kind, object = key, field, reason = %why,
                 "object does not type; its last typed version stays in force (none: left out, and a Sidecar holds its pods)");
             if let Some(m) = self.shared.metrics.get() {
                 m.kube_objects_untyped.get_or_create(&KubeKindLabels { kind: kind.into() }).inc();
