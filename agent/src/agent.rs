@@ -2,6 +2,7 @@
 //! the configuration source. The previous good policy stays in force on bad input.
 
 mod inputs;
+mod order;
 mod rulesets;
 mod sync;
 
@@ -49,14 +50,17 @@ fn spawn_source(mut source: Box<dyn Source>, poll: Duration, tx: mpsc::Sender<Ev
         .spawn(move || {
             let mut synced = false;
             while !STOP.load(Ordering::SeqCst) {
-                if let Some(snap) = source.next(poll) {
-                    if tx.send(Event::Snapshot(snap)).is_err() {
-                        return;
-                    }
-                }
+                let snap = source.next(poll);
+                // Sync status first: once a snapshot is applied, readiness must not wait for
+                // a later event.
                 if source.synced() != synced {
                     synced = source.synced();
                     if tx.send(Event::Synced(synced)).is_err() {
+                        return;
+                    }
+                }
+                if let Some(snap) = snap {
+                    if tx.send(Event::Snapshot(snap)).is_err() {
                         return;
                     }
                 }
@@ -96,6 +100,9 @@ fn answer_cni(state: &mut LoopState, cluster: &sidecap_policy::Cluster, syncer: 
         let known = cluster.pods.iter().any(|p| format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name) == pod);
         let answer = if known && !meshed.contains(&pod) {
             Some(cni::Reply { ok: true, message: format!("{pod} is not meshed; nothing to capture") })
+        } else if let Some(e) = syncer.capacity_error(&pod).filter(|_| known) {
+            // Refused even when captured whole meanwhile: the pod must not start without its rules.
+            Some(cni::Reply { ok: false, message: format!("{pod}: {e}") })
         } else if known && syncer.is_managed(&pod) {
             Some(cni::Reply { ok: true, message: format!("{pod} captured") })
         } else if let Some(e) = syncer.pod_error(&pod).filter(|_| known) {
@@ -159,6 +166,11 @@ pub struct Config {
     pub cni_wait: Duration,
     /// Sizes of the maps that grow with pods and rules.
     pub map_sizes: datapath::MapSizes,
+    /// Place the destination-rewriting programs first with mprog where the kernel has it
+    /// (false: `--no-mprog`, attach as on kernels without it).
+    pub mprog: bool,
+    /// How often the programs ahead of sidecap's are looked for.
+    pub order_check: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,17 +222,40 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
     }
     datapath::probe(&cfg.cgroup)?;
-    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes)?;
+    let mprog = cfg.mprog && datapath::probe_mprog(&cfg.cgroup).map_err(datapath::Error::from)?;
+    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
         updated = ?installed.updated,
         attached = ?installed.attached,
+        reordered = ?installed.reordered,
         pod_links_updated = installed.pod_links_updated,
+        mprog = installed.mprog,
+        preorder = installed.preorder,
         "programs in place"
     );
+    if !installed.mprog {
+        tracing::info!(
+            cgroup = %cfg.cgroup.display(),
+            why = if cfg.mprog { "this kernel has no cgroup mprog (Linux < 6.17)" } else { "--no-mprog" },
+            "programs appended to the cgroup's lists: sidecap runs before programs of the cgroups above this one only"
+        );
+    }
+    let maps = datapath::Maps::open(&cfg.bpffs)?;
+    for netns in &installed.pod_links_removed {
+        let pod = maps.name(*netns).unwrap_or_else(|| format!("netns {netns}"));
+        tracing::info!(pod = %pod, netns, "pod's netns is gone (pod removed while no agent ran): its pinned sk_lookup link was removed");
+    }
+    for netns in &installed.pod_links_failed {
+        let pod = maps.name(*netns).unwrap_or_else(|| format!("netns {netns}"));
+        tracing::warn!(pod = %pod, netns, "pod's sk_lookup link could not be updated; skipped (see above)");
+    }
     health.attached.store(true, Ordering::Relaxed);
-    let mut syncer = Syncer::new(cfg, datapath::Maps::open(&cfg.bpffs)?, metrics.clone(), names)?;
+    // First checked at the loop's first turn, before the first snapshot is applied (so
+    // /readyz never answers ready before it), and after the CNI socket is up.
+    let mut order = order::OrderWatch::new(&cfg.cgroup, &cfg.bpffs, cfg.order_check);
+    let mut syncer = Syncer::new(cfg, maps, metrics.clone(), names)?;
     tracing::info!(source = %source.describe(), "watching");
 
     // Everything the loop reacts to arrives on one channel: snapshots from the source's
@@ -244,6 +279,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
 
     let mut state = LoopState::default();
     while !STOP.load(Ordering::SeqCst) {
+        order.tick(&metrics, &health);
         let event = rx.recv_timeout(cfg.poll_interval.min(Duration::from_millis(200)));
         health.beat();
         let seen_at = Instant::now();

@@ -7,6 +7,7 @@
 mod install;
 pub mod link;
 mod maps;
+pub mod order;
 mod probe;
 mod sizes;
 
@@ -17,6 +18,7 @@ pub use sidecap_policy::Generation;
 
 pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
 pub use maps::{Capacity, ListenerEntries, Maps, PodState, listeners_by_policy};
+pub use order::{find_pods_cgroup, probe_mprog};
 pub use probe::{ProbeError, probe};
 pub use sizes::MapSizes;
 
@@ -74,6 +76,8 @@ pub enum Error {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("nothing is installed under {path} (run `sidecap agent` first)")]
     NotInstalled { path: PathBuf },
+    #[error(transparent)]
+    Order(#[from] order::Error),
 }
 
 impl Error {

@@ -47,7 +47,11 @@ enum Cmd {
         /// This node's name for --kubernetes: only pods scheduled here are read [default: $NODE_NAME].
         #[arg(long, value_name = "NAME", conflicts_with = "config")]
         node_name: Option<String>,
-        /// cgroup v2 directory to attach to [default: the cgroup v2 root, from /proc/self/mountinfo].
+        /// cgroup v2 directory to attach to [default: the cgroup v2 root (from
+        /// /proc/self/mountinfo) where the kernel places programs first (mprog, Linux 6.17+);
+        /// elsewhere, or with --no-mprog, the cgroup that holds all pods (kubepods,
+        /// kubepods.slice), found in the cgroup tree, so that sidecap runs before socket load
+        /// balancers attached at the root].
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
         /// bpffs directory holding sidecap's pinned maps and links.
@@ -80,6 +84,13 @@ enum Cmd {
         /// Port and CIDR rules of all rule sets together (OUT_PORTS, OUT_CIDRS, IN_PORTS, each).
         #[arg(long, value_name = "N", default_value_t = sidecap::datapath::MapSizes::default().rules, value_parser = clap::value_parser!(u32).range(1..))]
         max_rules: u32,
+        /// Do not use cgroup mprog placement (BPF_F_BEFORE/BPF_F_PREORDER) even where the
+        /// kernel has it: attach as on kernels older than 6.17.
+        #[arg(long)]
+        no_mprog: bool,
+        /// How often to look for other programs that run before sidecap's, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        order_check_secs: u64,
         /// With --kubernetes: /readyz fails, naming the kind, when a kind has had no successful
         /// list, event, bookmark or server-ended watch for this many seconds (the API server ends
         /// each watch after 240 s, so a healthy but quiet kind never goes that long).
@@ -203,7 +214,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, kube_stale_after_secs } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, no_mprog, order_check_secs, kube_stale_after_secs } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -220,7 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let cgroup = match cgroup {
                 Some(c) => c,
-                None => cgroup::v2_root().context("finding the cgroup v2 root")?,
+                None => default_cgroup(no_mprog)?,
             };
             let cfg = agent::Config {
                 source,
@@ -236,6 +247,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cni_socket: (cni_socket != "off").then(|| PathBuf::from(&cni_socket)),
                 cni_wait: Duration::from_secs(cni_wait_secs),
                 map_sizes: sidecap::datapath::MapSizes { pods: max_pods, listeners: max_listeners, rules: max_rules },
+                mprog: !no_mprog,
+                order_check: Duration::from_secs(order_check_secs),
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)
@@ -312,6 +325,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             sidecap_policy::cli::explain(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Where to attach without `--cgroup`: the root where the kernel can place sidecap's programs
+/// first; otherwise the cgroup holding all pods, since a child cgroup's programs run before
+/// its parent's (socket load balancers attach at the root).
+fn default_cgroup(no_mprog: bool) -> anyhow::Result<PathBuf> {
+    let root = cgroup::v2_root().context("finding the cgroup v2 root")?;
+    if !no_mprog && datapath::probe_mprog(&root)? {
+        return Ok(root);
+    }
+    match datapath::find_pods_cgroup(&root) {
+        Some(pods) => {
+            tracing::info!(cgroup = %pods.display(), "no cgroup mprog: attaching at the cgroup that holds all pods");
+            Ok(pods)
+        }
+        None => {
+            tracing::warn!(
+                root = %root.display(),
+                "no cgroup mprog and no kubepods cgroup found: attaching at the root, after any program already there \
+                 (pass --cgroup with the cgroup that holds the pods)"
+            );
+            Ok(root)
         }
     }
 }

@@ -34,6 +34,12 @@ pub struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    /// The cgroup hook (`connect4`, `connect6`, `sendmsg4`, `sendmsg6`).
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KubeKindLabels {
     /// The object kind (`Pod`, `Sidecar`, ...; `ConfigMap` is the mesh config).
     pub kind: String,
@@ -62,9 +68,11 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabels, Gauge>,
     /// Pods refused because their rule set did not fit (counted once per pod and reason).
     pub capacity_refusals: Family<MapLabels, Counter>,
+    /// Other programs that run before sidecap's on a hook that rewrites destinations.
+    pub programs_ahead: Family<HookLabels, Gauge>,
     /// Kubernetes source: failed requests and watch errors, by kind and HTTP code.
     pub kube_api_errors: Family<KubeErrorLabels, Counter>,
-    /// Kubernetes source: seconds since the last successful list, watch start, event or bookmark.
+    /// Kubernetes source: seconds since the last successful list, event, bookmark or server-ended watch.
     pub kube_last_event_age_seconds: Family<KubeKindLabels, Gauge<f64, AtomicU64>>,
     /// Kubernetes source: object versions that do not type (counted once per object and reason).
     pub kube_objects_untyped: Family<KubeKindLabels, Counter>,
@@ -85,6 +93,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             capacity_refusals: Family::default(),
+            programs_ahead: Family::default(),
             kube_api_errors: Family::default(),
             kube_last_event_age_seconds: Family::default(),
             kube_objects_untyped: Family::default(),
@@ -117,13 +126,18 @@ impl Metrics {
             m.capacity_refusals.clone(),
         );
         registry.register(
+            "sidecap_programs_ahead",
+            "Other BPF programs that run before sidecap's on a hook that rewrites destinations (they see the Service VIP first)",
+            m.programs_ahead.clone(),
+        );
+        registry.register(
             "sidecap_kube_api_errors",
             "Kubernetes API errors by kind and HTTP code (the last policy stays in force)",
             m.kube_api_errors.clone(),
         );
         registry.register(
             "sidecap_kube_last_event_age_seconds",
-            "Seconds since each kind's last successful list, watch start, event or bookmark",
+            "Seconds since each kind's last successful list, event, bookmark or server-ended watch",
             m.kube_last_event_age_seconds.clone(),
         );
         registry.register(

@@ -63,6 +63,22 @@ impl Generation {
         }
     }
 
+    /// This rule set without its listener entries, every other outbound connection captured:
+    /// istio-init's own behaviour (everything not excluded goes to the proxy, which decides).
+    /// It is what a pod gets when its full rule set does not fit the maps and it has no
+    /// previous policy: captured whole, not left open. It loses only sidecap's shortcuts
+    /// (direct passthrough, immediate drop), so it is tiny and almost always fits.
+    pub fn capture_all(&self) -> Generation {
+        Generation {
+            pod: PodConfig { default_action: sidecap_common::action::CAPTURE, ..self.pod },
+            out_ports: self.out_ports.clone(),
+            out_cidrs: self.out_cidrs.clone(),
+            listeners: BTreeMap::new(),
+            in_ports: self.in_ports.clone(),
+            listener_names: Vec::new(),
+        }
+    }
+
     /// True when `other` differs from this rule set in listener entries only: such a change
     /// (a Service added or removed) can be written in place, entry by entry, since each entry
     /// decides its own destinations; anything else moves pods to a completely written set.

@@ -122,3 +122,92 @@ fn pods_of_different_namespaces_may_still_share_a_rule_set() {
     let g = |p: &str| compile(&evaluate_in(&c, &reg, &p.parse().unwrap(), &opts).expect("evaluate"), 0, 0);
     assert_eq!(g("shop/a").rules_hash(), g("other/i").rules_hash());
 }
+
+#[test]
+fn a_rule_set_captured_whole_sends_everything_not_excluded_to_the_proxy() {
+    // The fallback for a pod whose rules do not fit the maps: istio-init's behaviour, every
+    // outbound connection to the proxy except what the pod excludes. Nothing passes through
+    // on sidecap's own shortcut, and REGISTRY_ONLY's drop is left to the proxy.
+    use sidecap_policy::{Action, compile::simulate::outbound};
+    let pods = [
+        pod("shop", "f", "app: web", ", traffic.sidecar.istio.io/excludeOutboundPorts: '5432'", &["10.244.0.6"]),
+        pod("locked", "k", "app: web", "", &["10.244.2.1"]),
+    ]
+    .concat();
+    let c = load_with(&[], &format!("{pods}{REST}"));
+    let reg = registry::build(&c);
+    let opts = EngineOptions::default();
+    let g = |p: &str| compile(&evaluate_in(&c, &reg, &p.parse().unwrap(), &opts).expect("evaluate"), 0, 0);
+    let to = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    let tcp = sidecap_common::proto::TCP;
+
+    let f = g("shop/f");
+    let whole = f.capture_all();
+    assert!(whole.listeners.is_empty() && whole.listener_names.is_empty());
+    assert_eq!(whole.entry_counts().listeners, 0);
+    assert!(f.differs_in_listeners_only(&whole), "only listener entries go");
+    assert_eq!(outbound(&f, to("10.96.0.10:80"), tcp), Action::Capture);
+    assert_eq!(outbound(&whole, to("10.96.0.10:80"), tcp), Action::Capture);
+    assert_eq!(outbound(&f, to("192.0.2.1:443"), tcp), Action::Passthrough, "ALLOW_ANY: sidecap's direct passthrough");
+    assert_eq!(outbound(&whole, to("192.0.2.1:443"), tcp), Action::Capture, "captured whole: the proxy passes it through");
+    assert_eq!(outbound(&whole, to("10.96.0.10:5432"), tcp), Action::Passthrough, "an excluded port stays excluded");
+
+    let k = g("locked/k");
+    assert_eq!(outbound(&k, to("10.96.0.11:6379"), tcp), Action::Drop, "REGISTRY_ONLY: not in the Sidecar's scope");
+    assert_eq!(outbound(&k.capture_all(), to("10.96.0.11:6379"), tcp), Action::Capture, "the proxy enforces REGISTRY_ONLY");
+    assert_ne!(whole.rules_hash(), f.rules_hash(), "a set of its own, unless the pod had no listener entries anyway");
+}
+
+#[test]
+fn default_mesh_pods_of_ordinary_namespaces_share_one_scope() {
+    // No Sidecar: every pod imports `*/*`, so namespaces differ only where visibility or
+    // hostname precedence differ (pilot/pkg/model/push_context.go `IsServiceVisible`,
+    // sidecar.go `UnifiedSidecarScoping`). Those namespaces keep their own key.
+    let extra = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: private, namespace: secret}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shared, namespace: secret, annotations: {networking.istio.io/exportTo: 'secret,partner'}}
+spec: {clusterIP: 10.96.0.21, ports: [{name: http, port: 81}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: dup1}
+spec: {hosts: [api.example.com], ports: [{number: 443, name: tls, protocol: TLS}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: dup2}
+spec: {hosts: [api.example.com], ports: [{number: 8443, name: tls, protocol: TLS}], resolution: DNS}
+";
+    let pods = ["shop", "other", "plain1", "plain2", "secret", "partner", "dup1", "dup2", "locked"]
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| pod(ns, "p", "app: web", "", &[&format!("10.244.9.{}", i + 1)]))
+        .collect::<String>();
+    let c = load_with(&[], &format!("{pods}{REST}{extra}"));
+    let reg = registry::build(&c);
+    let scopes = Scopes::new(&reg);
+    let opts = EngineOptions::default();
+    let key = |ns: &str| scopes.key(&c, &format!("{ns}/p").parse().unwrap()).unwrap();
+    let rules = |ns: &str| compile(&evaluate_in(&c, &reg, &format!("{ns}/p").parse().unwrap(), &opts).unwrap(), 0, 0).rules_hash();
+    for ns in ["other", "plain1", "plain2"] {
+        assert_eq!(key(ns), key("shop"), "{ns} is an ordinary namespace");
+        assert_eq!(rules(ns), rules("shop"));
+    }
+    for ns in ["secret", "partner", "dup1", "dup2"] {
+        assert_ne!(key(ns), key("shop"), "{ns} may see the registry differently");
+    }
+    // Their rules do differ, except dup1's: other namespaces get the oldest copy of a
+    // duplicated host (creation, then namespace order), which happens to be dup1's own.
+    for ns in ["secret", "partner", "dup2"] {
+        assert_ne!(rules(ns), rules("shop"), "{ns}");
+    }
+    assert_eq!(rules("dup1"), rules("shop"));
+    assert_ne!(key("locked"), key("shop"), "a Sidecar keeps the namespace in the key");
+}

@@ -167,6 +167,17 @@ impl Agent {
         }
     }
 
+    /// Waits for the agent's CNI socket: the maps are pinned before it is served, so a plugin
+    /// call right after `wait_pods` could find nothing to connect to.
+    pub fn wait_cni_socket(&mut self, socket: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !socket.exists() {
+            self.assert_running();
+            assert!(Instant::now() < deadline, "no CNI socket at {} after {timeout:?}; log:\n{}", socket.display(), self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
     }

@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod netns;
 pub mod probe;
 pub mod sockaddr;
+pub mod socklb;
 pub mod process;
 pub mod topology;
 pub mod upstream;

@@ -68,6 +68,7 @@ impl Pod {
 pub struct TopologyBuilder {
     pods: Vec<String>,
     service_addrs: Vec<IpAddr>,
+    pods_under: Option<String>,
 }
 
 impl TopologyBuilder {
@@ -83,6 +84,13 @@ impl TopologyBuilder {
         self
     }
 
+    /// Put the pods' cgroups in a child cgroup `name` of the topology's (as a node's pods
+    /// are all under `kubepods`), not directly in it.
+    pub fn pods_under(mut self, name: &str) -> Self {
+        self.pods_under = Some(name.to_owned());
+        self
+    }
+
     pub fn build(self) -> io::Result<Topology> {
         assert!(self.pods.len() <= 99, "at most 99 pods (10.251.1-99.0/24)");
         let cgroup = TestCgroup::new("topo")?;
@@ -91,12 +99,13 @@ impl TopologyBuilder {
         // Routing between pods happens in the services netns only.
         services.sysctl("net.ipv4.ip_forward", "1")?;
         services.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        let mut topo = Topology { pods: Vec::new(), services, cgroup, service_addrs: Vec::new() };
+        let pods_cgroup = self.pods_under.as_deref().map(|n| cgroup.child(n)).transpose()?;
+        let mut topo = Topology { pods: Vec::new(), pods_cgroup, services, cgroup, service_addrs: Vec::new() };
         for addr in &self.service_addrs {
             topo.add_service_addr(*addr)?;
         }
         for (i, name) in self.pods.iter().enumerate() {
-            topo.add_pod(name, (i + 1) as u8)?;
+            topo.add_pod_at(name, (i + 1) as u8)?;
         }
         Ok(topo)
     }
@@ -107,6 +116,8 @@ impl TopologyBuilder {
 #[derive(Debug)]
 pub struct Topology {
     pods: Vec<Pod>,
+    /// Where the pods' cgroups are when not directly in `cgroup` (see `pods_under`).
+    pods_cgroup: Option<TestCgroup>,
     services: Netns,
     cgroup: TestCgroup,
     service_addrs: Vec<IpAddr>,
@@ -138,6 +149,30 @@ impl Topology {
         &self.cgroup
     }
 
+    /// The cgroup that holds the pods' cgroups: [`Topology::cgroup`] or its `pods_under` child.
+    pub fn pods_cgroup(&self) -> &TestCgroup {
+        self.pods_cgroup.as_ref().unwrap_or(&self.cgroup)
+    }
+
+    /// Adds a pod after build (the next free index); returns it.
+    pub fn add_pod(&mut self, name: &str) -> io::Result<&Pod> {
+        let index = self.pods.iter().map(|p| p.index).max().unwrap_or(0) + 1;
+        assert!(index <= 99, "at most 99 pods (10.251.1-99.0/24)");
+        self.add_pod_at(name, index)?;
+        Ok(self.pods.last().expect("just added"))
+    }
+
+    /// Removes a pod as a node does when it is deleted: its processes are killed, its netns
+    /// deleted (taking its veth with it) and its cgroup removed.
+    pub fn remove_pod(&mut self, name: &str) {
+        let i = self.pods.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name:?} in topology"));
+        let pod = self.pods.remove(i);
+        if let Err(e) = pod.cgroup.kill_all() {
+            eprintln!("sidecap-tests: pod {name} cgroup kill: {e}");
+        }
+        drop(pod);
+    }
+
     pub fn service_addrs(&self) -> &[IpAddr] {
         &self.service_addrs
     }
@@ -159,14 +194,14 @@ impl Topology {
         Ok(())
     }
 
-    fn add_pod(&mut self, name: &str, index: u8) -> io::Result<()> {
+    fn add_pod_at(&mut self, name: &str, index: u8) -> io::Result<()> {
         assert!(
             self.pods.iter().all(|p| p.name != name),
             "duplicate pod name {name:?}"
         );
         let netns = Netns::new(&format!("pod-{index}"))?;
         disable_dad(&netns)?;
-        let cgroup = self.cgroup.child(&format!("pod-{name}"))?;
+        let cgroup = self.pods_cgroup().child(&format!("pod-{name}"))?;
         let pod = Pod { name: name.to_owned(), index, netns, cgroup };
         let svc_if = format!("vp{index}");
         // Created inside the services netns with its peer created directly in the pod netns:

@@ -65,6 +65,7 @@ fn cni_add_returns_once_the_pod_is_captured() {
     let sock_arg = socket.display().to_string();
     let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &["--cni-socket", &sock_arg, "--cni-wait-secs", "2"]);
     agent.wait_pods(&[], 0, Duration::from_secs(20));
+    agent.wait_cni_socket(&socket, Duration::from_secs(20));
     let _up = Upstream::start(topo.services(), (SVC, 80).into()).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
 

@@ -135,6 +135,7 @@ fn install_cni_chains_the_plugin_the_runtime_runs_and_uninstall_gives_the_node_b
     assert!(out.contains("sidecap-cni chained"), "{out}");
     let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &["--cni-socket", &sock_s, "--cni-wait-secs", "5"]);
     agent.wait_pods(&[], 0, Duration::from_secs(20));
+    agent.wait_cni_socket(&socket, Duration::from_secs(20));
     let _up = Upstream::start(topo.services(), (SVC, 80).into()).expect("upstream");
     let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
     assert!(inspect(pins.path()).as_array().unwrap().is_empty(), "nothing knows pod a's netns yet");

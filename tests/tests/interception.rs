@@ -56,6 +56,7 @@ fn unimplemented_capture_modes_fail_the_pods_cni_add_naming_the_setting() {
     let sock_arg = socket.display().to_string();
     let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &["--cni-socket", &sock_arg, "--cni-wait-secs", "5"]);
     agent.wait_pods(&[], 0, Duration::from_secs(20));
+    agent.wait_cni_socket(&socket, Duration::from_secs(20));
 
     let cases = [
         ("t", "annotation sidecar.istio.io/interceptionMode: \"TPROXY\" is not supported by sidecap"),

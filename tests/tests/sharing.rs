@@ -177,8 +177,16 @@ fn a_rule_set_that_does_not_fit_is_refused_and_fails_the_new_pods_cni_add() {
     assert!(body.contains("map capacity") && body.contains("default/b") && body.contains("OUT_LISTENERS"), "{body}");
     let metrics = agent.admin_get("/metrics").1;
     assert!(metrics.lines().any(|l| l.starts_with("sidecap_capacity_refusals") && l.contains("rules") && !l.ends_with(" 0")), "{metrics}");
-    assert!(!policies(pins.path()).contains_key(&b.cookie().unwrap()), "nothing of b is written");
+    assert!(msg.contains("every outbound connection of the pod goes to its proxy"), "CNI error says b is captured whole meanwhile: {out}");
     assert_eq!(listeners_per_policy(pins.path()).values().sum::<usize>(), 3, "no half-written set");
+    // Fail closed: b, had it started, is not left open. It holds a set without listener
+    // entries whose default is capture, so its connections go to its own proxy.
+    let b_policy = policies(pins.path())[&b.cookie().unwrap()];
+    assert_ne!(b_policy, policies(pins.path())[&a.cookie().unwrap()]);
+    assert!(!listeners_per_policy(pins.path()).contains_key(&b_policy), "b's set has no listener entries");
+    let views = inspect(pins.path());
+    let b_view = views.as_array().and_then(|v| v.iter().find(|p| p["pod"] == "default/b")).cloned().unwrap_or_default();
+    assert_eq!(b_view["no_listener"], "capture", "{views}");
 
     // a keeps its capture.
     let _up = Upstream::start(topo.services(), (SVC, 80).into()).expect("upstream");
@@ -186,6 +194,15 @@ fn a_rule_set_that_does_not_fit_is_refused_and_fails_the_new_pods_cni_add() {
     let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("still"));
     assert!(r.ok, "{r:?}");
     assert_eq!(hp.wait_log_lines(1, Duration::from_secs(5))[0].frontend, Some((SVC, 80).into()));
+    // Port 9090 is no Service's: a's set passes it through directly, b (captured whole)
+    // sends it to its proxy.
+    let _up9090 = Upstream::start(topo.services(), (SVC, 9090).into()).expect("upstream 9090");
+    let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:9090", &ConnectOpts::send("direct"));
+    assert!(r.ok && r.peer_addr() == Some((SVC, 9090).into()), "{r:?}");
+    let hp_b = Haproxy::start(b, HaproxyConfig::default()).expect("haproxy in b");
+    let r = Probe::at(probe_bin!()).connect(b, Creds::APP, "10.251.100.10:9090", &ConnectOpts::send("captured whole"));
+    assert!(r.ok, "{r:?}");
+    assert_eq!(hp_b.wait_log_lines(1, Duration::from_secs(5))[0].frontend, Some((SVC, 9090).into()));
 
     // Once b is gone from the source, the node is ready again.
     mesh.remove("pod-b.yaml");

@@ -98,8 +98,7 @@ fn does_not_fit(need: EntryCounts, used: EntryCounts, cap: &datapath::Capacity) 
     ];
     maps.into_iter().find(|(_, _, need, used, max)| used + need > *max).map(|(map, flag, need, used, max)| {
         format!(
-            "rule set needs {need} entries of map {map}, which has {} of {max} free ({flag}); \
-             not captured with a partial policy: the previous policy (if any) stays in force",
+            "rule set needs {need} entries of map {map}, which has {} of {max} free ({flag}); never written in part",
             max.saturating_sub(used)
         )
     })
@@ -310,7 +309,10 @@ impl Syncer {
             None => {
                 if let Some(why) = does_not_fit(w.rules.entry_counts(), self.sets.used(), self.maps.capacity()) {
                     self.refuse_for_capacity(&w.pod, &why, "rules");
-                    return Err(why);
+                    if current.is_none() {
+                        return Err(self.capture_whole(w, why, report));
+                    }
+                    return Err(format!("{why}; the previous policy stays in force"));
                 }
                 let id = self.sets.fresh_id();
                 if let Err(e) = self.maps.write_set(id, &w.rules) {
@@ -376,6 +378,28 @@ impl Syncer {
             "policy applied"
         );
         Ok(())
+    }
+
+    /// A pod with no policy yet whose rule set does not fit: rather than leave it open, give
+    /// it the set without listener entries and capture every other outbound connection
+    /// (`Generation::capture_all`). The pod is still reported (its CNI ADD fails) and is
+    /// re-evaluated every pass, so it gets its own rules as soon as they fit.
+    fn capture_whole(&mut self, w: Want, why: String, report: &mut SyncReport) -> String {
+        let rules = w.rules.capture_all();
+        if does_not_fit(rules.entry_counts(), self.sets.used(), self.maps.capacity()).is_some() {
+            return format!("{why}; not captured at all: even its rules without listeners do not fit");
+        }
+        let hash = rules.rules_hash();
+        let config = PodConfig { default_action: sidecap_common::action::CAPTURE, ..w.config };
+        let pod = w.pod.clone();
+        let degraded = Want { rules: Arc::new(rules), hash, config, inputs: 0, ..w };
+        match self.switch_pod(degraded, report) {
+            Ok(()) => {
+                tracing::warn!(pod = %pod, "rule set does not fit: every outbound connection of the pod goes to its proxy until it does");
+                format!("{why}; meanwhile every outbound connection of the pod goes to its proxy (no direct passthrough, no immediate drop)")
+            }
+            Err(e) => format!("{why}; not captured at all: {e}"),
+        }
     }
 
     /// A set written for a pod that could not use it after all.
@@ -471,6 +495,11 @@ impl Syncer {
     /// The pod's current problem, if any (the reason its policy is not in the kernel).
     pub fn pod_error(&self, pod: &str) -> Option<&str> {
         self.pod_errors.get(pod).map(String::as_str)
+    }
+
+    /// Why the pod's own rule set is not in force for lack of map capacity, if it is not.
+    pub fn capacity_error(&self, pod: &str) -> Option<&str> {
+        self.capacity_errors.get(pod).and(self.pod_errors.get(pod)).map(String::as_str)
     }
 
     /// Why the node is not ready for capture: pods refused because their rules do not fit.

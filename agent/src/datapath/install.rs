@@ -5,14 +5,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use aya::{
     EbpfLoader,
     programs::{Program, links::PinnedLink},
 };
 
-use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, MAP_NAMES};
+use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, MAP_NAMES, order};
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -26,6 +26,19 @@ pub struct Installed {
     pub attached: Vec<&'static str>,
     /// Per-pod sk_lookup links swapped to this version's program.
     pub pod_links_updated: usize,
+    /// The kernel places cgroup links (mprog, Linux 6.17+) and the agent used it.
+    pub mprog: bool,
+    /// Ordered hooks were also attached with BPF_F_PREORDER (the cgroup has children).
+    pub preorder: bool,
+    /// Pinned links attached again (first in the list, or at the requested cgroup) and
+    /// their pins replaced: another program had been put ahead of them, or they were
+    /// attached elsewhere.
+    pub reordered: Vec<&'static str>,
+    /// Pods whose pinned sk_lookup link was severed (their netns is gone): pin removed.
+    pub pod_links_removed: Vec<u64>,
+    /// Pods whose pinned sk_lookup link could not be updated for another reason (logged,
+    /// left as they are).
+    pub pod_links_failed: Vec<u64>,
 }
 
 fn maps_dir(bpffs: &Path) -> PathBuf {
@@ -97,7 +110,13 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
 /// Idempotent and gap-free: maps already pinned are reused with their contents; links
 /// already pinned (by a previous agent, or a previous version) keep existing and get this
 /// version's program atomically (BPF_LINK_UPDATE); missing links are created.
-pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes) -> Result<Installed, Error> {
+///
+/// With `mprog` (see [`super::probe_mprog`]) the hooks that rewrite destinations
+/// ([`super::order::ORDERED_HOOKS`]) are attached first in the cgroup's list, and before
+/// descendant cgroups' programs when it has children; a pinned one that another program
+/// got ahead of is attached again in first place. Per-pod state of pods whose netns is gone
+/// is removed, and no single pod's failure stops the install.
+pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool) -> Result<Installed, Error> {
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
@@ -123,8 +142,10 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes) -> Result<I
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
 
-    let mut out = Installed::default();
+    let mut out = Installed { mprog, preorder: mprog && order::has_children(cgroup), ..Installed::default() };
     let cgroup_file = File::open(cgroup).map_err(Error::io(cgroup))?;
+    let cgroup_id = order::cgroup_id(cgroup)?;
+    let preorder = out.preorder;
     for (prog, link, attach_type) in CGROUP_PROGRAMS {
         let program = ebpf.program_mut(prog).ok_or(Error::MissingProgram { name: prog })?;
         let perr = |source| Error::Program { name: prog, source };
@@ -135,22 +156,49 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes) -> Result<I
             _ => return Err(Error::MissingProgram { name: prog }),
         }
         let prog_fd = program.fd().map_err(perr)?;
+        let first = mprog && order::ORDERED_HOOKS.contains(link);
+        let attach = || -> Result<OwnedFd, Error> {
+            if first {
+                Ok(order::attach_first(prog_fd.as_fd(), &cgroup_file, cgroup, link, *attach_type, preorder)?)
+            } else {
+                super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type)
+                    .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })
+            }
+        };
         let path = link_pin(bpffs, link);
         if path.exists() {
             let link_fd = super::link::get(&path).map_err(Error::io(&path))?;
             super::link::update(link_fd.as_fd(), prog_fd.as_fd())
                 .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
             out.updated.push(*link);
+            let info = super::link::link_info(link_fd.as_fd()).map_err(Error::io(&path))?;
+            let elsewhere = info.target != cgroup_id;
+            let behind = first && !elsewhere && !order::is_first(&cgroup_file, cgroup, link, *attach_type, info.prog_id)?;
+            if elsewhere || behind {
+                let fd = attach()?;
+                replace_pin(fd.as_fd(), &path)?;
+                // The old link's last reference: it detaches now.
+                drop(link_fd);
+                tracing::info!(
+                    hook = *link,
+                    cgroup = %cgroup.display(),
+                    first,
+                    reason = if elsewhere { "pinned link was attached to another cgroup" } else { "another program was ahead of it" },
+                    "pinned link attached again and its pin replaced"
+                );
+                out.reordered.push(*link);
+            }
         } else {
-            let fd = super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type)
-                .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
+            let fd = attach()?;
             super::link::pin(fd.as_fd(), &path).map_err(Error::io(&path))?;
             out.attached.push(*link);
         }
     }
 
     // sk_lookup: the program is pinned (new pods get linked to it later); existing pods'
-    // links are swapped to this version's program.
+    // links are swapped to this version's program. A pod whose netns died while no agent
+    // ran has a severed link: its pin goes; any other pod's failure is logged and skipped,
+    // never fatal for the node.
     let name = super::SK_LOOKUP_PROGRAM;
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
     let Program::SkLookup(p) = program else { return Err(Error::MissingProgram { name }) };
@@ -158,15 +206,57 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes) -> Result<I
     let prog_fd = p.fd().map_err(|source| Error::Program { name, source })?;
     for cookie in pod_links(bpffs) {
         let path = netns_links_dir(bpffs).join(cookie.to_string());
-        let link_fd = super::link::get(&path).map_err(Error::io(&path))?;
-        super::link::update(link_fd.as_fd(), prog_fd.as_fd())
-            .map_err(|source| Error::Attach { name, cgroup: path.clone(), source })?;
-        out.pod_links_updated += 1;
+        match update_pod_link(&path, prog_fd.as_fd()) {
+            Ok(()) => out.pod_links_updated += 1,
+            Err(PodLink::Severed) => match std::fs::remove_file(&path) {
+                Ok(()) => out.pod_links_removed.push(cookie),
+                Err(e) => {
+                    tracing::warn!(netns = cookie, pin = %path.display(), error = %e, "removing a severed pod link");
+                    out.pod_links_failed.push(cookie);
+                }
+            },
+            Err(PodLink::Other(e)) => {
+                tracing::warn!(netns = cookie, pin = %path.display(), error = %e, "pod's sk_lookup link not updated; skipped");
+                out.pod_links_failed.push(cookie);
+            }
+        }
     }
     let skl = sk_lookup_pin(bpffs);
     let _ = std::fs::remove_file(&skl);
     super::link::pin(prog_fd.as_fd(), &skl).map_err(Error::io(&skl))?;
     Ok(out)
+}
+
+enum PodLink {
+    /// The netns is gone (link severed: ENOLINK on update, or no netns inode).
+    Severed,
+    Other(std::io::Error),
+}
+
+fn update_pod_link(path: &Path, prog: BorrowedFd<'_>) -> Result<(), PodLink> {
+    let link = super::link::get(path).map_err(PodLink::Other)?;
+    if super::link::link_info(link.as_fd()).is_ok_and(|i| i.target == 0) {
+        return Err(PodLink::Severed);
+    }
+    super::link::update(link.as_fd(), prog).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOLINK) => PodLink::Severed,
+        _ => PodLink::Other(e),
+    })
+}
+
+/// Puts `fd` at `path` in place of what is pinned there, in one rename where bpffs allows.
+fn replace_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), Error> {
+    // bpffs refuses names with a dot.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push("-new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    super::link::pin(fd, &tmp).map_err(Error::io(&tmp))?;
+    if std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(path);
+        std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+    }
+    Ok(())
 }
 
 /// Links the sk_lookup program into a pod's netns (idempotent) and pins the link under

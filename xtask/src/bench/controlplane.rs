@@ -184,7 +184,9 @@ fn default_mesh_at(bins: &Bins, pods: usize, services: usize, rounds: usize) -> 
     let v = run_bounded(c, Duration::from_secs(60 + 25 * rounds as u64))?;
     let s = converge_samples(&v);
     if s.len() != rounds {
-        bail!("an added Service did not reach every pod within 20 s: {v}");
+        let log = agent.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        bail!("an added Service did not reach every pod within 20 s: {v}\nagent log (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
     }
     let rss_after = status_kib(pid, "VmRSS:");
     agent.kill9();
