@@ -293,15 +293,19 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
     registry.register_collector(Box::new(KernelCounters { bpffs: cfg.bpffs.clone(), names: names.clone() }));
+    // First, so that a bad kubeconfig fails before anything is attached.
+    let source: Box<dyn Source> = match &cfg.source {
+        SourceConfig::Dir(dir) => Box::new(DirSource::new(dir)),
+        SourceConfig::Kubernetes(opts) => {
+            let mut k = KubeSource::connect(opts.clone())?;
+            k.observe(metrics.clone(), health.clone());
+            Box::new(k)
+        }
+    };
     if let Some(addr) = cfg.admin_addr {
         let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone())?;
         tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
     }
-    // First, so that a bad kubeconfig fails before anything is attached.
-    let source: Box<dyn Source> = match &cfg.source {
-        SourceConfig::Dir(dir) => Box::new(DirSource::new(dir)),
-        SourceConfig::Kubernetes(opts) => Box::new(KubeSource::connect(opts.clone())?),
-    };
     datapath::probe(&cfg.cgroup)?;
     let mprog = cfg.mprog && datapath::probe_mprog(&cfg.cgroup).map_err(datapath::Error::from)?;
     let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;

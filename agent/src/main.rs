@@ -95,6 +95,11 @@ enum Cmd {
         /// How often to look for other programs that run before sidecap's, in seconds.
         #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         order_check_secs: u64,
+        /// With --kubernetes: /readyz fails, naming the kind, when a kind has had no successful
+        /// list, event, bookmark or server-ended watch for this many seconds (the API server ends
+        /// each watch after 240 s, so a healthy but quiet kind never goes that long).
+        #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        kube_stale_after_secs: u64,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory;
     /// with --cni-conf-dir/--cni-bin-dir first remove the chained plugin from the node.
@@ -218,7 +223,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, max_connections, no_mprog, order_check_secs } => {
+        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, max_connections, no_mprog, order_check_secs, kube_stale_after_secs } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -229,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--kubernetes needs the node's name: --node-name or NODE_NAME")?;
                     let mut opts = sidecap::source::kube::KubeOptions::new(node);
                     opts.kubeconfig = kubeconfig;
+                    opts.stale_after = Duration::from_secs(kube_stale_after_secs);
                     agent::SourceConfig::Kubernetes(opts)
                 }
             };

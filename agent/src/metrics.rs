@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
 use prometheus_client::{
@@ -39,6 +39,19 @@ pub struct HookLabels {
     pub hook: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeKindLabels {
+    /// The object kind (`Pod`, `Sidecar`, ...; `ConfigMap` is the mesh config).
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeErrorLabels {
+    pub kind: String,
+    /// The HTTP status or watch ERROR code; `none` when no response came (connection, timeout).
+    pub code: String,
+}
+
 /// The agent's own metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -57,6 +70,14 @@ pub struct Metrics {
     pub capacity_refusals: Family<MapLabels, Counter>,
     /// Other programs that run before sidecap's on a hook that rewrites destinations.
     pub programs_ahead: Family<HookLabels, Gauge>,
+    /// Kubernetes source: failed requests and watch errors, by kind and HTTP code.
+    pub kube_api_errors: Family<KubeErrorLabels, Counter>,
+    /// Kubernetes source: seconds since the last successful list, event, bookmark or server-ended watch.
+    pub kube_last_event_age_seconds: Family<KubeKindLabels, Gauge<f64, AtomicU64>>,
+    /// Kubernetes source: object versions that do not type (counted once per object and reason).
+    pub kube_objects_untyped: Family<KubeKindLabels, Counter>,
+    /// Kubernetes source: objects Istio's validation rejects (counted once per object and reason).
+    pub kube_objects_invalid: Family<KubeKindLabels, Counter>,
 }
 
 impl Metrics {
@@ -73,6 +94,10 @@ impl Metrics {
             map_capacity: Family::default(),
             capacity_refusals: Family::default(),
             programs_ahead: Family::default(),
+            kube_api_errors: Family::default(),
+            kube_last_event_age_seconds: Family::default(),
+            kube_objects_untyped: Family::default(),
+            kube_objects_invalid: Family::default(),
         };
         registry.register("sidecap_pods_managed", "Meshed pods whose policy is in the kernel", m.pods_managed.clone());
         registry.register(
@@ -104,6 +129,26 @@ impl Metrics {
             "sidecap_programs_ahead",
             "Other BPF programs that run before sidecap's on a hook that rewrites destinations (they see the Service VIP first)",
             m.programs_ahead.clone(),
+        );
+        registry.register(
+            "sidecap_kube_api_errors",
+            "Kubernetes API errors by kind and HTTP code (the last policy stays in force)",
+            m.kube_api_errors.clone(),
+        );
+        registry.register(
+            "sidecap_kube_last_event_age_seconds",
+            "Seconds since each kind's last successful list, event, bookmark or server-ended watch",
+            m.kube_last_event_age_seconds.clone(),
+        );
+        registry.register(
+            "sidecap_kube_objects_untyped",
+            "Kubernetes objects that do not type (their last typed version stays in force)",
+            m.kube_objects_untyped.clone(),
+        );
+        registry.register(
+            "sidecap_kube_objects_invalid",
+            "Kubernetes objects that Istio's validation rejects (applied as istiod applies them)",
+            m.kube_objects_invalid.clone(),
         );
         m
     }

@@ -1,7 +1,10 @@
 //! The Kubernetes source through kube-rs's real client against a local HTTP server that
 //! speaks the list/watch protocol (no API server can run on these machines): initial
 //! snapshot, Sidecar added/changed/deleted, pod deleted, API server down and back, 410 Gone
-//! relist, 5xx retries, Istio version fallback, netns from processes, kubeconfig.
+//! relist (ERROR event and HTTP status), 5xx retries, Istio version fallback and a version
+//! disappearing at run time, netns from processes, kubeconfig, objects that stop typing or
+//! never type, Istio-invalid objects, a stuck watch failing readiness, User-Agent, list
+//! semantics (watch cache vs quorum, paging).
 
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -495,4 +498,356 @@ fn rbac_grants_exactly_what_is_requested() {
         assert_eq!(v, ["list", "watch"], "list/watch only");
     }
     assert!(rbac.contains("resourceNames: [\"istio\"]"), "the ConfigMap grant names the mesh ConfigMap only");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observability: the source registered with a Prometheus registry and the agent's Health, as
+// the agent does; readiness read through the real admin endpoint.
+
+struct Observed {
+    src: KubeSource,
+    registry: std::sync::Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+    admin: std::net::SocketAddr,
+}
+
+fn observed(server: &FakeApiServer, opts: KubeOptions) -> Observed {
+    let mut src = source(server, opts);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = sidecap::metrics::Metrics::new(&mut registry);
+    let health = std::sync::Arc::new(sidecap::admin::Health::default());
+    // Everything else ready: only the source's own problems are left to report.
+    health.attached.store(true, std::sync::atomic::Ordering::Relaxed);
+    health.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+    health.applied.store(true, std::sync::atomic::Ordering::Relaxed);
+    health.beat();
+    src.observe(metrics, health.clone());
+    let registry = std::sync::Arc::new(std::sync::Mutex::new(registry));
+    let admin = sidecap::admin::serve("127.0.0.1:0".parse().expect("addr"), registry.clone(), health).expect("admin");
+    Observed { src, registry, admin }
+}
+
+impl Observed {
+    /// The metric's value for this label set (`name{labels}` as the text format prints it).
+    fn metric(&self, series: &str) -> f64 {
+        metric(&self.registry, series)
+    }
+
+    fn readyz(&self) -> (u16, String) {
+        http_get(self.admin, "/readyz")
+    }
+}
+
+fn metric(registry: &std::sync::Mutex<prometheus_client::registry::Registry>, series: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry.lock().expect("registry")).expect("encode");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// Calls `next` (keeping the last snapshot) until `cond` holds; panics after LIMIT.
+fn until(src: &mut KubeSource, last: &mut Option<Cluster>, what: &str, mut cond: impl FnMut(&Option<Cluster>) -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !cond(last) {
+        assert!(Instant::now() < deadline, "{what}: not within {LIMIT:?}");
+        if let Some(Ok(c)) = src.next(Duration::from_millis(100)) {
+            *last = Some(c);
+        }
+    }
+}
+
+fn lockdown_sidecar(port: Value) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+        "metadata": {"name": "default", "namespace": "shop"},
+        "spec": {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
+                 "egress": [{"port": {"number": port, "protocol": "HTTP", "name": "http"}, "hosts": ["./*"]}]}
+    })
+}
+
+fn outbound(c: &Cluster, pod: &str, to: &str) -> sidecap_policy::Action {
+    let p = sidecap_policy::evaluate(c, &sidecap_policy::PodRef::new("shop", pod), &Default::default()).expect("policy");
+    p.decide_outbound(to.parse().expect("addr")).action
+}
+
+/// Must have 1: an edit that does not type (egress port "abc") leaves the last typed Sidecar
+/// in force: the REGISTRY_ONLY lockdown stays, nothing becomes passthrough or captured.
+#[test]
+fn typod_sidecar_keeps_the_lockdown() {
+    let server = FakeApiServer::start();
+    base(&server);
+    server.apply(lockdown_sidecar(json!(80)));
+    let mut o = observed(&server, options());
+    let mut last = None;
+    until(&mut o.src, &mut last, "the lockdown", |c| c.as_ref().is_some_and(|c| c.sidecars.len() == 1));
+    let c = last.clone().expect("snapshot");
+    assert_eq!(outbound(&c, "web", "192.0.2.77:443"), sidecap_policy::Action::Drop, "not in the registry: dropped");
+    assert_eq!(outbound(&c, "web", "10.96.0.10:80"), sidecap_policy::Action::Capture);
+
+    // The typo: the object no longer types. Counted once, the last typed version stays.
+    server.apply(lockdown_sidecar(json!("abc")));
+    let untyped = r#"sidecap_kube_objects_untyped_total{kind="Sidecar"}"#;
+    let reg = o.registry.clone();
+    until(&mut o.src, &mut last, "the untyped edit counted", |_| metric(&reg, untyped) == 1.0);
+    // Let the source deliver whatever it makes of the edit.
+    let _ = o.src.next(Duration::from_millis(300));
+    let c = match o.src.next(Duration::from_millis(100)) {
+        Some(Ok(c)) => c,
+        _ => last.clone().expect("snapshot"),
+    };
+    assert_eq!(sidecar_hosts(&c), [("shop/default".into(), vec!["./*".into()])]);
+    assert!(c.held_sidecars.is_empty(), "it typed before: its last version governs, nothing is held");
+    assert_eq!(outbound(&c, "web", "192.0.2.77:443"), sidecap_policy::Action::Drop, "still locked down");
+    assert_eq!(outbound(&c, "web", "10.96.0.10:80"), sidecap_policy::Action::Capture);
+
+    // The same bad version seen again (a relist) is not counted again.
+    server.expire_with(vec![], vec![]);
+    let lists = server.count("LIST /apis/networking.istio.io/v1/sidecars");
+    until(&mut o.src, &mut last, "a relist", |_| server.count("LIST /apis/networking.istio.io/v1/sidecars") > lists);
+    let _ = o.src.next(Duration::from_millis(300));
+    assert_eq!(o.metric(untyped), 1.0);
+
+    // Fixed: the new version applies.
+    let mut fixed = lockdown_sidecar(json!(80));
+    fixed["spec"]["egress"][0]["hosts"] = json!(["./*", "istio-system/*"]);
+    server.apply(fixed);
+    until(&mut o.src, &mut last, "the fixed Sidecar", |c| {
+        c.as_ref().is_some_and(|c| sidecar_hosts(c) == [("shop/default".into(), vec!["./*".into(), "istio-system/*".into()])])
+    });
+}
+
+/// Must have 1: a Sidecar that never typed holds the pods it could govern (its namespace,
+/// its selector when readable): their evaluation fails, so the agent keeps their previous
+/// policy and refuses new ones (`sidecap-cni` answers with the reason). Other pods are free.
+#[test]
+fn sidecar_first_arriving_untyped_holds_its_pods() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let mut other = meshed_pod("shop", "other", NODE, Some("/run/netns/other"));
+    other["metadata"]["labels"] = json!({"app": "other"});
+    server.apply(other);
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "blog", "labels": {"istio-injection": "enabled"}}}));
+    server.apply(meshed_pod("blog", "web", NODE, Some("/run/netns/blog-web")));
+    let mut src = source(&server, options());
+    wait_for(&mut src, LIMIT, "the pods", |c| c.pods.len() == 3);
+
+    server.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+        "metadata": {"name": "typo", "namespace": "shop"},
+        "spec": {"workloadSelector": {"labels": {"app": "web"}}, "egress": [{"port": {"number": "abc"}, "hosts": ["./*"]}]}}));
+    let c = wait_for(&mut src, LIMIT, "the held Sidecar", |c| !c.held_sidecars.is_empty());
+    assert!(c.sidecars.is_empty(), "nothing of it is applied");
+    assert_eq!(c.held_sidecars[0].key(), "shop/typo");
+    assert!(c.held_sidecars[0].reason.contains("spec.egress[0].port.number"), "{:?}", c.held_sidecars[0]);
+    let web = sidecap_policy::evaluate(&c, &sidecap_policy::PodRef::new("shop", "web"), &Default::default());
+    let err = web.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("shop/typo") && err.contains("previous policy stays"), "{err}");
+    // Not selected by it, or in another namespace: evaluated as usual.
+    assert!(sidecap_policy::evaluate(&c, &sidecap_policy::PodRef::new("shop", "other"), &Default::default()).is_ok());
+    assert!(sidecap_policy::evaluate(&c, &sidecap_policy::PodRef::new("blog", "web"), &Default::default()).is_ok());
+
+    // Typed at last: it governs, nothing is held.
+    server.apply(sidecar("shop", "typo", &["./*"]));
+    let c = wait_for(&mut src, LIMIT, "the Sidecar typed", |c| c.held_sidecars.is_empty() && c.sidecars.len() == 1);
+    assert!(sidecap_policy::evaluate(&c, &sidecap_policy::PodRef::new("shop", "web"), &Default::default()).is_ok());
+}
+
+/// Must have 4: istiod does not validate what its informers read
+/// (pilot/pkg/config/kube/crdclient/client.go `addCRD`: informer → `translateFunc`, no
+/// `ValidateConfig`; validation happens in the admission webhook, and for files in
+/// pilot/pkg/config/memory/store.go), and it skips a host without a namespace with an error
+/// log (pilot/pkg/model/sidecar.go `convertIstioListenerToWrapper`: "Illegal host in sidecar
+/// resource"). So does sidecap: the Sidecar is applied, reported with Istio's message, counted.
+#[test]
+fn istio_invalid_sidecar_is_applied_and_reported() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let mut o = observed(&server, options());
+    wait_for(&mut o.src, LIMIT, "the initial view", |_| true);
+    server.apply(sidecar("shop", "default", &["frontend.shop.svc.cluster.local"]));
+    let c = wait_for(&mut o.src, LIMIT, "the invalid Sidecar", |c| c.sidecars.len() == 1);
+    assert_eq!(sidecar_hosts(&c), [("shop/default".into(), vec!["frontend.shop.svc.cluster.local".into()])]);
+    assert_eq!(o.metric(r#"sidecap_kube_objects_invalid_total{kind="Sidecar"}"#), 1.0);
+    // What `sidecap validate` says of it is what was reported.
+    let v = sidecap_policy::validate::validate_sidecar(&c.sidecars[0].obj);
+    assert!(v.errors.iter().any(|e| e == "host must be of form namespace/dnsName"), "{v:?}");
+}
+
+/// Must have 2: v1 stops being served at run time (JSON 404, then the API server mux's plain
+/// "404 page not found"): the watcher rediscovers, lists v1beta1, and edits apply again; the
+/// Sidecar stays in every snapshot meanwhile.
+#[test]
+fn v1_disappearing_at_run_time() {
+    let server = FakeApiServer::start();
+    base(&server);
+    server.apply(sidecar("shop", "default", &["./*"]));
+    let mut src = source(&server, options());
+    wait_for(&mut src, LIMIT, "the v1 Sidecar", |c| c.sidecars.len() == 1);
+
+    for (plain, to) in [(false, "v1beta1"), (true, "v1alpha3")] {
+        server.set_plain_404(plain);
+        server.set_istio_versions(&[to]);
+        let want = format!("LIST /apis/networking.istio.io/{to}/sidecars");
+        let deadline = Instant::now() + LIMIT;
+        while server.count(&want) == 0 {
+            assert!(Instant::now() < deadline, "no {want}: {:?}", server.requests());
+            if let Some(Ok(c)) = src.next(Duration::from_millis(100)) {
+                assert_eq!(c.sidecars.len(), 1, "the policy stays in force");
+            }
+        }
+        let mut s = sidecar("shop", "default", &["./*", &format!("{to}/*")]);
+        s["apiVersion"] = json!(format!("networking.istio.io/{to}"));
+        server.apply(s);
+        wait_for(&mut src, LIMIT, "an edit after the move", |c| {
+            sidecar_hosts(c) == [("shop/default".into(), vec!["./*".into(), format!("{to}/*")])]
+        });
+    }
+}
+
+/// Must have 2: HTTP 410 on watch start (not an ERROR event) relists.
+#[test]
+fn http_410_on_watch_start_relists() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let mut src = source(&server, options());
+    wait_for(&mut src, LIMIT, "the initial view", |_| true);
+    let lists = server.count("LIST ");
+    // Every kind's next watch gets 410.
+    server.gone_next_watches(7);
+    server.end_watches();
+    let deadline = Instant::now() + LIMIT;
+    while server.count("LIST ") < lists + 7 {
+        assert!(Instant::now() < deadline, "not every kind relisted: {:?}", server.requests());
+        let _ = src.next(Duration::from_millis(100));
+    }
+    server.apply(sidecar("shop", "default", &["./*"]));
+    wait_for(&mut src, LIMIT, "a Sidecar after the relist", |c| c.sidecars.len() == 1);
+}
+
+/// Must have 3: a watch that stops saying anything (no event, no bookmark) makes /readyz fail
+/// naming the kind; the age metric and the error counter show it; it recovers.
+#[test]
+fn stuck_watch_fails_readiness() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let mut opts = options();
+    opts.watch_timeout = Duration::from_secs(2);
+    opts.stale_after = Duration::from_millis(1500);
+    let mut o = observed(&server, opts);
+    wait_for(&mut o.src, LIMIT, "the initial view", |_| true);
+    let deadline = Instant::now() + LIMIT;
+    while o.readyz().0 != 200 {
+        assert!(Instant::now() < deadline, "never ready: {:?}", o.readyz());
+        let _ = o.src.next(Duration::from_millis(100));
+    }
+
+    server.stall("sidecars", true);
+    let deadline = Instant::now() + LIMIT;
+    let body = loop {
+        let _ = o.src.next(Duration::from_millis(100));
+        let (code, body) = o.readyz();
+        if code == 503 && body.contains("Sidecar") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "readiness never failed: {code} {body}");
+    };
+    assert!(body.contains("kubernetes source: Sidecar: no successful list or watch"), "{body}");
+    assert!(o.metric(r#"sidecap_kube_last_event_age_seconds{kind="Sidecar"}"#) >= 1.5);
+    // The silent watch is given up (after 1.5 × its timeout) and counted, without an HTTP code.
+    let deadline = Instant::now() + LIMIT;
+    while o.metric(r#"sidecap_kube_api_errors_total{kind="Sidecar",code="none"}"#) < 1.0 {
+        assert!(Instant::now() < deadline, "the stuck watch was never given up");
+        let _ = o.src.next(Duration::from_millis(100));
+    }
+
+    server.stall("sidecars", false);
+    let deadline = Instant::now() + LIMIT;
+    while o.readyz().0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again: {:?}", o.readyz());
+        let _ = o.src.next(Duration::from_millis(100));
+    }
+}
+
+/// Must have 3: API errors are counted per kind and HTTP code.
+#[test]
+fn api_errors_are_counted_by_kind_and_code() {
+    let server = FakeApiServer::start();
+    base(&server);
+    server.set_istio_versions(&["v1"]);
+    let mut o = observed(&server, options());
+    wait_for(&mut o.src, LIMIT, "the initial view", |_| true);
+    server.set_unavailable(true);
+    let deadline = Instant::now() + LIMIT;
+    while o.metric(r#"sidecap_kube_api_errors_total{kind="Pod",code="503"}"#) < 1.0 {
+        assert!(Instant::now() < deadline, "no 503 counted for Pods");
+        let _ = o.src.next(Duration::from_millis(100));
+    }
+    server.set_unavailable(false);
+}
+
+/// Must have 5: every request says who we are.
+#[test]
+fn requests_carry_the_user_agent() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let mut src = source(&server, options());
+    wait_for(&mut src, LIMIT, "the initial view", |_| true);
+    let agents = server.user_agents();
+    assert!(!agents.is_empty());
+    let want = format!("sidecap/{}", env!("CARGO_PKG_VERSION"));
+    assert!(agents.iter().all(|a| *a == want), "{agents:?}");
+}
+
+/// Must have 5: the bulk kinds list from the watch cache (resourceVersion 0, then "not older
+/// than" the last version seen after a watch expires); Istio's kinds and the mesh ConfigMap
+/// read from etcd in pages.
+#[test]
+fn list_semantics() {
+    let server = FakeApiServer::start();
+    base(&server);
+    for i in 0..5 {
+        server.apply(sidecar("shop", &format!("s{i}"), &["./*"]));
+    }
+    let mut opts = options();
+    opts.page_size = 2;
+    let mut src = source(&server, opts);
+    wait_for(&mut src, LIMIT, "every Sidecar, across pages", |c| c.sidecars.len() == 5);
+    let lists = server.lists();
+    let first = |path: &str| lists.iter().find(|l| l.starts_with(&format!("{path} "))).cloned().unwrap_or_default();
+    for p in ["/api/v1/pods", "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/namespaces"] {
+        assert_eq!(first(p), format!("{p} rv=0 match=NotOlderThan limit= continue="), "{lists:?}");
+    }
+    for p in ["/apis/networking.istio.io/v1/sidecars", "/apis/networking.istio.io/v1/serviceentries", "/api/v1/namespaces/istio-system/configmaps"] {
+        assert_eq!(first(p), format!("{p} rv= match= limit=2 continue="), "{lists:?}");
+    }
+    let sidecar_pages = lists.iter().filter(|l| l.starts_with("/apis/networking.istio.io/v1/sidecars ")).count();
+    assert_eq!(sidecar_pages, 3, "5 Sidecars in pages of 2: {lists:?}");
+
+    // Watches expire (ERROR 410): the bulk kinds relist from the cache, not older than what
+    // they had; Istio's from etcd again.
+    let before = lists.len();
+    server.expire_with(vec![], vec![]);
+    let deadline = Instant::now() + LIMIT;
+    let relisted = |p: &str| server.lists()[before..].iter().any(|l| l.starts_with(&format!("{p} ")));
+    while !(relisted("/api/v1/pods") && relisted("/apis/networking.istio.io/v1/sidecars")) {
+        assert!(Instant::now() < deadline, "no relists: {:?}", server.lists());
+        let _ = src.next(Duration::from_millis(100));
+    }
+    let lists = server.lists()[before..].to_vec();
+    let pods = lists.iter().find(|l| l.starts_with("/api/v1/pods ")).cloned().unwrap_or_default();
+    let rv: u64 = pods.split("rv=").nth(1).and_then(|r| r.split(' ').next()).and_then(|r| r.parse().ok()).unwrap_or(0);
+    assert!(rv > 0 && pods.contains("match=NotOlderThan limit= "), "{pods}");
+    let sc = lists.iter().find(|l| l.starts_with("/apis/networking.istio.io/v1/sidecars ")).cloned().unwrap_or_default();
+    assert!(sc.contains("rv= match= limit=2"), "{sc}");
 }

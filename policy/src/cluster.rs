@@ -27,6 +27,27 @@ pub struct Cluster {
     pub mesh_source: Option<Source>,
     /// Objects replaced by a later definition, for operators to notice.
     pub replaced: Vec<String>,
+    /// Sidecars known to exist but never read successfully (an API server's object that does
+    /// not type): the pods they could govern are held (see `select::held`).
+    pub held_sidecars: Vec<HeldSidecar>,
+}
+
+/// A Sidecar that exists but whose content is unknown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldSidecar {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.workloadSelector.labels` when it could be read; None: no selector, or one that
+    /// could not be read (then it could govern every pod of its namespace).
+    pub selector: Option<std::collections::BTreeMap<String, String>>,
+    /// Why it could not be read.
+    pub reason: String,
+}
+
+impl HeldSidecar {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 impl Cluster {

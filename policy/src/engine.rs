@@ -109,6 +109,8 @@ pub enum PolicyError {
     PodNotFound(PodRef),
     #[error("pod {pod}: {source}")]
     Knob { pod: PodRef, source: KnobError },
+    #[error("pod {pod}: Sidecar {sidecar} could govern it but cannot be read ({reason}); its previous policy stays")]
+    Held { pod: PodRef, sidecar: String, reason: String },
 }
 
 /// Evaluates one pod exactly as istiod (SidecarScope, listeners) and istio-cni (capture knobs)
@@ -127,6 +129,9 @@ pub fn evaluate_in(
 ) -> Result<PodPolicy, PolicyError> {
     let pod = cluster.pod(pod_ref).ok_or_else(|| PolicyError::PodNotFound(pod_ref.clone()))?;
     let knobs = knobs::from_pod(pod, &cluster.mesh).map_err(|source| PolicyError::Knob { pod: pod_ref.clone(), source })?;
+    if let Some(h) = select::held(cluster, &pod_ref.namespace, &pod.metadata.labels) {
+        return Err(PolicyError::Held { pod: pod_ref.clone(), sidecar: h.key(), reason: h.reason.clone() });
+    }
     let ips = knobs::pod_ips(pod);
     let selected = select::select(cluster, &pod_ref.namespace, &pod.metadata.labels);
     let config_ns = selected.config_namespace.as_str();

@@ -1,6 +1,6 @@
 //! What a pod's policy depends on, fingerprinted, so that a change re-evaluates only the
 //! pods it can affect: a pod's own object; Sidecars of its namespace and of the root
-//! namespace (selection looks nowhere else); and the registry (Services, ServiceEntries,
+//! namespace (selection looks nowhere else), held ones included; and the registry (Services, ServiceEntries,
 //! EndpointSlices, Namespaces, mesh config), which any pod may import from.
 
 use std::{
@@ -41,7 +41,22 @@ impl Inputs {
         for s in &c.sidecars {
             by_ns.entry(s.obj.metadata.ns().to_string()).or_default().push(s);
         }
-        let sidecars = by_ns.into_iter().map(|(ns, v)| (ns, hash_debug(&v))).collect();
+        let mut held: HashMap<&str, Vec<&_>> = HashMap::new();
+        for h in &c.held_sidecars {
+            held.entry(h.namespace.as_str()).or_default().push(h);
+        }
+        let sidecars = by_ns
+            .into_iter()
+            .map(|(ns, v)| {
+                let h = held.get(ns.as_str()).map(hash_debug).unwrap_or(0);
+                (ns, hash_debug(&v) ^ h)
+            })
+            .collect::<HashMap<_, _>>();
+        // Namespaces with only held Sidecars count too.
+        let mut sidecars = sidecars;
+        for (ns, h) in held {
+            sidecars.entry(ns.to_string()).or_insert_with(|| hash_debug(&h));
+        }
         Inputs { registry, sidecars, root: c.mesh.root_namespace.clone() }
     }
 

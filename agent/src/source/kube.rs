@@ -1,15 +1,21 @@
-//! The Kubernetes source: kube-rs watchers (on a thread of their own running a small tokio
-//! runtime) keep a reflector store per kind: this node's Pods (`spec.nodeName`), Services,
+//! The Kubernetes source: one watcher per kind (on a thread of its own running a small tokio
+//! runtime) keeps the typed objects of this node's Pods (`spec.nodeName`), Services,
 //! EndpointSlices, Namespaces, the `istio` mesh ConfigMap, and Istio's Sidecars and
 //! ServiceEntries at the newest version the API server serves. `next` turns the stores into a
-//! complete `Cluster` through the policy crate's own object typing (the same as for files),
-//! after every watcher has listed once. API errors are logged per kind and retried with
-//! backoff; the stores, and so the last snapshot, stay as they were.
+//! complete `Cluster` after every watcher has listed once. API errors are logged per kind and
+//! HTTP code, counted and retried with backoff; the stores, and so the last snapshot, stay as
+//! they were. A kind without a successful list, event, bookmark or server-ended watch for
+//! `stale_after` makes the agent unready, naming the kind.
+//!
+//! An object version that does not type keeps the object's last typed version in force; a
+//! Sidecar that never typed holds the pods it could govern at their previous policy.
 //!
 //! A pod's netns is found from its processes (`netns::netns_of_pod`), unless the object
 //! already carries the `sidecap.io/netns` annotation.
 
+mod list;
 pub mod netns;
+mod store;
 mod watch;
 
 use std::{
@@ -19,16 +25,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kube::api::{ApiResource, DynamicObject};
 use sidecap_policy::{
     Cluster,
-    cluster::{Loaded, Object, Source as ObjectSource, load_json},
+    cluster::{Loaded, Object},
 };
 
 pub use watch::{ISTIO_GROUP, ISTIO_VERSIONS, Kind};
 use watch::{Shared, WatchOptions};
 
 use super::Source;
+use crate::{admin::Health, metrics::{KubeKindLabels, Metrics}};
+
+/// A kept object and, for a running pod, its UID (to find its netns).
+type Kept = (Option<String>, Loaded<Object>);
+
+/// Sent with every request, so that audit logs name us.
+pub const USER_AGENT: &str = concat!("sidecap/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,6 +73,15 @@ pub struct KubeOptions {
     pub rediscover_interval: Duration,
     /// Changes closer together than this make one snapshot.
     pub debounce: Duration,
+    /// Each watch asks the server to end it after this long (`timeoutSeconds`, at most 290 s),
+    /// then it is renewed; one silent (no event, no bookmark) for 1.5 times this is given up.
+    pub watch_timeout: Duration,
+    /// A kind with no successful list, event, bookmark or watch ended by the server for this
+    /// long makes `/readyz` fail, naming the kind. Longer than `watch_timeout`, so that a
+    /// quiet but healthy kind never looks stale.
+    pub stale_after: Duration,
+    /// Lists read from etcd (quorum) come in pages of this many objects.
+    pub page_size: u32,
 }
 
 impl KubeOptions {
@@ -73,6 +94,9 @@ impl KubeOptions {
             retry_max: None,
             rediscover_interval: Duration::from_secs(60),
             debounce: Duration::from_millis(50),
+            watch_timeout: Duration::from_secs(240),
+            stale_after: Duration::from_secs(300),
+            page_size: 500,
         }
     }
 }
@@ -83,9 +107,6 @@ const PENDING_RESCAN: Duration = Duration::from_secs(1);
 const RESCAN: Duration = Duration::from_secs(10);
 /// A burst of changes is waited out for at most this long.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
-
-/// An object's resourceVersion and what the policy crate made of it.
-type Typed = (String, Vec<Loaded<Object>>);
 
 pub struct KubeSource {
     shared: Arc<Shared>,
@@ -103,9 +124,11 @@ pub struct KubeSource {
     netns_lookups: bool,
     /// The change counter as last seen (waited past by `next`).
     observed: u64,
-    cache: HashMap<(Kind, String), Typed>,
-    object_errors: BTreeMap<String, String>,
     waiting_logged: Option<Instant>,
+    /// Where readiness problems go (None: not observed, as in tests of the source alone).
+    health: Option<Arc<Health>>,
+    /// The stale kinds as last reported (to log changes once).
+    stale: Option<String>,
 }
 
 impl KubeSource {
@@ -139,6 +162,8 @@ impl KubeSource {
             return Err(Error::NoNodeName);
         }
         let server = config.cluster_url.to_string();
+        let mut config = config;
+        config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
         let client = {
             let _guard = rt.enter();
             kube::Client::try_from(config).map_err(Error::Client)?
@@ -150,6 +175,8 @@ impl KubeSource {
             istio_namespace: opts.istio_namespace.clone(),
             retry_max: opts.retry_max,
             rediscover_interval: opts.rediscover_interval,
+            watch_timeout: opts.watch_timeout,
+            page_size: opts.page_size.max(1),
         };
         let task_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -176,9 +203,9 @@ impl KubeSource {
             pending_netns: false,
             netns_lookups: false,
             observed: 0,
-            cache: HashMap::new(),
-            object_errors: BTreeMap::new(),
             waiting_logged: None,
+            health: None,
+            stale: None,
         })
     }
 
@@ -195,78 +222,76 @@ impl KubeSource {
         count
     }
 
-    /// Every object of every store, typed by the policy crate (cached per resourceVersion).
-    fn objects(&mut self) -> Vec<(Kind, Option<String>, Loaded<Object>)> {
+    /// Every kept object of every store, in a stable order, with the Sidecars that never typed.
+    fn objects(&self) -> (Vec<Kept>, Vec<sidecap_policy::cluster::HeldSidecar>) {
         let mut out = Vec::new();
-        let mut live = std::collections::HashSet::new();
-        let shared = self.shared.clone();
-        for slot in &shared.slots {
-            let Some((ar, store)) = slot.store() else { continue };
-            // Stores are hash maps: sort, so that snapshots (and load order) are deterministic.
-            let mut objs: Vec<(String, Arc<DynamicObject>)> = store
-                .state()
-                .into_iter()
-                .map(|o| {
-                    let ns = o.metadata.namespace.as_deref().unwrap_or("");
-                    (format!("{ns}/{}", o.metadata.name.as_deref().unwrap_or("")), o)
-                })
-                .collect();
-            objs.sort_by(|a, b| a.0.cmp(&b.0));
-            for (key, obj) in objs {
-                let rv = obj.metadata.resource_version.clone().unwrap_or_default();
-                let uid = obj.metadata.uid.clone();
-                let pod_extra = (slot.kind == Kind::Pod).then(|| pod_facts(&obj));
-                if matches!(pod_extra, Some(PodFacts { host_network: true, .. })) {
-                    // Its processes live in the node's netns: never capture it.
-                    continue;
-                }
-                let ck = (slot.kind, key.clone());
-                live.insert(ck.clone());
-                let cached = self.cache.get(&ck).filter(|(v, _)| !rv.is_empty() && *v == rv).map(|(_, o)| o.clone());
-                let loaded = match cached {
-                    Some(o) => o,
-                    None => {
-                        let (objs, errs) = type_object(&ar, slot.kind, &obj);
-                        self.note_object_errors(slot.kind, &key, errs);
-                        self.cache.insert(ck, (rv, objs.clone()));
-                        objs
+        let mut held = Vec::new();
+        for slot in &self.shared.slots {
+            slot.with_store(|store| {
+                let Some(store) = store else { return };
+                // Stores are hash maps: sort, so that snapshots (and load order) are deterministic.
+                let mut keys: Vec<&String> = store.objects.keys().collect();
+                keys.sort();
+                for key in keys {
+                    let e = &store.objects[key];
+                    for o in e.typed.iter().flatten() {
+                        out.push((e.uid.clone(), o.clone()));
                     }
-                };
-                let uid = uid.filter(|_| matches!(pod_extra, Some(PodFacts { running: true, .. })));
-                out.extend(loaded.into_iter().map(|o| (slot.kind, uid.clone(), o)));
-            }
+                }
+                if slot.kind == Kind::Sidecar {
+                    held = store::held(store);
+                }
+            });
         }
-        self.cache.retain(|k, _| live.contains(k));
-        let live_keys: std::collections::HashSet<String> = live.iter().map(|(k, n)| format!("{} {n}", k.name())).collect();
-        self.object_errors.retain(|k, _| live_keys.contains(k));
-        out
+        (out, held)
     }
 
-    /// An object the policy crate cannot type is left out (as istiod skips it); logged once.
-    fn note_object_errors(&mut self, kind: Kind, key: &str, errs: Vec<sidecap_policy::LoadError>) {
-        let id = format!("{} {key}", kind.name());
-        match errs.first() {
-            Some(e) => {
-                let msg = e.to_string();
-                if self.object_errors.get(&id) != Some(&msg) {
-                    tracing::error!(kind = kind.name(), object = key, error = %msg, "object ignored");
-                    self.object_errors.insert(id, msg);
-                }
+    /// Registers for readiness (`health.set_problem("kubernetes source", ..)`) and metrics.
+    pub fn observe(&mut self, metrics: Metrics, health: Arc<Health>) {
+        let _ = self.shared.metrics.set(metrics);
+        self.health = Some(health);
+    }
+
+    /// Kinds without a successful list/watch for `stale_after`, as a readiness reason; also
+    /// updates each kind's age metric.
+    pub fn stale_kinds(&self) -> Option<String> {
+        let mut stale = Vec::new();
+        for slot in &self.shared.slots {
+            let st = slot.status();
+            let age = st.last_ok.elapsed();
+            if let Some(m) = self.shared.metrics.get() {
+                m.kube_last_event_age_seconds.get_or_create(&KubeKindLabels { kind: slot.kind.name().into() }).set(age.as_secs_f64());
             }
-            None => {
-                self.object_errors.remove(&id);
+            if age > self.opts.stale_after {
+                let why = st.error.unwrap_or_else(|| "no response".into());
+                stale.push(format!("{}: no successful list or watch for {}s ({why})", slot.kind.name(), age.as_secs()));
             }
+        }
+        (!stale.is_empty()).then(|| stale.join("; "))
+    }
+
+    fn report_stale(&mut self) {
+        let stale = self.stale_kinds();
+        if stale != self.stale {
+            match &stale {
+                Some(why) => tracing::error!(threshold = ?self.opts.stale_after, "Kubernetes source stale: {why}"),
+                None => tracing::info!("Kubernetes source: every kind is being watched again"),
+            }
+            self.stale = stale.clone();
+        }
+        if let Some(h) = &self.health {
+            h.set_problem("kubernetes source", stale);
         }
     }
 
     /// Builds the snapshot; pods without a netns annotation get one from their processes.
     fn build(&mut self) -> (Result<Cluster, String>, BTreeMap<String, PathBuf>) {
-        let objects = self.objects();
+        let (objects, held) = self.objects();
         let mut pids: Option<HashMap<String, u32>> = None;
         let mut netns_map = BTreeMap::new();
         let mut pending = false;
         let mut loaded = Vec::with_capacity(objects.len());
-        for (_, uid, mut o) in objects {
+        for (uid, mut o) in objects {
             if let (Object::Pod(pod), Some(uid)) = (&mut o.obj, uid) {
                 let ann = sidecap_policy::knobs::ANN_NETNS;
                 if !pod.metadata.annotations.contains_key(ann) && sidecap_policy::knobs::is_meshed(pod) {
@@ -289,43 +314,12 @@ impl KubeSource {
         self.last_scan = Some(Instant::now());
         self.pending_netns = pending;
         self.netns_lookups = pending || !netns_map.is_empty();
-        (Cluster::from_objects(loaded).map_err(|e| e.to_string()), netns_map)
+        let cluster = Cluster::from_objects(loaded).map(|mut c| {
+            c.held_sidecars = held;
+            c
+        });
+        (cluster.map_err(|e| e.to_string()), netns_map)
     }
-}
-
-struct PodFacts {
-    host_network: bool,
-    /// Not finished: Succeeded/Failed pods have no processes and no netns to find.
-    running: bool,
-}
-
-fn pod_facts(obj: &DynamicObject) -> PodFacts {
-    let host_network = obj.data.pointer("/spec/hostNetwork").and_then(|v| v.as_bool()).unwrap_or(false);
-    let phase = obj.data.pointer("/status/phase").and_then(|v| v.as_str()).unwrap_or("");
-    PodFacts { host_network, running: !matches!(phase, "Succeeded" | "Failed") }
-}
-
-/// A stored object as JSON (with the apiVersion/kind that list items omit) → typed objects.
-fn type_object(ar: &ApiResource, kind: Kind, obj: &DynamicObject) -> (Vec<Loaded<Object>>, Vec<sidecap_policy::LoadError>) {
-    let ns = obj.metadata.namespace.as_deref().unwrap_or("");
-    let name = obj.metadata.name.as_deref().unwrap_or("");
-    let src = ObjectSource {
-        file: PathBuf::from(format!("kubernetes:{}/{}{}{name}", kind.name(), ns, if ns.is_empty() { "" } else { "/" })),
-        document: 1,
-        line: 1,
-    };
-    let mut value = match serde_json::to_value(obj) {
-        Ok(v) => v,
-        Err(e) => {
-            let err = sidecap_policy::LoadError::Shape { file: src.file, document: 1, line: 1, message: e.to_string() };
-            return (Vec::new(), vec![err]);
-        }
-    };
-    if let Some(m) = value.as_object_mut() {
-        m.insert("apiVersion".into(), ar.api_version.clone().into());
-        m.insert("kind".into(), ar.kind.clone().into());
-    }
-    load_json(&value, &src)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -334,6 +328,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 
 impl Source for KubeSource {
     fn next(&mut self, timeout: Duration) -> Option<Result<Cluster, String>> {
+        self.report_stale();
         let count = self.shared.wait_past(self.observed, timeout);
         if count != self.observed {
             self.observed = self.debounce(count);
@@ -404,20 +399,44 @@ mod tests {
 
     #[test]
     fn pod_objects_type_through_the_policy_crate() {
-        let ar = ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&());
-        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+        let obj: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "3"},
-            "spec": {"nodeName": "n", "hostNetwork": true, "containers": [{"name": "istio-proxy"}]},
+            "spec": {"nodeName": "n", "containers": [{"name": "istio-proxy"}]},
             "status": {"phase": "Running", "podIP": "10.0.0.1"},
         }))
         .expect("object");
-        let (objs, errs) = type_object(&ar, Kind::Pod, &obj);
-        assert!(errs.is_empty(), "{errs:?}");
-        let [Loaded { obj: Object::Pod(p), source }] = objs.as_slice() else { panic!("{objs:?}") };
+        let (e, out) = store::entry_of(Kind::Pod, "v1", "Pod", serde_json::to_value(obj).expect("json"), &|_| None);
+        assert!(out.newly_untyped.is_none() && e.untyped.is_none(), "{e:?}");
+        let Some([Loaded { obj: Object::Pod(p), source }]) = e.typed.as_deref() else { panic!("{e:?}") };
         assert_eq!(p.metadata.key(), "ns/p");
         assert_eq!(p.status.pod_ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(source.file, PathBuf::from("kubernetes:Pod/ns/p"));
-        let facts = pod_facts(&obj);
-        assert!(facts.host_network && facts.running);
+        assert_eq!(e.uid.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn an_object_that_stops_typing_keeps_its_last_typed_version() {
+        let sidecar = |port: serde_json::Value, rv: &str| -> serde_json::Value {
+            serde_json::json!({
+                "metadata": {"name": "s", "namespace": "shop", "resourceVersion": rv},
+                "spec": {"workloadSelector": {"labels": {"app": "web"}}, "egress": [{"port": {"number": port}, "hosts": ["./*"]}]},
+            })
+        };
+        let (good, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!(80), "1"), &|_| None);
+        assert!(out.newly_untyped.is_none());
+        let prev = good.clone();
+        let lookup = move |_: &str| Some(prev.clone());
+        let (bad, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "2"), &lookup);
+        let why = out.newly_untyped.expect("reported");
+        assert!(why.contains("spec.egress[0].port.number"), "{why}");
+        assert_eq!(format!("{:?}", bad.typed), format!("{:?}", good.typed), "the last typed version stays");
+        // The same failure again is not reported again.
+        let again = bad.clone();
+        let (_, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "3"), &move |_| Some(again.clone()));
+        assert!(out.newly_untyped.is_none());
+        // Never typed: nothing kept, the selector is still read (to hold only its pods).
+        let (first, _) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "4"), &|_| None);
+        assert!(first.typed.is_none());
+        assert_eq!(first.selector.as_ref().and_then(|s| s.get("app")).map(String::as_str), Some("web"));
     }
 }

@@ -1,8 +1,11 @@
-//! A local stand-in for the Kubernetes API server, enough for kube-rs watchers: list and
+//! A local stand-in for the Kubernetes API server, enough for kube-rs clients: list and
 //! `?watch=true` over plain HTTP/1.1 on 127.0.0.1 with real resourceVersion semantics
 //! (watch from a version replays later events; a version older than the compacted history
-//! gets an `ERROR` event with code 410, forcing a relist), `BOOKMARK` events, discovery of
-//! `networking.istio.io` versions, injected 5xx errors, and stop/restart on the same port.
+//! gets an `ERROR` event with code 410, forcing a relist), paging (`limit`/`continue`),
+//! `BOOKMARK` events, discovery of `networking.istio.io` versions (a version that stops being
+//! served ends its watches and answers 404, as JSON or as plain text), HTTP 410 on watch
+//! start, watches that stall, injected 5xx errors, and stop/restart on the same port. Every
+//! request's User-Agent and list parameters are recorded.
 //!
 //! Everything is bounded: reads time out, watches end at `timeoutSeconds` (capped), and the
 //! server's runtime is dropped on stop, closing every connection.
@@ -73,6 +76,16 @@ struct State {
     /// "LIST /api/v1/pods", "WATCH /api/v1/pods rv=12", "GET /apis/..."
     requests: Vec<String>,
     bookmark_every: Duration,
+    /// User-Agent of every request, in order.
+    user_agents: Vec<String>,
+    /// Every list: "PATH rv=X match=Y limit=Z continue=C".
+    lists: Vec<String>,
+    /// The next N watch requests get HTTP 410.
+    gone_next: u32,
+    /// A 404 for an unserved version is the plain text "404 page not found".
+    plain_404: bool,
+    /// Watches of these plurals send nothing (no events, no bookmarks) and never end.
+    stalled: Vec<String>,
 }
 
 pub struct FakeApiServer {
@@ -101,6 +114,11 @@ impl FakeApiServer {
             end_epoch: 0,
             requests: Vec::new(),
             bookmark_every: Duration::from_millis(200),
+            user_agents: Vec::new(),
+            lists: Vec::new(),
+            gone_next: 0,
+            plain_404: false,
+            stalled: Vec::new(),
         };
         let (tx, _) = tokio::sync::watch::channel(0u64);
         let mut s = FakeApiServer {
@@ -266,6 +284,35 @@ impl FakeApiServer {
         self.with(|s| s.istio_versions = versions.iter().map(|v| v.to_string()).collect());
     }
 
+    /// The next `n` watch requests get HTTP 410 Gone (not an ERROR event: the status line).
+    pub fn gone_next_watches(&self, n: u32) {
+        self.with(|s| s.gone_next = n);
+    }
+
+    /// Unserved versions answer 404 with the plain text body a real API server's mux gives.
+    pub fn set_plain_404(&self, on: bool) {
+        self.with(|s| s.plain_404 = on);
+    }
+
+    /// Watches of `plural` send nothing at all until `on` is false again (then they end).
+    pub fn stall(&self, plural: &str, on: bool) {
+        self.with(|s| {
+            s.stalled.retain(|p| p != plural);
+            if on {
+                s.stalled.push(plural.to_string());
+            }
+        });
+    }
+
+    pub fn user_agents(&self) -> Vec<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).user_agents.clone()
+    }
+
+    /// Every list request with its parameters, "PATH rv=X match=Y limit=Z continue=C".
+    pub fn lists(&self) -> Vec<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).lists.clone()
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
     }
@@ -287,6 +334,7 @@ impl Drop for FakeApiServer {
 struct Request {
     path: String,
     query: BTreeMap<String, String>,
+    user_agent: String,
 }
 
 async fn read_request(conn: &mut TcpStream) -> Option<Request> {
@@ -307,6 +355,11 @@ async fn read_request(conn: &mut TcpStream) -> Option<Request> {
     let mut parts = line.split(' ');
     let _method = parts.next()?;
     let target = parts.next()?;
+    let user_agent = text
+        .lines()
+        .skip(1)
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("user-agent")).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_default();
     let (path, q) = target.split_once('?').unwrap_or((target, ""));
     let query = q
         .split('&')
@@ -316,7 +369,7 @@ async fn read_request(conn: &mut TcpStream) -> Option<Request> {
             (decode(k), decode(v))
         })
         .collect();
-    Some(Request { path: path.to_string(), query })
+    Some(Request { path: path.to_string(), query, user_agent })
 }
 
 fn decode(s: &str) -> String {
@@ -352,6 +405,16 @@ async fn respond(conn: &mut TcpStream, code: u16, body: &Value) {
     let body = body.to_string();
     let head = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+async fn respond_text(conn: &mut TcpStream, code: u16, body: &str) {
+    let head = format!(
+        "HTTP/1.1 {code} Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let _ = conn.write_all(head.as_bytes()).await;
@@ -418,18 +481,34 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
         let verb = if plural.is_none() { "GET" } else if watch { "WATCH" } else { "LIST" };
         let rv = req.query.get("resourceVersion").cloned().unwrap_or_default();
         s.requests.push(format!("{verb} {} rv={rv}", req.path));
+        s.user_agents.push(req.user_agent.clone());
+        if verb == "LIST" {
+            let q = |k: &str| req.query.get(k).cloned().unwrap_or_default();
+            let line = format!("{} rv={rv} match={} limit={} continue={}", req.path, q("resourceVersionMatch"), q("limit"), q("continue"));
+            s.lists.push(line);
+        }
         if s.unavailable {
             Some((503, status(503, "ServiceUnavailable", "apiserver is shutting down")))
         } else if s.fail_next > 0 {
             s.fail_next -= 1;
             Some((500, status(500, "InternalError", "injected failure")))
         } else if group == "networking.istio.io" && !s.istio_versions.contains(&version) {
-            Some((404, status(404, "NotFound", "the server could not find the requested resource")))
+            if s.plain_404 {
+                Some((404, Value::Null))
+            } else {
+                Some((404, status(404, "NotFound", "the server could not find the requested resource")))
+            }
+        } else if watch && s.gone_next > 0 {
+            s.gone_next -= 1;
+            Some((410, status(410, "Gone", "too old resource version")))
         } else {
             None
         }
     };
     if let Some((code, body)) = early {
+        if body.is_null() {
+            return respond_text(&mut conn, code, "404 page not found\n").await;
+        }
         return respond(&mut conn, code, &body).await;
     }
     let gv = api_version(&group, &version);
@@ -450,12 +529,26 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
     if !watch {
         let body = {
             let s = state.lock().unwrap_or_else(|p| p.into_inner());
-            let items: Vec<Value> = s
+            // Paging: `continue` is "RV:OFFSET"; every page reports the first page's version.
+            let limit: usize = req.query.get("limit").and_then(|v| v.parse().ok()).filter(|&l| l > 0).unwrap_or(usize::MAX);
+            let (list_rv, offset) = req
+                .query
+                .get("continue")
+                .and_then(|c| c.split_once(':'))
+                .and_then(|(r, o)| Some((r.parse::<u64>().ok()?, o.parse::<usize>().ok()?)))
+                .unwrap_or((s.rv, 0));
+            let all: Vec<&Value> = s
                 .objects
                 .get(res.plural)
                 .into_iter()
                 .flat_map(|m| m.values())
                 .filter(|o| matches(o, ns.as_ref(), selector))
+                .collect();
+            let next = (offset.saturating_add(limit) < all.len()).then(|| format!("{list_rv}:{}", offset + limit));
+            let items: Vec<Value> = all
+                .into_iter()
+                .skip(offset)
+                .take(limit)
                 .map(|o| {
                     let mut o = o.clone();
                     // A real API server leaves kind/apiVersion out of built-in list items.
@@ -468,8 +561,11 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
                     o
                 })
                 .collect();
-            json!({"kind": format!("{}List", res.kind), "apiVersion": gv,
-                   "metadata": {"resourceVersion": s.rv.to_string()}, "items": items})
+            let mut meta = json!({"resourceVersion": list_rv.to_string()});
+            if let Some(c) = next {
+                meta["continue"] = json!(c);
+            }
+            json!({"kind": format!("{}List", res.kind), "apiVersion": gv, "metadata": meta, "items": items})
         };
         return respond(&mut conn, 200, &body).await;
     }
@@ -495,6 +591,20 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
     }
     let mut at = from;
     loop {
+        let stalled = {
+            let s = state.lock().unwrap_or_else(|p| p.into_inner());
+            s.stalled.iter().any(|p| p == res.plural)
+        };
+        if stalled {
+            // Headers sent, then nothing, whatever timeoutSeconds said, until released.
+            let mut stuck = true;
+            while stuck {
+                let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+                let s = state.lock().unwrap_or_else(|p| p.into_inner());
+                stuck = s.stalled.iter().any(|p| p == res.plural);
+            }
+            break;
+        }
         let (events, end, rv, bookmark_every) = {
             let s = state.lock().unwrap_or_else(|p| p.into_inner());
             let events: Vec<Event> = s
@@ -503,7 +613,8 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
                 .filter(|e| e.rv > at && e.plural == res.plural && matches(&e.object, ns.as_ref(), selector))
                 .cloned()
                 .collect();
-            let end = if s.unavailable || s.end_epoch != end_epoch {
+            let unserved = res.group == "networking.istio.io" && !s.istio_versions.contains(&version);
+            let end = if s.unavailable || s.end_epoch != end_epoch || unserved {
                 Some(None)
             } else if s.expire_epoch != epoch {
                 Some(Some(status(410, "Expired", "The resourceVersion for the provided watch is too old.")))
@@ -530,10 +641,11 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
         tokio::select! {
             _ = rx.changed() => {}
             _ = tokio::time::sleep(bookmark_every) => {
-                if bookmarks && rv > at {
-                    at = rv;
+                // Sent periodically, as the API server does, also when nothing moved.
+                if bookmarks {
+                    at = at.max(rv);
                     let bm = json!({"type": "BOOKMARK", "object": {"kind": res.kind, "apiVersion": gv,
-                                    "metadata": {"resourceVersion": rv.to_string()}}});
+                                    "metadata": {"resourceVersion": at.to_string()}}});
                     if send_chunk(&mut conn, &bm).await.is_err() {
                         return;
                     }

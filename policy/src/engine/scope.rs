@@ -79,11 +79,15 @@ impl Scopes {
         !(named || own)
     }
 
-    /// The pod's scope key; None when the pod is unknown or its knobs do not parse (it is
-    /// then evaluated on its own, which reports the error).
+    /// The pod's scope key; None when the pod is unknown, its knobs do not parse or an
+    /// unreadable Sidecar holds it (it is then evaluated on its own, which reports the error).
     pub fn key(&self, cluster: &Cluster, pod_ref: &PodRef) -> Option<ScopeKey> {
         let pod = cluster.pod(pod_ref)?;
         let knobs = knobs::from_pod(pod, &cluster.mesh).ok()?;
+        // A held pod is evaluated on its own, which reports why.
+        if select::held(cluster, &pod_ref.namespace, &pod.metadata.labels).is_some() {
+            return None;
+        }
         let selected = select::select(cluster, &pod_ref.namespace, &pod.metadata.labels);
         let ips = knobs::pod_ips(pod);
         let own = ips.first().map(|ip| ip.to_canonical()).filter(|ip| self.endpoint_ips.contains(ip));
