@@ -68,16 +68,19 @@ fn spawn_source(mut source: Box<dyn Source>, poll: Duration, tx: mpsc::Sender<Ev
         .expect("spawning the source thread");
 }
 
-/// The snapshot with what the CNI plugin told us: the pod's netns (as the
-/// `sidecap.io/netns` annotation) and, when the object has none yet, its IPs.
-/// A pod recreated under the same name is the newer container's.
-fn with_cni_pods(cluster: &sidecap_policy::Cluster, cni: &cni::state::CniState) -> sidecap_policy::Cluster {
+/// The snapshot's pods with what the CNI plugin told us: the pod's netns (as the
+/// `sidecap.io/netns` annotation) and, when the object has none yet, its IPs; None when the
+/// plugin told us nothing. A pod recreated under the same name is the newer container's.
+fn with_cni_pods(
+    pods: &[sidecap_policy::cluster::Loaded<sidecap_policy::model::Pod>],
+    cni: &cni::state::CniState,
+) -> Option<Vec<sidecap_policy::cluster::Loaded<sidecap_policy::model::Pod>>> {
     if cni.is_empty() {
-        return cluster.clone();
+        return None;
     }
     let by_pod = cni.by_pod();
-    let mut c = cluster.clone();
-    for p in &mut c.pods {
+    let mut pods = pods.to_vec();
+    for p in &mut pods {
         let key = format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name);
         let Some(cni::state::Attachment { netns, ips, .. }) = by_pod.get(key.as_str()) else { continue };
         p.obj
@@ -90,7 +93,7 @@ fn with_cni_pods(cluster: &sidecap_policy::Cluster, cni: &cni::state::CniState) 
                 ips.iter().map(|ip| sidecap_policy::model::pod::PodIp { ip: ip.to_string() }).collect();
         }
     }
-    c
+    Some(pods)
 }
 
 /// Replies to plugin calls whose pod is now set up (or can't be).
@@ -421,8 +424,10 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let due = state.last_apply.is_none_or(|t| t.elapsed() >= cfg.resync_interval);
-        if let Some(good) = state.last_good.as_ref().filter(|_| fresh || due) {
-            let cluster = with_cni_pods(good, &state.cni_pods);
+        if let Some(mut cluster) = if fresh || due { state.last_good.take() } else { None } {
+            // The CNI overlay replaces the pods only, for this pass: the rest of the snapshot
+            // (tens of thousands of Services and slices on a large cluster) is not copied.
+            let source_pods = with_cni_pods(&cluster.pods, &state.cni_pods).map(|p| std::mem::replace(&mut cluster.pods, p));
             // Now and then every pod is re-evaluated and re-compared with what is in memory,
             // whatever changed; otherwise only pods whose inputs changed.
             let full = state.last_full.is_none_or(|t| t.elapsed() >= FULL_RESYNC);
@@ -458,6 +463,10 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 }
             }
             answer_cni(&mut state, &cluster, &syncer, cfg.cni_wait);
+            if let Some(p) = source_pods {
+                cluster.pods = p;
+            }
+            state.last_good = Some(cluster);
         } else if !state.cni_waiting.is_empty() {
             // No snapshot yet: time out waiters that waited too long.
             let empty = sidecap_policy::Cluster::default();
