@@ -59,6 +59,8 @@ pub struct Syncer {
     metrics: Metrics,
     names: PodNames,
     cookies: netns::CookieCache,
+    /// Processes by netns, scanned from /proc once per pass when a new pod needs them.
+    procs: Option<datapath::listeners::ProcNetns>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +146,7 @@ impl Syncer {
             metrics,
             names,
             cookies: netns::CookieCache::default(),
+            procs: None,
         })
     }
 
@@ -152,6 +155,7 @@ impl Syncer {
     /// `full`: re-evaluate every pod; otherwise only those whose inputs changed.
     pub fn apply(&mut self, cluster: &Cluster, full: bool) -> SyncReport {
         let mut report = SyncReport::default();
+        self.procs = None;
         // One service registry per pass, shared by every pod that needs evaluating, and one
         // evaluation per distinct scope.
         let registry = std::cell::OnceCell::new();
@@ -369,7 +373,19 @@ impl Syncer {
         // A proxy that listened before this pod was written was never seen by sockops.
         if current.is_none() && config.inbound_port != 0 {
             let proc_root = std::path::Path::new("/proc");
-            match datapath::listeners::register_listeners(&self.cfg.bpffs, proc_root, w.netns, &w.path, config.inbound_port) {
+            let procs = match self.procs.take() {
+                Some(p) => Ok(p),
+                None => datapath::listeners::ProcNetns::scan(proc_root, config.inbound_port),
+            };
+            let registered = match procs {
+                Ok(procs) => {
+                    let r = datapath::listeners::register_listeners(&self.cfg.bpffs, &procs, proc_root, w.netns, &w.path, config.inbound_port);
+                    self.procs = Some(procs);
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match registered {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(pod = %w.pod, port = config.inbound_port, listeners = n, "adopted the proxy's running inbound listener"),
                 Err(e) => tracing::warn!(pod = %w.pod, error = %e, "inbound capture waits until the proxy listens again"),

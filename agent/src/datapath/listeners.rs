@@ -13,7 +13,7 @@
 //! access checks) and the host's /proc (hostPID).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -55,20 +55,46 @@ pub struct Found {
     pub sockets: BTreeMap<u64, bool>,
 }
 
+/// The host's processes by network namespace (device and inode of `/proc/<pid>/ns/net`),
+/// from one scan of /proc: a pass that writes many new pods looks each one up here instead
+/// of scanning /proc once per pod.
+#[derive(Debug, Default)]
+pub struct ProcNetns {
+    by_netns: HashMap<(u64, u64), Vec<u32>>,
+}
+
+impl ProcNetns {
+    /// Without CAP_SYS_PTRACE every process of another user is invisible: say so once,
+    /// rather than find nothing. With it, a process that cannot be looked at is one in
+    /// transition (exec, exit), which holds no listener of ours.
+    pub fn scan(proc_root: &Path, port: u16) -> Result<ProcNetns, Error> {
+        if !has_cap_sys_ptrace() {
+            return Err(Error::NoPtrace { port });
+        }
+        let mut by_netns: HashMap<(u64, u64), Vec<u32>> = HashMap::new();
+        for e in std::fs::read_dir(proc_root).into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if let Ok(m) = std::fs::metadata(proc_root.join(format!("{pid}/ns/net"))) {
+                by_netns.entry((m.dev(), m.ino())).or_default().push(pid);
+            }
+        }
+        Ok(ProcNetns { by_netns })
+    }
+
+    fn pids(&self, netns: &Path) -> Result<&[u32], Error> {
+        let md = std::fs::metadata(netns).map_err(|source| Error::Netns { path: netns.into(), source })?;
+        Ok(self.by_netns.get(&(md.dev(), md.ino())).map(Vec::as_slice).unwrap_or_default())
+    }
+}
+
 /// Registers the pod's listeners on `port` that already exist; returns how many (0: the
 /// proxy is not listening yet, and sockops will register it when it does).
-pub fn register_listeners(
-    bpffs: &Path,
-    proc_root: &Path,
-    cookie: u64,
-    netns: &Path,
-    port: u16,
-) -> Result<usize, Error> {
-    let found = find_listeners(proc_root, netns, port)?;
+pub fn register_listeners(bpffs: &Path, procs: &ProcNetns, proc_root: &Path, cookie: u64, netns: &Path, port: u16) -> Result<usize, Error> {
+    let found = find_listeners(procs, proc_root, netns, port)?;
     if found.sockets.is_empty() {
         return Ok(0);
     }
-    let data = MapData::from_pin(map_pin(bpffs, "INBOUND_LISTENERS")).map_err(Error::Map)?;
+    let data = MapData::from_pin(map_pin(bpffs, sidecap_common::abi::INBOUND_LISTENERS.name)).map_err(Error::Map)?;
     let mut map: SockHash<MapData, u64> = Map::SockHash(data).try_into().map_err(Error::Map)?;
     let mut n = 0;
     for (inode, v6) in &found.sockets {
@@ -80,24 +106,8 @@ pub fn register_listeners(
     Ok(n)
 }
 
-pub fn find_listeners(proc_root: &Path, netns: &Path, port: u16) -> Result<Found, Error> {
-    let md = std::fs::metadata(netns).map_err(|source| Error::Netns { path: netns.into(), source })?;
-    let target = (md.dev(), md.ino());
-    // Without the capability every process of another user is invisible: say so once,
-    // rather than find nothing. With it, a process that cannot be looked at is one in
-    // transition (exec, exit), which holds no listener of ours.
-    if !has_cap_sys_ptrace() {
-        return Err(Error::NoPtrace { port });
-    }
-    let pids: Vec<u32> = std::fs::read_dir(proc_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| {
-            std::fs::metadata(proc_root.join(format!("{pid}/ns/net"))).is_ok_and(|m| (m.dev(), m.ino()) == target)
-        })
-        .collect();
+pub fn find_listeners(procs: &ProcNetns, proc_root: &Path, netns: &Path, port: u16) -> Result<Found, Error> {
+    let pids = procs.pids(netns)?.to_vec();
     let Some(first) = pids.first() else { return Ok(Found::default()) };
     // The TCP tables of /proc/<pid>/net are those of the pid's netns.
     let mut sockets: BTreeMap<u64, bool> = BTreeMap::new();
