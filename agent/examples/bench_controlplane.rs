@@ -8,6 +8,9 @@
 //!   bench_controlplane service --config DIR --bpffs PINS --netns C1,C2,... --rounds N
 //!       N times, adds a Service file to DIR and measures until every listed pod's rule set
 //!       holds its listener (shared sets are looked up once per poll, 20 s at most a round).
+//!   bench_controlplane wait --bpffs PINS --netns C1,C2,... --timeout-secs N
+//!       waits until every listed pod has a `PODS` entry (read from the map, not through
+//!       `sidecap inspect`, whose rendering of every pod's listeners would be measured too).
 
 use std::{
     collections::BTreeSet,
@@ -35,7 +38,31 @@ fn main() {
             let cookies: Vec<u64> = need("--netns").split(',').map(|c| c.parse().expect("--netns")).collect();
             service(Path::new(&need("--config")), Path::new(&need("--bpffs")), &cookies, rounds)
         }
-        _ => panic!("usage: bench_controlplane watch|service ..."),
+        Some("wait") => {
+            let cookies: Vec<u64> = need("--netns").split(',').map(|c| c.parse().expect("--netns")).collect();
+            let secs: u64 = get("--timeout-secs").map(|v| v.parse().expect("--timeout-secs")).unwrap_or(900);
+            wait(Path::new(&need("--bpffs")), &cookies, Duration::from_secs(secs))
+        }
+        _ => panic!("usage: bench_controlplane watch|service|wait ..."),
+    }
+}
+
+fn wait(bpffs: &Path, cookies: &[u64], limit: Duration) {
+    let t0 = Instant::now();
+    let wanted: BTreeSet<u64> = cookies.iter().copied().collect();
+    loop {
+        // The maps are pinned by the agent once its programs are in place.
+        if let Ok(maps) = Maps::open(bpffs) {
+            let n = maps.pods().map(|p| p.iter().filter(|(c, _)| wanted.contains(c)).count()).unwrap_or(0);
+            if n == wanted.len() {
+                return;
+            }
+        }
+        if t0.elapsed() > limit {
+            eprintln!("pods not all in PODS after {limit:?}");
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

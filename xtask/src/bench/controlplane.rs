@@ -170,8 +170,14 @@ fn default_mesh_at(bins: &Bins, pods: usize, services: usize, rounds: usize) -> 
     unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
     let t = Instant::now();
     let mut agent = Agent::start(cg.path(), pins.path(), dir.path(), &[]);
-    agent.wait_pods(&cookies, 1, Duration::from_secs(900));
+    let netns_list = cookies.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let mut w = Command::new(&bins.controlplane);
+    w.arg("wait").arg("--bpffs").arg(pins.path()).arg("--netns").arg(&netns_list).args(["--timeout-secs", "900"]);
+    if !w.status().is_ok_and(|s| s.success()) {
+        bail!("default mesh {pods}×{services}: not every pod reached PODS; agent log:\n{}", agent.log());
+    }
     let initial_ms = t.elapsed().as_secs_f64() * 1000.0;
+    agent.wait_pods(&cookies, 1, Duration::from_secs(900));
     std::thread::sleep(Duration::from_millis(500));
     let pid = agent.pid();
     let rss = status_kib(pid, "VmRSS:");
