@@ -4,7 +4,7 @@
 //! follow the pod's IP family (pilot/pkg/model/service.go `GetAddressForProxy`,
 //! `GetExtraAddressesForProxy`; listener_address.go `wildCards`, `localHosts`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use serde::Serialize;
@@ -63,6 +63,9 @@ struct Entry {
     listener: OutboundListener,
     /// Entries from port-specific egress listeners can't be changed by the catch-all.
     locked: bool,
+    /// `listener.services` as a set: a wildcard listener (`0.0.0.0_80` for every HTTP
+    /// service on port 80) can collect thousands, and a linear search each time was quadratic.
+    services: HashSet<String>,
 }
 
 /// The pod's IP families (pkg/model/proxy.go `DiscoverIPMode`: all v4, all v6, else dual).
@@ -302,7 +305,7 @@ fn add_listener(
                     l.prefixes.push(p);
                 }
             }
-            if !l.services.contains(&origin) {
+            if e.services.insert(origin.clone()) {
                 l.services.push(origin);
             }
         }
@@ -318,9 +321,10 @@ fn add_listener(
                         any,
                         prefixes,
                         action,
-                        services: vec![origin],
+                        services: vec![origin.clone()],
                     },
                     locked: false,
+                    services: HashSet::from([origin]),
                 },
             );
         }
