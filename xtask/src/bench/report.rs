@@ -356,7 +356,7 @@ fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
     );
     let _ = writeln!(
         d,
-        "## How it is measured\n\nOne sandbox (DESIGN §9): four pods (network namespace + cgroup each) joined through a\nservices namespace by veth pairs that never touch the root namespace. Three pods are\nidentical except for capture:\n\n\
+        "## How it is measured\n\nOne sandbox (as the end-to-end tests build it, tests/README.md): four pods (network namespace + cgroup each) joined through a\nservices namespace by veth pairs that never touch the root namespace. Three pods are\nidentical except for capture:\n\n\
 - **direct** — nothing installed: the physical limit of the path.\n\
 - **iptables** — istio-init's rules (`testdata/istio/iptables/cni-plugin/basic.txt.golden`)\n  loaded into the pod's netns with `iptables-restore`, plus one excluded CIDR and one excluded\n  port (as istio-iptables writes `excludeOutboundIPRanges`/`excludeOutboundPorts`).\n\
 - **sidecap** — the real `sidecap agent` (release build) attached to that pod's cgroup with\n  `--allow-any capture` (everything in range goes to the proxy, as with istio-init), the pod\n  carrying the same two annotations.\n\n\
