@@ -13,6 +13,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("iptables", "iptables-restore"),
     ("iproute2", "ip"),
+    // `promtool check metrics` lints a live agent's /metrics (tests/tests/operate.rs).
+    ("prometheus", "promtool"),
 ];
 
 pub fn is_root() -> bool {
