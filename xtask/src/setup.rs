@@ -63,6 +63,33 @@ fn bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// clippy and rustfmt for the default toolchain, clippy for the nightly (the eBPF crate).
+pub fn lint_tools() -> anyhow::Result<()> {
+    for (toolchain, components) in [(None, &["clippy", "rustfmt"][..]), (Some("nightly"), &["clippy"][..])] {
+        let mut list = Command::new("rustup");
+        list.args(["component", "list", "--installed"]);
+        if let Some(t) = toolchain {
+            list.args(["--toolchain", t]);
+        }
+        let installed = output(&mut list).unwrap_or_default();
+        for c in components {
+            if installed.lines().any(|l| l.starts_with(c)) {
+                continue;
+            }
+            eprintln!("setup: adding {c} to the {} toolchain", toolchain.unwrap_or("default"));
+            let mut add = Command::new("rustup");
+            add.args(["component", "add", c]);
+            if let Some(t) = toolchain {
+                add.args(["--toolchain", t]);
+            }
+            if !add.status()?.success() {
+                bail!("`rustup component add {c}` failed");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn nightly_rust_src() -> anyhow::Result<()> {
     if !quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         bail!("the `nightly` Rust toolchain is missing: install it with `rustup toolchain install nightly` (eBPF programs need -Z build-std)");
