@@ -567,7 +567,7 @@ fn run_mode(mode: Mode, cases: &[Case], goldens: &[GoldenRules]) -> RunResult {
 
         // Start every connection at once; each is bounded by CONNECT_TIMEOUT_MS.
         enum Pending {
-            Probe(Spawned, ConnectOpts, String),
+            Probe(Box<Spawned>, ConnectOpts, String),
             Thread(std::thread::JoinHandle<NetnsConnect>),
         }
         let mut pending = Vec::new();
@@ -592,7 +592,7 @@ fn run_mode(mode: Mode, cases: &[Case], goldens: &[GoldenRules]) -> RunResult {
                     continue;
                 }
             };
-            pending.push(Pending::Probe(probe.start_connect(where_, creds, &target, &opts), opts, target));
+            pending.push(Pending::Probe(Box::new(probe.start_connect(where_, creds, &target, &opts)), opts, target));
         }
         let mut client_err: Vec<Option<String>> = Vec::new();
         for p in pending {

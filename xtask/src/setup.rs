@@ -18,6 +18,7 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 

@@ -44,11 +44,13 @@ pub fn eq(a: &Addr, b: &Addr) -> bool {
 #[inline(always)]
 pub fn to_bytes(a: &Addr) -> [u8; 16] {
     // Same memory: the words are already in network order.
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
     unsafe { core::mem::transmute::<Addr, [u8; 16]>(*a) }
 }
 
 #[inline(always)]
 pub fn from_bytes(b: &[u8; 16]) -> Addr {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
     unsafe { core::mem::transmute::<[u8; 16], Addr>(*b) }
 }
 

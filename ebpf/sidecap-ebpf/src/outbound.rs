@@ -59,7 +59,8 @@ pub fn decide(pod: &PodConfig, c: &Connect) -> Verdict {
     // 1. Excluded outbound ports: the very first ISTIO_OUTPUT rules, before even the
     //    proxy's own exemptions.
     let port_key = PortKey { policy: pod.policy, port: c.port, proto: c.proto, _pad: 0 };
-    let port_rule = OUT_PORTS.get_ptr(&port_key).map(|p| unsafe { (*p).flags }).unwrap_or(0);
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let port_rule = OUT_PORTS.get_ptr(port_key).map(|p| unsafe { (*p).flags }).unwrap_or(0);
     if port_rule & port_flags::EXCLUDED != 0 {
         return Verdict::Passthrough;
     }

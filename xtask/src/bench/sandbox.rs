@@ -105,7 +105,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn start(bins: &Bins, params: &Params) -> anyhow::Result<Sandbox> {
-        // SAFETY-free: set before the harness starts any agent (single-threaded here).
+        // SAFETY: set before the harness starts any agent or thread that reads the environment.
         unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
         let topo = Topology::builder()
             .pod("direct")
