@@ -44,7 +44,7 @@ fn build() -> Result<(), String> {
     let mut cmd = nightly_cargo();
     cmd.args(["build", "--quiet", "--message-format=json", "--release", "--bins", "-Z", "build-std=core"])
         .args(["--package", PACKAGE, "--target", target])
-        // Apart from OUT_DIR's copy: a target dir inside the outer build's lock would deadlock.
+        // Its own target dir: the outer build holds the lock on the workspace's.
         .arg("--target-dir")
         .arg(out_dir.join("ebpf-target"))
         .current_dir(&root)
