@@ -96,9 +96,15 @@ fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) ->
     let mut line = String::new();
     let mut reader = BufReader::new(stream.try_clone()?);
     reader.read_line(&mut line)?;
-    // Drain the headers (bounded by the read timeout).
+    // Drain the headers (bounded by the read timeout), noting whether the scraper takes
+    // OpenMetrics (Prometheus asks for it first); anything else gets the classic text format.
     let mut h = String::new();
+    let mut openmetrics = false;
     while reader.read_line(&mut h)? > 2 {
+        let lower = h.to_ascii_lowercase();
+        if lower.starts_with("accept:") && lower.contains("application/openmetrics-text") {
+            openmetrics = true;
+        }
         h.clear();
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/");
@@ -107,7 +113,11 @@ fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) ->
             let mut out = String::new();
             let reg = registry.lock().map_err(|_| std::io::Error::other("registry poisoned"))?;
             prometheus_client::encoding::text::encode(&mut out, &reg).map_err(std::io::Error::other)?;
-            ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", out)
+            if openmetrics {
+                ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", out)
+            } else {
+                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", crate::metrics::to_text_format(&out))
+            }
         }
         "/healthz" if health.alive() => ("200 OK", "text/plain", "ok\n".to_string()),
         "/healthz" => ("503 Service Unavailable", "text/plain", "reconciliation loop stuck\n".to_string()),

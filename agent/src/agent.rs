@@ -283,6 +283,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn install_signal_handlers() {
     for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installing a handler that only stores to an atomic (async-signal-safe).
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
 }

@@ -201,3 +201,52 @@ impl Collector for KernelCounters {
         Ok(())
     }
 }
+
+/// The classic Prometheus text format (0.0.4) of what prometheus-client encodes as
+/// OpenMetrics, for scrapers and tools that do not take OpenMetrics (`promtool check
+/// metrics`): a counter family is named after its `_total` samples, and there is no `# EOF`.
+/// The registry has no units, exemplars or `_created` samples, which that format lacks.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let total = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{total} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counter_families_after_their_samples() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.drop_events.inc();
+        m.pods_managed.set(2);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &registry).unwrap();
+        let text = to_text_format(&om);
+        assert!(om.contains("# TYPE sidecap_drop_events counter\n"), "{om}");
+        assert!(text.contains("# HELP sidecap_drop_events_total Denied connects reported by the kernel.\n"), "{text}");
+        assert!(text.contains("# TYPE sidecap_drop_events_total counter\nsidecap_drop_events_total 1\n"), "{text}");
+        assert!(text.contains("# TYPE sidecap_pods_managed gauge\nsidecap_pods_managed 2\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+}

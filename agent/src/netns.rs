@@ -26,6 +26,7 @@ pub fn cookie_of_path(path: &Path) -> Result<u64, Error> {
     let p = path.to_path_buf();
     // setns affects only the calling thread: do it on a throwaway one.
     std::thread::spawn(move || -> Result<u64, Error> {
+        // SAFETY: setns on a descriptor we own; it changes only this throwaway thread.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(Error::Enter { path: p, source: std::io::Error::last_os_error() });
         }
@@ -36,13 +37,16 @@ pub fn cookie_of_path(path: &Path) -> Result<u64, Error> {
 }
 
 fn socket_cookie() -> std::io::Result<u64> {
+    // SAFETY: socket() takes no pointers.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: socket() returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid, writable and sized as SO_NETNS_COOKIE expects.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
@@ -91,6 +95,7 @@ pub fn add_inbound_passthrough_v6(path: &Path) -> Result<(), Error> {
     let file = File::open(path).map_err(|source| Error::Open { path: path.into(), source })?;
     let p = path.to_path_buf();
     std::thread::spawn(move || -> Result<(), Error> {
+        // SAFETY: setns on a descriptor we own; it changes only this throwaway thread.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(Error::Enter { path: p, source: std::io::Error::last_os_error() });
         }
@@ -105,11 +110,14 @@ pub fn add_inbound_passthrough_v6(path: &Path) -> Result<(), Error> {
 fn add_lo_v6(addr: &std::net::Ipv6Addr) -> std::io::Result<()> {
     const IFA_ADDRESS: u16 = 1;
     const IFA_LOCAL: u16 = 2;
+    // SAFETY: socket() takes no pointers.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: socket() returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a NUL-terminated string literal.
     let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
     if lo == 0 {
         return Err(std::io::Error::last_os_error());
@@ -130,8 +138,10 @@ fn add_lo_v6(addr: &std::net::Ipv6Addr) -> std::io::Result<()> {
         msg.extend_from_slice(&ty.to_ne_bytes());
         msg.extend_from_slice(&addr.octets());
     }
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     sa.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: msg and sa are valid for the lengths passed.
     let sent = unsafe {
         libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
     };
@@ -139,6 +149,7 @@ fn add_lo_v6(addr: &std::net::Ipv6Addr) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     let mut buf = [0u8; 512];
+    // SAFETY: buf is valid and writable for buf.len() bytes.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());

@@ -1,5 +1,5 @@
 //! Per-pod policy: the governing Sidecar, imported services, listeners and capture knobs, and
-//! the decision for any outbound destination or inbound port (DESIGN §4–5).
+//! the decision for any outbound destination or inbound port (docs/kernel-contract.md).
 
 mod decide;
 pub mod scope;

@@ -1,4 +1,4 @@
-//! Istio's documented Sidecar examples (shared/istio/examples/) as table tests: validation,
+//! Istio's documented Sidecar examples (testdata/istio/sidecar-examples/) as table tests: validation,
 //! the governing Sidecar, the listener set and decisions for pods of
 //! testdata/examples-cluster.
 
@@ -10,14 +10,14 @@ use common::cli;
 
 fn with(examples: &[&str]) -> sidecap_policy::Cluster {
     let mut paths = vec![testdata("examples-cluster")];
-    paths.extend(examples.iter().map(|e| shared(&format!("istio/examples/{e}"))));
+    paths.extend(examples.iter().map(|e| istio(&format!("sidecar-examples/{e}"))));
     load(&paths)
 }
 
 #[test]
 fn every_example_validates_as_istio_accepts_it() {
     let mut out = Vec::new();
-    let code = cli::validate(&[shared("istio/examples")], &mut out);
+    let code = cli::validate(&[istio("sidecar-examples")], &mut out);
     let text = String::from_utf8_lossy(&out);
     assert_eq!(code, 0, "{text}");
     assert_eq!(
@@ -145,7 +145,7 @@ fn ex09_connection_pool_sidecar_changes_no_capture() {
 #[test]
 fn istio_testdata_validates_like_istio() {
     let mut out = Vec::new();
-    let code = cli::validate(&[shared("istio/testdata")], &mut out);
+    let code = cli::validate(&[istio("sidecar-datasets")], &mut out);
     let text = String::from_utf8_lossy(&out);
     assert_eq!(code, 1, "{text}");
     // Sidecars without a spec are rejected (pkg/config/analysis testdata, ambient cases).

@@ -8,7 +8,7 @@ use sidecap_policy::fuzz_entry;
 
 fn seed_texts() -> Vec<String> {
     let mut out = Vec::new();
-    for dir in [common::testdata("seed-cluster"), common::testdata("seed-sidecars"), common::shared("istio/examples"), common::testdata("examples-cluster")] {
+    for dir in [common::testdata("seed-cluster"), common::testdata("seed-sidecars"), common::istio("sidecar-examples"), common::testdata("examples-cluster")] {
         let Ok(rd) = std::fs::read_dir(&dir) else { continue };
         for e in rd.flatten() {
             if let Ok(t) = std::fs::read_to_string(e.path()) {

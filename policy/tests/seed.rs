@@ -1,4 +1,5 @@
-//! The seed article's cluster and Sidecars (shared/seed/sidecar-article.txt).
+//! The seed article's cluster and Sidecars: the write-up of Istio's Sidecar resource that sidecap
+//! started from, whose listener lists (before/after a REGISTRY_ONLY Sidecar) are reproduced below.
 
 mod common;
 

@@ -194,6 +194,7 @@ impl Agent {
     /// SIGTERM and wait (bounded); returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
+        // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -1,6 +1,6 @@
 //! sidecap's test sandbox: network namespaces as "pods", a "services" netns with upstream
 //! servers, per-pod cgroups, processes spawned into a pod as a given uid, the `sc-probe`
-//! client/server, and HAProxy as a stand-in sidecar. See DESIGN.md §9.
+//! client/server, and HAProxy as a stand-in sidecar. See tests/README.md.
 //!
 //! Safety: everything lives in namespaces and cgroups the test created, joined by veths
 //! that never touch the root netns; only 127/8, ::1, 10.251.0.0/16 and fd00:5ca9::/64 are

@@ -208,6 +208,7 @@ fn cap_bit(name: &str) -> u64 {
 }
 
 fn stop(mut child: Child) -> Option<i32> {
+    // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {

@@ -125,3 +125,47 @@ fn unusable_setup_is_refused_in_one_clear_line() {
     assert!(err.contains("is not on a bpf filesystem"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+/// The real `promtool check metrics` (Debian's prometheus package, installed by `cargo xtask
+/// setup`) on a live agent's /metrics (classic text format, as promtool reads it), with a
+/// captured connection so that the per-pod kernel counters are there too.
+#[test]
+fn metrics_pass_promtool_check() {
+    require_root!();
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("promtool not found: `cargo xtask setup` installs Debian's prometheus package");
+    let m = Mesh::start(MeshSpec::default());
+    let a = m.pod("a");
+    let _up = Upstream::start(m.topo.services(), (SVC, 80).into()).expect("upstream");
+    let _hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
+    let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("m"));
+    assert!(r.ok, "{r:?}");
+    let (code, body) = get(m.agent.admin_addr(), "/metrics");
+    assert_eq!(code, 200);
+    for family in ["sidecap_pod_connections_total", "sidecap_map_entries", "sidecap_convergence_seconds"] {
+        assert!(body.contains(&format!("# HELP {family} ")), "no HELP for {family} in:\n{body}");
+    }
+
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    child.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write metrics to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics: {}\n{report}\n/metrics:\n{body}", out.status);
+
+    // A scraper that asks for OpenMetrics (as Prometheus does) gets it.
+    let mut s = TcpStream::connect_timeout(&m.agent.admin_addr(), Duration::from_secs(2)).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\nConnection: close\r\n\r\n").unwrap();
+    let mut om = String::new();
+    s.read_to_string(&mut om).expect("read response");
+    assert!(om.contains("Content-Type: application/openmetrics-text") && om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE sidecap_pod_connections counter\n"), "{om}");
+}

@@ -1,7 +1,7 @@
 //! `cargo xtask bench [--quick]`: sidecap against istio-init's iptables and against no
 //! capture at all, measured on this machine's kernel inside throwaway sandboxes.
 //!
-//! Every measurement runs as processes inside sandbox pods (DESIGN §9): the load generator
+//! Every measurement runs as processes inside sandbox pods (tests/README.md): the load generator
 //! (`sc-load`) in a pod's netns and cgroup as the app user, the proxy (`sc-forward`, or
 //! HAProxy) as uid 1337, the upstream in the services netns. Three capture modes run side
 //! by side in three identical pods of one topology, so a round measures A B C back to back

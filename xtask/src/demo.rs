@@ -31,7 +31,7 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and attaches eBPF programs: run it as root");
     }
     let root = crate::workspace_root();
-    // SAFETY-free: set before any thread is spawned.
+    // SAFETY: set before any thread is spawned.
     unsafe { std::env::set_var("SIDECAP_BIN", root.join("target/debug/sidecap")) };
     let probe = Probe::at(root.join("target/debug/sc-probe"));
 

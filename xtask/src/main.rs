@@ -1,7 +1,8 @@
-//! Project commands: `cargo xtask setup | build | test | demo`.
+//! Project commands: `cargo xtask setup | build | test | lint | demo | bench`.
 
 mod bench;
 mod demo;
+mod lint;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -32,6 +33,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check formatting and run clippy with `-D warnings` (workspace, and the eBPF crate for
+    /// its target).
+    Lint,
     /// Show capture working end to end in a throwaway sandbox.
     Demo,
     /// Benchmark sidecap against istio-init's iptables and no capture (see docs/benchmarks.md).
@@ -58,6 +62,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             test(&args)
+        }
+        Cmd::Lint => {
+            setup::run()?;
+            setup::lint_tools()?;
+            lint::run()
         }
         Cmd::Demo => {
             setup::run()?;

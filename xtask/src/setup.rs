@@ -17,9 +17,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // `promtool check metrics` lints a live agent's /metrics (tests/tests/operate.rs).
+    ("prometheus", "promtool"),
 ];
 
 pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
@@ -65,6 +68,33 @@ fn bpffs() -> anyhow::Result<()> {
     let st = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
     if !st.success() {
         bail!("`mount -t bpf bpf /sys/fs/bpf` failed");
+    }
+    Ok(())
+}
+
+/// clippy and rustfmt for the default toolchain, clippy for the nightly (the eBPF crate).
+pub fn lint_tools() -> anyhow::Result<()> {
+    for (toolchain, components) in [(None, &["clippy", "rustfmt"][..]), (Some("nightly"), &["clippy"][..])] {
+        let mut list = Command::new("rustup");
+        list.args(["component", "list", "--installed"]);
+        if let Some(t) = toolchain {
+            list.args(["--toolchain", t]);
+        }
+        let installed = output(&mut list).unwrap_or_default();
+        for c in components {
+            if installed.lines().any(|l| l.starts_with(c)) {
+                continue;
+            }
+            eprintln!("setup: adding {c} to the {} toolchain", toolchain.unwrap_or("default"));
+            let mut add = Command::new("rustup");
+            add.args(["component", "add", c]);
+            if let Some(t) = toolchain {
+                add.args(["--toolchain", t]);
+            }
+            if !add.status()?.success() {
+                bail!("`rustup component add {c}` failed");
+            }
+        }
     }
     Ok(())
 }

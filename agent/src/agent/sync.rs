@@ -582,6 +582,7 @@ impl Syncer {
             if item.len() < std::mem::size_of::<DropEvent>() {
                 continue;
             }
+            // SAFETY: the ring buffer item is at least size_of::<DropEvent>() (checked above); DropEvent is plain data, read unaligned.
             let ev: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             self.metrics.drop_events.inc();
             if !self.drop_log.allow() {

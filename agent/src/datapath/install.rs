@@ -74,7 +74,9 @@ fn sk_lookup_pin(bpffs: &Path) -> PathBuf {
 
 fn is_bpffs(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs is plain data; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a NUL-terminated path and st a valid, writable statfs.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
@@ -85,6 +87,7 @@ fn mount_default_bpffs() -> Result<(), Error> {
     if is_bpffs(at) {
         return Ok(());
     }
+    // SAFETY: every argument is a NUL-terminated string literal; no data pointer.
     let rc = unsafe {
         libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
     };

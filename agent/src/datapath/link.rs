@@ -69,6 +69,7 @@ struct ObjPinAttr {
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: attr is a valid, writable bpf_attr of the layout cmd expects, its size passed along.
     let rc = unsafe {
         libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint)
     };
@@ -103,6 +104,7 @@ pub fn create_with(
         ..Default::default()
     };
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: bpf() returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -120,6 +122,7 @@ pub fn get(path: &Path) -> io::Result<OwnedFd> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
     let mut attr = ObjPinAttr { pathname: c.as_ptr() as u64, ..Default::default() };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: bpf() returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 pub enum ProbeError {
     #[error("kernel BTF is missing (/sys/kernel/btf/vmlinux): sidecap needs CONFIG_DEBUG_INFO_BTF=y")]
     NoBtf,
-    #[error("kernel {found} is too old: sidecap needs Linux >= 5.9 (bpf_link for cgroups, sk_lookup, netns cookies)")]
+    #[error("kernel {found} is too old: sidecap needs Linux >= 5.15 (bpf_get_netns_cookie in sockops programs; sk_lookup, bpf_link for cgroups)")]
     TooOld { found: String },
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::Error),
@@ -28,7 +28,7 @@ pub fn probe(cgroup: &Path) -> Result<(), ProbeError> {
     let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
     let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    if (major, minor) < (5, 9) {
+    if (major, minor) < (5, 15) {
         return Err(ProbeError::TooOld { found: release.trim().to_string() });
     }
     let root = crate::cgroup::v2_root()?;

@@ -67,10 +67,12 @@ impl DirSource {
 
 /// inotify on the directory; None (fall back to polling) if it cannot be set up.
 fn watch(dir: &Path) -> Option<OwnedFd> {
+    // SAFETY: inotify_init1 takes no pointers.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
     if fd < 0 {
         return None;
     }
+    // SAFETY: inotify_init1 returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     let mask = libc::IN_CREATE
@@ -81,6 +83,7 @@ fn watch(dir: &Path) -> Option<OwnedFd> {
         | libc::IN_MOVED_FROM
         | libc::IN_DELETE_SELF
         | libc::IN_MOVE_SELF;
+    // SAFETY: c is a NUL-terminated path; fd is our open inotify descriptor.
     if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
         tracing::warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "inotify unavailable; polling");
         return None;
@@ -112,11 +115,13 @@ impl DirSource {
         };
         let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: pfd is one valid, writable pollfd.
         if unsafe { libc::poll(&mut pfd, 1, ms) } > 0 {
             // Let a burst of writes (an editor's save, `kubectl`-style temp + rename) land
             // together; a half-written file only fails to parse and is read again.
             std::thread::sleep(Duration::from_millis(2));
             let mut buf = [0u8; 4096];
+            // SAFETY: buf is valid and writable for buf.len() bytes.
             while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
         }
     }

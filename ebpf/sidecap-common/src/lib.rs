@@ -284,20 +284,33 @@ pub mod addr {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all types are repr(C), Copy, with explicit padding and no pointers.
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PodConfig {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PortKey {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PortRule {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for CidrKey {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for CidrRule {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for ListenerRule {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for InPortKey {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for InPortRule {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for TupleKey {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PodCounters {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PodName {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for DropEvent {}
 }
 

@@ -25,7 +25,9 @@ const DENY: i32 = 0;
 
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: ctx is this program's connect context, all that meshed needs.
     let Some((pod, netns, proto)) = (unsafe { meshed(ctx) }) else { return ALLOW };
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (dst4, port_be, bound4) = unsafe {
         let sk = (*sa).__bindgen_anon_1.sk;
         ((*sa).user_ip4, (*sa).user_port, (*sk).src_ip4)
@@ -36,6 +38,7 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         return DENY;
     };
     if let Some((ip, port)) = to {
+        // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
         unsafe {
             (*sa).user_ip4 = ip[3];
             (*sa).user_port = port;
@@ -46,8 +49,10 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
 
 pub fn connect6(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: ctx is this program's connect context, all that meshed needs.
     let Some((pod, netns, proto)) = (unsafe { meshed(ctx) }) else { return ALLOW };
     // Word by word: the verifier only allows 4-byte context reads of these arrays.
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (dst, port_be, bound) = unsafe {
         let sk = (*sa).__bindgen_anon_1.sk;
         let d = &(*sa).user_ip6;
@@ -62,6 +67,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
         return DENY;
     };
     if let Some((ip, port)) = to {
+        // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
         unsafe {
             let d = &mut (*sa).user_ip6;
             core::ptr::write_volatile(&mut d[0], ip[0]);
@@ -76,20 +82,24 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
 
 #[inline(always)]
 unsafe fn read(p: &u32) -> u32 {
+    // SAFETY: p is a reference: valid and aligned for reads (volatile keeps the 4-byte context load the verifier wants).
     unsafe { core::ptr::read_volatile(p) }
 }
 
 /// The pod's config when this socket lives in a meshed netns and is TCP or UDP.
 #[inline(always)]
 unsafe fn meshed(ctx: &SockAddrContext) -> Option<(PodConfig, u64, u8)> {
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let proto = match unsafe { (*ctx.sock_addr).type_ } {
         SOCK_STREAM => proto::TCP,
         SOCK_DGRAM => proto::UDP,
         _ => return None,
     };
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // Copy once: a concurrent policy flip must not mix two generations in one decision.
-    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let pod = unsafe { *PODS.get_ptr(netns)? };
     Some((pod, netns, proto))
 }
 
@@ -142,6 +152,7 @@ fn apply(
         Verdict::Redirect { port: to_port, kind } => {
             match kind {
                 RedirectKind::Capture | RedirectKind::ProxyToSelf => {
+                    // SAFETY: the helper reads this program's own context, as the kernel passed it.
                     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                     let od = OrigDst { addr: addr::to_bytes(&dst), port, family, _pad: 0 };
                     if ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_err() {

@@ -13,7 +13,8 @@ pub enum Counter {
 #[inline(always)]
 pub fn add(netns: u64, which: Counter) {
     // The agent creates the entry with the pod; per-CPU, so plain increments are safe.
-    if let Some(c) = COUNTERS.get_ptr_mut(&netns) {
+    if let Some(c) = COUNTERS.get_ptr_mut(netns) {
+        // SAFETY: a per-CPU map value from a successful lookup: live for this run and written only from this CPU.
         unsafe {
             match which {
                 Counter::Captured => (*c).captured += 1,

@@ -21,6 +21,7 @@ const AF_INET6: u16 = 10;
 
 #[inline(always)]
 unsafe fn rd(p: &u32) -> u32 {
+    // SAFETY: p is a reference: valid and aligned for reads (volatile keeps the 4-byte context load the verifier wants).
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -30,8 +31,10 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
     if port != 53 {
         return None;
     }
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let pod = unsafe { *PODS.get_ptr(netns)? };
     if pod.flags & pod_flags::DNS_CAPTURE == 0 {
         return None;
     }
@@ -45,6 +48,7 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, dst: &Addr, port: u16, family: u16) {
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let od = OrigDst { addr: addr::to_bytes(dst), port, family, _pad: 0 };
     let _ = DNS_ORIG.insert(cookie, od, 0);
@@ -52,6 +56,7 @@ fn remember(ctx: &SockAddrContext, dst: &Addr, port: u16, family: u16) {
 
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (ip, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let port = u16::from_be(port_be as u16);
     let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
@@ -61,6 +66,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     }
     remember(ctx, &dst, port, AF_INET);
     counters::add(netns, Counter::Dns);
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {
         (*sa).user_ip4 = addr::LOCALHOST_V4;
         (*sa).user_port = to.to_be() as u32;
@@ -70,6 +76,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
 
 pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (dst, port_be) = unsafe {
         let d = &(*sa).user_ip6;
         ([rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])], (*sa).user_port)
@@ -82,6 +89,7 @@ pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
     remember(ctx, &dst, port, AF_INET6);
     counters::add(netns, Counter::Dns);
     let lo = addr::localhost_like(&dst, true);
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {
         let d = &mut (*sa).user_ip6;
         core::ptr::write_volatile(&mut d[0], lo[0]);
@@ -99,22 +107,28 @@ fn restore(ctx: &SockAddrContext, src: &Addr, port: u16) -> Option<OrigDst> {
     if !addr::is_loopback(src) {
         return None;
     }
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let pod = unsafe { *PODS.get_ptr(netns)? };
     if port != pod.dns_port {
         return None;
     }
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    Some(unsafe { *DNS_ORIG.get_ptr(&cookie)? })
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    Some(unsafe { *DNS_ORIG.get_ptr(cookie)? })
 }
 
 pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (ip, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let Some(od) = restore(ctx, &addr::from_v4(ip), u16::from_be(port_be as u16)) else {
         return ALLOW;
     };
     let a = addr::from_bytes(&od.addr);
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {
         (*sa).user_ip4 = a[3];
         (*sa).user_port = od.port.to_be() as u32;
@@ -124,12 +138,14 @@ pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
 
 pub fn recvmsg6(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (src, port_be) = unsafe {
         let d = &(*sa).user_ip6;
         ([rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])], (*sa).user_port)
     };
     let Some(od) = restore(ctx, &src, u16::from_be(port_be as u16)) else { return ALLOW };
     let a = addr::from_bytes(&od.addr);
+    // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {
         let d = &mut (*sa).user_ip6;
         core::ptr::write_volatile(&mut d[0], a[0]);

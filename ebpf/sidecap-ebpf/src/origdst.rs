@@ -27,6 +27,7 @@ const PAGE_SIZE: i32 = 4096;
 
 #[inline(always)]
 unsafe fn rd(p: &u32) -> u32 {
+    // SAFETY: p is a reference: valid and aligned for reads (volatile keeps the 4-byte context load the verifier wants).
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -36,6 +37,7 @@ fn sockops_tuple(ctx: &SockOpsContext) -> Option<(Addr, u16, Addr, u16)> {
     let ops = ctx.ops;
     let (local, remote) = match ctx.family() {
         AF_INET => (addr::from_v4(ctx.local_ip4()), addr::from_v4(ctx.remote_ip4())),
+        // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this call; the verifier checks every field access.
         AF_INET6 => unsafe {
             let l = &(*ops).local_ip6;
             let r = &(*ops).remote_ip6;
@@ -71,27 +73,30 @@ pub fn sockops(ctx: &SockOpsContext) -> u32 {
         return 1;
     }
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return 1 };
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // The app's captured socket: runs before its final ACK leaves, hence before
             // the proxy can accept and ask.
+            // SAFETY: the helper reads this program's own context, as the kernel passed it.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
+            if let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(cookie) {
+                // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
                 let od: OrigDst = unsafe { *od };
                 let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
-                let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+                let _ = ORIG_DST_BY_COOKIE.remove(cookie);
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // The proxy's accepted socket: its close ends the entry's use.
-            if ORIG_DST.get_ptr(&key(netns, remote, rport, local, lport)).is_some() {
+            if ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)).is_some() {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
         _ => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ORIG_DST.remove(&key(netns, remote, rport, local, lport));
+                let _ = ORIG_DST.remove(key(netns, remote, rport, local, lport));
             }
         }
     }
@@ -100,11 +105,13 @@ pub fn sockops(ctx: &SockOpsContext) -> u32 {
 
 pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     let so = ctx.sockopt;
+    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
     let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
     let ours = optname == SO_ORIGINAL_DST && (level == SOL_IP || level == SOL_IPV6);
     if !ours {
         // Untouched; past a page the kernel wants optlen 0 to hand back its own buffer.
         if optlen > PAGE_SIZE {
+            // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
             unsafe { (*so).optlen = 0 };
         }
         return 1;
@@ -116,6 +123,7 @@ pub fn getsockopt(ctx: &SockoptContext) -> i32 {
 #[inline(always)]
 fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
     let so = ctx.sockopt;
+    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
     let (local, lport, remote, rport) = unsafe {
         let sk = (*so).__bindgen_anon_1.sk;
         if sk.is_null() {
@@ -136,20 +144,24 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
         };
         (l, (*sk).src_port as u16, r, u16::from_be((*sk).dst_port))
     };
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The client's view: its local end is our remote end.
-    let od: OrigDst = match ORIG_DST.get_ptr(&key(netns, remote, rport, local, lport)) {
+    let od: OrigDst = match ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)) {
+        // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
         Some(od) => unsafe { *od },
         // Inbound capture (sk_lookup) does no NAT: a socket accepted on one of the pod's
         // own addresses was addressed to exactly that address.
         None => inbound_local(netns, &local, lport)?,
     };
+    // SAFETY: so is this call's bpf_sockopt, all that write_sockaddr needs.
     unsafe { write_sockaddr(so, &od, v6) }
 }
 
 #[inline(always)]
 fn inbound_local(netns: u64, local: &Addr, lport: u16) -> Option<OrigDst> {
-    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let pod = unsafe { *PODS.get_ptr(netns)? };
     if lport == pod.outbound_port || lport == pod.inbound_port {
         return None;
     }
@@ -171,7 +183,9 @@ unsafe fn write_sockaddr(
     od: &OrigDst,
     v6: bool,
 ) -> Option<()> {
+    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
     let start = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
+    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
     let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
     let a = addr::from_bytes(&od.addr);
     let port_be = od.port.to_be();
@@ -179,10 +193,12 @@ unsafe fn write_sockaddr(
         if !addr::is_v4_mapped(&a) {
             return None;
         }
+        // SAFETY: only compared with end: the bounds check the verifier requires before the writes below.
         if unsafe { start.add(16) } > end {
             return None;
         }
         let p = start as *mut u32;
+        // SAFETY: start + 16 <= end was checked above, so every write is inside the optval buffer.
         unsafe {
             // sin_family (host order u16) + sin_port (network order u16)
             *p = (AF_INET & 0xffff) | ((port_be as u32) << 16);
@@ -192,10 +208,12 @@ unsafe fn write_sockaddr(
             (*so).optlen = 16;
         }
     } else {
+        // SAFETY: only compared with end: the bounds check the verifier requires before the writes below.
         if unsafe { start.add(28) } > end {
             return None;
         }
         let p = start as *mut u32;
+        // SAFETY: start + 28 <= end was checked above, so every write is inside the optval buffer.
         unsafe {
             *p = (AF_INET6 & 0xffff) | ((port_be as u32) << 16);
             *p.add(1) = 0; // sin6_flowinfo
@@ -207,6 +225,7 @@ unsafe fn write_sockaddr(
             (*so).optlen = 28;
         }
     }
+    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
     unsafe { (*so).retval = 0 };
     Some(())
 }

@@ -1,4 +1,4 @@
-//! Decisions in DESIGN §4 order (the kernel's order in docs/kernel-contract.md), each with a
+//! Decisions in the kernel's order (docs/kernel-contract.md, "Outbound"), each with a
 //! human reason.
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,4 +1,4 @@
-//! `networking.istio.io/{v1,v1beta1,v1alpha3}` `Sidecar` (one schema, `shared/istio/sidecar-crd.yaml`).
+//! `networking.istio.io/{v1,v1beta1,v1alpha3}` `Sidecar` (one schema: Istio's Sidecar CRD serves all three versions with it).
 
 use std::collections::BTreeMap;
 

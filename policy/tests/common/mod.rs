@@ -10,8 +10,9 @@ pub fn testdata(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(p)
 }
 
-pub fn shared(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared").join(p)
+/// Istio's own Sidecar examples and data sets, kept in the repository's `testdata/istio/`.
+pub fn istio(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/istio").join(p)
 }
 
 pub fn load(paths: &[PathBuf]) -> Cluster {

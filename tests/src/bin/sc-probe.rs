@@ -165,6 +165,7 @@ fn result(stage: &str, err: Option<&io::Error>, local: Option<SocketAddr>, peer:
         "peer": peer.map(|a| a.to_string()),
         "reply": String::from_utf8_lossy(reply),
         "connect_us": connect_us.map(|v| v as u64),
+        // SAFETY: getuid has no preconditions.
         "uid": unsafe { libc::getuid() },
     })
 }
@@ -298,6 +299,7 @@ fn sockname(fd: RawFd, peer: bool) -> Option<SocketAddr> {
     let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    // SAFETY: p and len describe a writable sockaddr_storage.
     let rc = unsafe { if peer { libc::getpeername(fd, p, &mut len) } else { libc::getsockname(fd, p, &mut len) } };
     if rc == 0 { from_raw(&ss) } else { None }
 }
@@ -348,6 +350,7 @@ fn original_dst(fd: RawFd, level: libc::c_int) -> Result<Option<SocketAddr>, i32
     } else {
         (IP6T_SO_ORIGINAL_DST, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
     };
+    // SAFETY: ss and len describe a writable sockaddr_storage, large enough for either answer.
     let rc = unsafe { libc::getsockopt(fd, level, name, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error().raw_os_error().unwrap_or(-1));
@@ -462,6 +465,7 @@ fn handle_conn(mut stream: TcpStream, peer: SocketAddr, timeout: Duration) {
             "orig_dst_sol_ip": alt, "orig_dst_sol_ip_errno": alt_errno,
             "received": String::from_utf8_lossy(&received),
             "error": error,
+            // SAFETY: getuid has no preconditions.
             "uid": unsafe { libc::getuid() },
         })
     );

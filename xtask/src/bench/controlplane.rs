@@ -136,6 +136,7 @@ fn agent_at_scale(bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     let toggle = cluster::write(dir.path(), &cluster::Spec { pods, services, sidecars: true }, &|i| nets[i].path().display().to_string())?;
     let cg = TestCgroup::new("bench-cp")?;
     let pins = BpfPinDir::new("bench-cp")?;
+    // SAFETY: set before this process starts any thread that reads the environment.
     unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
     let t = Instant::now();
     let mut agent = Agent::start(cg.path(), pins.path(), dir.path(), &[]);
@@ -167,6 +168,7 @@ fn default_mesh_at(bins: &Bins, pods: usize, services: usize, rounds: usize) -> 
     cluster::write(dir.path(), &cluster::Spec { pods, services, sidecars: false }, &|i| nets[i].path().display().to_string())?;
     let cg = TestCgroup::new("bench-cpd")?;
     let pins = BpfPinDir::new("bench-cpd")?;
+    // SAFETY: set before this process starts any thread that reads the environment.
     unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
     let t = Instant::now();
     let mut agent = Agent::start(cg.path(), pins.path(), dir.path(), &[]);

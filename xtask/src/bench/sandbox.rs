@@ -31,8 +31,10 @@ pub const APP_PORT: u16 = 9080;
 /// First excluded outbound port; N ports are FIRST_PORT..FIRST_PORT+N.
 const FIRST_PORT: u16 = 20000;
 
-/// istio-init's rules, read from the reference material beside the checkout (not copied).
-const GOLDEN: &str = "../shared/istio/iptables-golden/cni-plugin/basic.txt.golden";
+/// istio-init's rules: Istio's golden rule set for a pod with default settings, kept with
+/// its provenance note in the repository's testdata (the note's `#` lines are comments to
+/// `iptables-restore`).
+const GOLDEN: &str = "testdata/istio/iptables/cni-plugin/basic.txt.golden";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -103,7 +105,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn start(bins: &Bins, params: &Params) -> anyhow::Result<Sandbox> {
-        // SAFETY-free: set before the harness starts any agent (single-threaded here).
+        // SAFETY: set before the harness starts any agent or thread that reads the environment.
         unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
         let topo = Topology::builder()
             .pod("direct")
@@ -372,7 +374,7 @@ pub fn excluded_ports(n: usize) -> Vec<u16> {
 pub fn golden() -> String {
     let path = crate::workspace_root().join(GOLDEN);
     std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("istio-init's golden rules at {}: {e} (the bench needs shared/ beside the checkout)", path.display())
+        panic!("istio-init's golden rules at {}: {e} (part of the repository: is the checkout complete?)", path.display())
     })
 }
 
