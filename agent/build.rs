@@ -48,7 +48,10 @@ fn build() -> Result<(), String> {
         .arg("--target-dir")
         .arg(out_dir.join("ebpf-target"))
         .current_dir(&root)
-        .env("CARGO_ENCODED_RUSTFLAGS", [format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()].join("\x1f"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()].join("\x1f"),
+        )
         // The outer build's compiler is the stable one; the inner cargo picks nightly's.
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

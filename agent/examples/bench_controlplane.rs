@@ -22,18 +22,13 @@ use sidecap::datapath::Maps;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |name: &str| -> Option<String> {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
-    };
+    let get = |name: &str| -> Option<String> { args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned() };
     let need = |name: &str| get(name).unwrap_or_else(|| panic!("missing {name}"));
     let rounds: usize = get("--rounds").map(|v| v.parse().expect("--rounds")).unwrap_or(5).min(1000);
     match args.first().map(String::as_str) {
-        Some("watch") => watch(
-            Path::new(&need("--bpffs")),
-            need("--netns").parse().expect("--netns"),
-            &PathBuf::from(need("--toggle")),
-            rounds,
-        ),
+        Some("watch") => {
+            watch(Path::new(&need("--bpffs")), need("--netns").parse().expect("--netns"), &PathBuf::from(need("--toggle")), rounds)
+        }
         Some("service") => {
             let cookies: Vec<u64> = need("--netns").split(',').map(|c| c.parse().expect("--netns")).collect();
             service(Path::new(&need("--config")), Path::new(&need("--bpffs")), &cookies, rounds)

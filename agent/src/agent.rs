@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use sync::{Syncer, SyncReport};
+pub use sync::{SyncReport, Syncer};
 
 /// How often every pod is re-evaluated regardless of what changed.
 const FULL_RESYNC: Duration = Duration::from_secs(60);
@@ -83,14 +83,10 @@ fn with_cni_pods(
     for p in &mut pods {
         let key = format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name);
         let Some(cni::state::Attachment { netns, ips, .. }) = by_pod.get(key.as_str()) else { continue };
-        p.obj
-            .metadata
-            .annotations
-            .insert(sidecap_policy::knobs::ANN_NETNS.to_string(), netns.display().to_string());
+        p.obj.metadata.annotations.insert(sidecap_policy::knobs::ANN_NETNS.to_string(), netns.display().to_string());
         if p.obj.status.pod_ip.is_none() && p.obj.status.pod_ips.is_empty() {
             p.obj.status.pod_ip = ips.first().map(ToString::to_string);
-            p.obj.status.pod_ips =
-                ips.iter().map(|ip| sidecap_policy::model::pod::PodIp { ip: ip.to_string() }).collect();
+            p.obj.status.pod_ips = ips.iter().map(|ip| sidecap_policy::model::pod::PodIp { ip: ip.to_string() }).collect();
         }
     }
     Some(pods)
@@ -112,10 +108,7 @@ fn answer_cni(state: &mut LoopState, cluster: &sidecap_policy::Cluster, syncer: 
         } else if let Some(e) = syncer.pod_error(&pod).filter(|_| known) {
             Some(cni::Reply { ok: false, message: format!("{pod}: {e}") })
         } else if since.elapsed() >= wait {
-            Some(cni::Reply {
-                ok: false,
-                message: format!("{pod} not known to the agent's source after {}s", wait.as_secs()),
-            })
+            Some(cni::Reply { ok: false, message: format!("{pod} not known to the agent's source after {}s", wait.as_secs()) })
         } else {
             None
         };
@@ -216,8 +209,7 @@ fn save_if(state: &LoopState, changed: bool) {
 
 use crate::{
     admin::{self, Health},
-    cni,
-    datapath,
+    cni, datapath,
     metrics::{ErrorLabels, KernelCounters, Metrics, PodNames},
     source::{
         Source,
@@ -478,4 +470,3 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     tracing::info!("stopping; capture stays in place (pinned)");
     Ok(())
 }
-

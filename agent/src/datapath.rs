@@ -9,11 +9,11 @@
 mod abi;
 mod install;
 pub mod link;
+pub mod listeners;
 mod maps;
 pub mod order;
 mod probe;
 mod sizes;
-pub mod listeners;
 
 use std::path::PathBuf;
 

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sidecap::{agent, cgroup, datapath, inspect};
 
 #[derive(Parser)]
-#[command(name = "sidecap", version, about = "eBPF replacement for istio-init: steers meshed pods' traffic to their sidecar without iptables")]
+#[command(
+    name = "sidecap",
+    version,
+    about = "eBPF replacement for istio-init: steers meshed pods' traffic to their sidecar without iptables"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -190,8 +194,7 @@ fn engine(allow_any: AllowAny) -> sidecap_policy::EngineOptions {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -223,7 +226,26 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Agent { config, kubernetes, kubeconfig, node_name, cgroup, bpffs, allow_any, poll_interval_ms, admin_addr, cni_socket, cni_wait_secs, max_pods, max_listeners, max_rules, max_connections, no_mprog, order_check_secs, kube_stale_after_secs } => {
+        Cmd::Agent {
+            config,
+            kubernetes,
+            kubeconfig,
+            node_name,
+            cgroup,
+            bpffs,
+            allow_any,
+            poll_interval_ms,
+            admin_addr,
+            cni_socket,
+            cni_wait_secs,
+            max_pods,
+            max_listeners,
+            max_rules,
+            max_connections,
+            no_mprog,
+            order_check_secs,
+            kube_stale_after_secs,
+        } => {
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -255,7 +277,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 cni_socket: (cni_socket != "off").then(|| PathBuf::from(&cni_socket)),
                 cni_wait: Duration::from_secs(cni_wait_secs),
-                map_sizes: sidecap::datapath::MapSizes { pods: max_pods, listeners: max_listeners, rules: max_rules, connections: max_connections },
+                map_sizes: sidecap::datapath::MapSizes {
+                    pods: max_pods,
+                    listeners: max_listeners,
+                    rules: max_rules,
+                    connections: max_connections,
+                },
                 mprog: !no_mprog,
                 order_check: Duration::from_secs(order_check_secs),
             };
@@ -312,15 +339,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     for d in v["decisions"].as_array().into_iter().flatten() {
                         let what = d.get("to").or(d.get("inbound")).map(|x| x.to_string()).unwrap_or_default();
-                        println!("  {:<28} {:<12} {}", what.trim_matches('"'), d["action"].as_str().unwrap_or("?"), d["reason"].as_str().unwrap_or(""));
+                        println!(
+                            "  {:<28} {:<12} {}",
+                            what.trim_matches('"'),
+                            d["action"].as_str().unwrap_or("?"),
+                            d["reason"].as_str().unwrap_or("")
+                        );
                     }
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Explain { config: Some(config), pod, to, inbound, output, allow_any, .. } => {
-            let pod: sidecap_policy::PodRef =
-                pod.parse().map_err(|e| anyhow::anyhow!("--pod {pod:?}: {e}"))?;
+            let pod: sidecap_policy::PodRef = pod.parse().map_err(|e| anyhow::anyhow!("--pod {pod:?}: {e}"))?;
             let args = sidecap::cli::ExplainArgs {
                 config: vec![config],
                 pod,

@@ -207,10 +207,8 @@ impl Collector for KernelCounters {
 /// metrics`): a counter family is named after its `_total` samples, and there is no `# EOF`.
 /// The registry has no units, exemplars or `_created` samples, which that format lacks.
 pub fn to_text_format(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
     let mut out = String::with_capacity(openmetrics.len());
     for line in openmetrics.lines() {
         if line == "# EOF" {

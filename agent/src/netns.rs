@@ -47,15 +47,7 @@ fn socket_cookie() -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie and len are valid, writable and sized as SO_NETNS_COOKIE expects.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -99,8 +91,7 @@ pub fn add_inbound_passthrough_v6(path: &Path) -> Result<(), Error> {
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(Error::Enter { path: p, source: std::io::Error::last_os_error() });
         }
-        add_lo_v6(&std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
-            .map_err(|source| Error::Cookie { path: p, source })
+        add_lo_v6(&std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)).map_err(|source| Error::Cookie { path: p, source })
     })
     .join()
     .map_err(|_| Error::Thread { path: path.into() })?
@@ -143,7 +134,14 @@ fn add_lo_v6(addr: &std::net::Ipv6Addr) -> std::io::Result<()> {
     sa.nl_family = libc::AF_NETLINK as u16;
     // SAFETY: msg and sa are valid for the lengths passed.
     let sent = unsafe {
-        libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&sa as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as u32)
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
     };
     if sent < 0 {
         return Err(std::io::Error::last_os_error());

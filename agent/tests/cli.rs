@@ -116,6 +116,9 @@ fn validate_reports_malformed_input_with_file_and_line() {
     let text = String::from_utf8_lossy(&out);
     assert_eq!(code, 1, "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].starts_with("error: ") && lines[0].contains("bad.yaml:6: document 2: Sidecar c: field spec.egress[0].port.number:"), "{text}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("bad.yaml:6: document 2: Sidecar c: field spec.egress[0].port.number:"),
+        "{text}"
+    );
     assert_eq!(lines[1], "b/a: ok");
 }

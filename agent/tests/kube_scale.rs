@@ -64,9 +64,7 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
-        .unwrap_or(0)
+    text.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
 }
 
 fn populate(server: &FakeApiServer) {
@@ -163,11 +161,8 @@ fn first_sync_and_rss_at_10k_services() {
 
     // First sync: every pod's policy in the maps and /readyz answering 200.
     let deadline = Instant::now() + Duration::from_secs(120);
-    let managed = |body: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix("sidecap_pods_managed ")?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let managed =
+        |body: &str| body.lines().find_map(|l| l.strip_prefix("sidecap_pods_managed ")?.trim().parse::<f64>().ok()).unwrap_or(0.0);
     let synced = loop {
         let m = http_get(&admin, "/metrics").map(|(_, b)| managed(&b)).unwrap_or(0.0);
         let ready = http_get(&admin, "/readyz").is_some_and(|(c, _)| c == 200);

@@ -253,9 +253,7 @@ fn gone_410_forces_a_relist() {
 
     // Events lost to compaction: only a relist can tell the old one is gone.
     server.expire_with(vec![sidecar("shop", "new", &["istio-system/*"])], vec![("Sidecar", "shop", "old")]);
-    wait_for(&mut src, LIMIT, "the relisted Sidecars", |c| {
-        sidecar_hosts(c) == [("shop/new".into(), vec!["istio-system/*".into()])]
-    });
+    wait_for(&mut src, LIMIT, "the relisted Sidecars", |c| sidecar_hosts(c) == [("shop/new".into(), vec!["istio-system/*".into()])]);
     assert!(server.count("LIST /apis/networking.istio.io/v1/sidecars") > lists, "{:?}", server.requests());
 
     // Watching resumes after the relist.
@@ -540,9 +538,7 @@ impl Observed {
 fn metric(registry: &std::sync::Mutex<prometheus_client::registry::Registry>, series: &str) -> f64 {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry.lock().expect("registry")).expect("encode");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
-        .sum()
+    text.lines().filter_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).sum()
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -624,7 +620,8 @@ fn typod_sidecar_keeps_the_lockdown() {
     fixed["spec"]["egress"][0]["hosts"] = json!(["./*", "istio-system/*"]);
     server.apply(fixed);
     until(&mut o.src, &mut last, "the fixed Sidecar", |c| {
-        c.as_ref().is_some_and(|c| sidecar_hosts(c) == [("shop/default".into(), vec!["./*".into(), "istio-system/*".into()])])
+        c.as_ref()
+            .is_some_and(|c| sidecar_hosts(c) == [("shop/default".into(), vec!["./*".into(), "istio-system/*".into()])])
     });
 }
 
@@ -828,7 +825,11 @@ fn list_semantics() {
     for p in ["/api/v1/pods", "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/namespaces"] {
         assert_eq!(first(p), format!("{p} rv=0 match=NotOlderThan limit= continue="), "{lists:?}");
     }
-    for p in ["/apis/networking.istio.io/v1/sidecars", "/apis/networking.istio.io/v1/serviceentries", "/api/v1/namespaces/istio-system/configmaps"] {
+    for p in [
+        "/apis/networking.istio.io/v1/sidecars",
+        "/apis/networking.istio.io/v1/serviceentries",
+        "/api/v1/namespaces/istio-system/configmaps",
+    ] {
         assert_eq!(first(p), format!("{p} rv= match= limit=2 continue="), "{lists:?}");
     }
     let sidecar_pages = lists.iter().filter(|l| l.starts_with("/apis/networking.istio.io/v1/sidecars ")).count();

@@ -57,14 +57,10 @@ fn benches(c: &mut Criterion) {
     let all = vec!["*/*".to_string()];
     let scoped_hosts = vec!["./*".to_string(), "istio-system/*".to_string()];
     c.bench_function("import/10k-services-all", |b| b.iter(|| black_box(import::import(&visible, &all, None, "open"))));
-    c.bench_function("import/10k-services-namespace", |b| {
-        b.iter(|| black_box(import::import(&visible, &scoped_hosts, None, "ns-000")))
-    });
+    c.bench_function("import/10k-services-namespace", |b| b.iter(|| black_box(import::import(&visible, &scoped_hosts, None, "ns-000"))));
 
     c.bench_function("evaluate/pod-scoped-of-10k", |b| b.iter(|| black_box(evaluate(&cluster, &scoped, &opts).expect("evaluate"))));
-    c.bench_function("evaluate/pod-importing-10k", |b| {
-        b.iter(|| black_box(evaluate(&cluster, &everything, &opts).expect("evaluate")))
-    });
+    c.bench_function("evaluate/pod-importing-10k", |b| b.iter(|| black_box(evaluate(&cluster, &everything, &opts).expect("evaluate"))));
 
     let p_all = evaluate(&cluster, &everything, &opts).expect("evaluate");
     let p_scoped = evaluate(&cluster, &scoped, &opts).expect("evaluate");

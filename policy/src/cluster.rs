@@ -129,10 +129,7 @@ impl Cluster {
     }
 
     pub fn pod(&self, r: &PodRef) -> Option<&Pod> {
-        self.pods
-            .iter()
-            .map(|p| &p.obj)
-            .find(|p| p.metadata.ns() == r.namespace && p.metadata.name == r.name)
+        self.pods.iter().map(|p| &p.obj).find(|p| p.metadata.ns() == r.namespace && p.metadata.name == r.name)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {

@@ -7,8 +7,8 @@ pub mod simulate;
 use std::collections::BTreeMap;
 
 use sidecap_common::{
-    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule,
-    MAX_POD_IPS, PodConfig, PortKey, PortRule, action, cidr_flags, defaults, pod_flags, port_flags, proto,
+    CIDR_FIXED_BITS, CidrKey, CidrRule, InPortKey, InPortRule, LISTENER_FIXED_BITS, ListenerKey, ListenerRule, MAX_POD_IPS, PodConfig,
+    PortKey, PortRule, action, cidr_flags, defaults, pod_flags, port_flags, proto,
 };
 
 pub use diff::{GenerationDiff, MapDiff, diff};

@@ -121,12 +121,7 @@ pub fn evaluate(cluster: &Cluster, pod_ref: &PodRef, opts: &EngineOptions) -> Re
 
 /// [`evaluate`] with the service registry built once (`registry::build(cluster)`) and
 /// shared by every pod of a pass: building it is most of the cost at 10,000 services.
-pub fn evaluate_in(
-    cluster: &Cluster,
-    registry: &[ServiceView],
-    pod_ref: &PodRef,
-    opts: &EngineOptions,
-) -> Result<PodPolicy, PolicyError> {
+pub fn evaluate_in(cluster: &Cluster, registry: &[ServiceView], pod_ref: &PodRef, opts: &EngineOptions) -> Result<PodPolicy, PolicyError> {
     let pod = cluster.pod(pod_ref).ok_or_else(|| PolicyError::PodNotFound(pod_ref.clone()))?;
     let knobs = knobs::from_pod(pod, &cluster.mesh).map_err(|source| PolicyError::Knob { pod: pod_ref.clone(), source })?;
     if let Some(h) = select::held(cluster, &pod_ref.namespace, &pod.metadata.labels) {
@@ -136,8 +131,7 @@ pub fn evaluate_in(
     let selected = select::select(cluster, &pod_ref.namespace, &pod.metadata.labels);
     let config_ns = selected.config_namespace.as_str();
 
-    let visible: Vec<&ServiceView> =
-        registry.iter().filter(|s| s.visible_to(config_ns, &cluster.mesh.default_service_export_to)).collect();
+    let visible: Vec<&ServiceView> = registry.iter().filter(|s| s.visible_to(config_ns, &cluster.mesh.default_service_export_to)).collect();
 
     // A Sidecar without egress gets a `*/*` catch-all; so does the implicit default.
     let spec = selected.sidecar.map(|s| &s.obj.spec);
@@ -157,11 +151,9 @@ pub fn evaluate_in(
         .iter()
         .flat_map(|(_, imps)| imps.iter())
         .flat_map(|i| {
-            i.ports.iter().map(|p| ImportedService {
-                namespace: i.svc.namespace.clone(),
-                hostname: i.svc.hostname.clone(),
-                port: p.port,
-            })
+            i.ports
+                .iter()
+                .map(|p| ImportedService { namespace: i.svc.namespace.clone(), hostname: i.svc.hostname.clone(), port: p.port })
         })
         .collect();
     services.sort();

@@ -71,26 +71,15 @@ pub struct Imported<'a> {
 /// Services imported by an egress listener with `hosts` and optional port (`None` for the
 /// catch-all). Listener ports trim services to that port (unless HTTP_PROXY, which imports all
 /// ports); one namespace is kept per hostname, the config namespace's first.
-pub fn import<'a>(
-    visible: &[&'a ServiceView],
-    hosts: &[String],
-    listener_port: Option<(u32, &str)>,
-    config_ns: &str,
-) -> Vec<Imported<'a>> {
+pub fn import<'a>(visible: &[&'a ServiceView], hosts: &[String], listener_port: Option<(u32, &str)>, config_ns: &str) -> Vec<Imported<'a>> {
     let classes = classify(hosts, config_ns);
     let wildcard = classes.get("*");
     // needsPortMatch: a numbered port whose protocol is not HTTP_PROXY.
-    let match_port = listener_port
-        .filter(|(n, proto)| *n != 0 && Protocol::parse(proto) != Protocol::HttpProxy)
-        .map(|(n, _)| n);
+    let match_port = listener_port.filter(|(n, proto)| *n != 0 && Protocol::parse(proto) != Protocol::HttpProxy).map(|(n, _)| n);
     let trim = |s: &'a ServiceView| -> Option<Imported<'a>> {
         match match_port {
             None => Some(Imported { svc: s, ports: s.ports.clone() }),
-            Some(n) => s
-                .ports
-                .iter()
-                .find(|p| u32::from(p.port) == n)
-                .map(|p| Imported { svc: s, ports: vec![p.clone()] }),
+            Some(n) => s.ports.iter().find(|p| u32::from(p.port) == n).map(|p| Imported { svc: s, ports: vec![p.clone()] }),
         }
     };
     let mut imported = Vec::new();

@@ -120,7 +120,9 @@ fn parse_ports(key: &'static str, v: &str) -> Result<Vec<u16>, KnobError> {
         if t.is_empty() {
             continue;
         }
-        let n: u16 = t.parse().map_err(|_| KnobError::Annotation { key, message: format!("port {t:?} is not a number in 0..65535") })?;
+        let n: u16 = t
+            .parse()
+            .map_err(|_| KnobError::Annotation { key, message: format!("port {t:?} is not a number in 0..65535") })?;
         if !out.contains(&n) {
             out.push(n);
         }
@@ -168,7 +170,10 @@ fn refuse_unimplemented(pod: &Pod, mesh: &MeshConfig) -> Result<(), KnobError> {
             .filter(|c| c.name == "istio-proxy" || c.name == "istio-validation")
             .find_map(|c| c.env.iter().find(|e| e.name == name).map(|e| (format!("container {} env {name}", c.name), e.value.clone())));
         let from_mesh = || {
-            mesh.default_config.proxy_metadata.get(name).map(|v| (format!("mesh defaultConfig.proxyMetadata {name}"), Some(v.clone())))
+            mesh.default_config
+                .proxy_metadata
+                .get(name)
+                .map(|v| (format!("mesh defaultConfig.proxyMetadata {name}"), Some(v.clone())))
         };
         if let Some((setting, Some(v))) = from_pod.or_else(from_mesh) {
             if !is_default(name, &v) {
@@ -255,8 +260,7 @@ pub fn from_pod(pod: &Pod, mesh: &MeshConfig) -> Result<Knobs, KnobError> {
 impl Knobs {
     /// Outbound capture is on unless interception is NONE or nothing is included.
     pub fn outbound_capture(&self) -> bool {
-        self.interception != Interception::None
-            && !(self.include_cidrs.is_empty() && self.include_outbound_ports.is_empty())
+        self.interception != Interception::None && !(self.include_cidrs.is_empty() && self.include_outbound_ports.is_empty())
     }
 
     /// istio-iptables' `HasLoopBackIP`: an include prefix whose address is loopback

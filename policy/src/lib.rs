@@ -20,9 +20,5 @@ pub mod validate;
 
 pub use cluster::{Cluster, LoadError, PodRef};
 pub use compile::{EntryCounts, Generation, GenerationDiff, MapDiff, compile, diff, with_ips};
-pub use engine::{
-    Action, AllowAnyMode, Decision, EngineOptions, PodPolicy, PolicyError, ScopeKey, Scopes, evaluate, evaluate_in,
-};
-pub use sidecap_common::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PortKey, PortRule,
-};
+pub use engine::{Action, AllowAnyMode, Decision, EngineOptions, PodPolicy, PolicyError, ScopeKey, Scopes, evaluate, evaluate_in};
+pub use sidecap_common::{CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PortKey, PortRule};

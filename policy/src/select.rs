@@ -46,8 +46,7 @@ pub fn select<'a>(cluster: &'a Cluster, pod_ns: &str, pod_labels: &BTreeMap<Stri
         }
     }
     let root = &cluster.mesh.root_namespace;
-    let root_default =
-        order.into_iter().find(|s| s.obj.metadata.ns() == root.as_str() && s.obj.spec.workload_selector.is_none());
+    let root_default = order.into_iter().find(|s| s.obj.metadata.ns() == root.as_str() && s.obj.spec.workload_selector.is_none());
     Selected { sidecar: root_default, config_namespace: pod_ns.to_string(), from_root: root_default.is_some() }
 }
 

@@ -68,10 +68,7 @@ pub fn validate_spec(namespace: &str, spec: &SidecarSpec) -> Validation {
         }
     }
 
-    if spec.egress.is_empty()
-        && spec.ingress.is_empty()
-        && spec.outbound_traffic_policy.is_none()
-        && spec.inbound_connection_pool.is_none()
+    if spec.egress.is_empty() && spec.ingress.is_empty() && spec.outbound_traffic_policy.is_none() && spec.inbound_connection_pool.is_none()
     {
         return Validation { errors: vec!["sidecar: empty configuration provided".into()], warnings: Vec::new() };
     }

@@ -19,7 +19,10 @@ fn registry_only_generation() {
     assert_eq!(g.pod.policy, 0x0102_0304);
     assert_eq!(g.pod.generation, 9);
     assert_eq!(g.pod.default_action, action::DROP);
-    assert_eq!(g.pod.flags, pod_flags::INCLUDE_ALL_CIDRS | pod_flags::INBOUND_ALL_PORTS | pod_flags::INBOUND_CAPTURE | pod_flags::OUTBOUND_CAPTURE);
+    assert_eq!(
+        g.pod.flags,
+        pod_flags::INCLUDE_ALL_CIDRS | pod_flags::INBOUND_ALL_PORTS | pod_flags::INBOUND_CAPTURE | pod_flags::OUTBOUND_CAPTURE
+    );
     assert_eq!((g.pod.proxy_uid, g.pod.proxy_gid, g.pod.outbound_port, g.pod.inbound_port), (1337, 1337, 15001, 15006));
     assert_eq!(g.pod.n_ips, 1);
     assert_eq!(g.pod.ips[0], sidecap_common::addr::v4_mapped([10, 244, 1, 10]));

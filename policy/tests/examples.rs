@@ -4,9 +4,9 @@
 
 mod common;
 
+use common::cli;
 use common::*;
 use sidecap_policy::Action;
-use common::cli;
 
 fn with(examples: &[&str]) -> sidecap_policy::Cluster {
     let mut paths = vec![testdata("examples-cluster")];
@@ -37,10 +37,13 @@ fn ex01_root_namespace_default_applies_in_each_namespace() {
     assert_eq!(names(&p), sorted(&["0.0.0.0_9080", "10.10.1.4_3306", "240.0.0.2_443", "0.0.0.0_15010", "10.96.204.80_15012"]));
     let q = policy(&c, "prod-us2/client-1");
     assert_eq!(names(&q), sorted(&["0.0.0.0_8080", "10.20.1.2_6379", "0.0.0.0_15010", "10.96.204.80_15012"]));
-    check_out(&q, &[
-        ("10.20.1.2:6379", Action::Capture, "listener 10.20.1.2_6379 from prod-us2/cache"),
-        ("10.10.1.4:3306", Action::Passthrough, "ALLOW_ANY"),
-    ]);
+    check_out(
+        &q,
+        &[
+            ("10.20.1.2:6379", Action::Capture, "listener 10.20.1.2_6379 from prod-us2/cache"),
+            ("10.10.1.4:3306", Action::Passthrough, "ALLOW_ANY"),
+        ],
+    );
 }
 
 #[test]
@@ -50,7 +53,15 @@ fn ex02_namespace_override_imports_three_namespaces() {
     assert_eq!(p.sidecar.as_deref(), Some("prod-us1/default"), "the namespace's own Sidecar beats the root default");
     assert_eq!(
         names(&p),
-        sorted(&["0.0.0.0_9080", "10.10.1.4_3306", "240.0.0.2_443", "240.0.0.1_443", "0.0.0.0_9000", "0.0.0.0_15010", "10.96.204.80_15012"])
+        sorted(&[
+            "0.0.0.0_9080",
+            "10.10.1.4_3306",
+            "240.0.0.2_443",
+            "240.0.0.1_443",
+            "0.0.0.0_9000",
+            "0.0.0.0_15010",
+            "10.96.204.80_15012"
+        ])
     );
     let q = policy(&c, "prod-us2/client-1");
     assert_eq!(q.sidecar.as_deref(), Some("istio-config/default"));
@@ -64,12 +75,15 @@ fn ex03_exclusions_remove_namespace_and_hosts() {
         names(&p),
         sorted(&["0.0.0.0_9080", "10.10.1.4_3306", "0.0.0.0_9000", "0.0.0.0_15010", "10.96.204.80_15012", "10.96.0.10_53"])
     );
-    check_out(&p, &[
-        ("240.0.0.1:443", Action::Passthrough, "ALLOW_ANY"),
-        ("240.0.0.2:443", Action::Passthrough, "ALLOW_ANY"),
-        ("10.20.1.2:6379", Action::Passthrough, "ALLOW_ANY"),
-        ("10.96.0.10:53", Action::Capture, "listener 10.96.0.10_53 from kube-system/kube-dns"),
-    ]);
+    check_out(
+        &p,
+        &[
+            ("240.0.0.1:443", Action::Passthrough, "ALLOW_ANY"),
+            ("240.0.0.2:443", Action::Passthrough, "ALLOW_ANY"),
+            ("10.20.1.2:6379", Action::Passthrough, "ALLOW_ANY"),
+            ("10.96.0.10:53", Action::Capture, "listener 10.96.0.10_53 from kube-system/kube-dns"),
+        ],
+    );
 }
 
 #[test]
@@ -78,10 +92,7 @@ fn ex04_ratings_port_listener_and_catch_all() {
     let p = policy(&c, "prod-us1/ratings-1");
     assert_eq!(p.sidecar.as_deref(), Some("prod-us1/ratings"));
     assert_eq!(names(&p), sorted(&["0.0.0.0_9080", "0.0.0.0_15010", "10.96.204.80_15012"]));
-    check_out(&p, &[
-        ("10.10.1.1:9080", Action::Capture, "listener 0.0.0.0_9080"),
-        ("10.10.1.4:3306", Action::Passthrough, "ALLOW_ANY"),
-    ]);
+    check_out(&p, &[("10.10.1.1:9080", Action::Capture, "listener 0.0.0.0_9080"), ("10.10.1.4:3306", Action::Passthrough, "ALLOW_ANY")]);
     check_in(&p, &[(9080, Action::Capture), (15021, Action::Passthrough)]);
     let other = policy(&c, "prod-us1/reviews-1");
     assert_eq!(other.sidecar, None, "selector does not match reviews; no root default loaded");
@@ -94,10 +105,13 @@ fn ex05_capture_mode_none_listeners_bind_their_ports() {
     let p = policy(&c, "prod-us1/productpage-1");
     assert_eq!(p.sidecar.as_deref(), Some("prod-us1/no-ip-tables"));
     assert_eq!(names(&p), vec!["127.0.0.1_3306".to_string()]);
-    check_out(&p, &[
-        ("10.10.1.4:3306", Action::Passthrough, "listener 127.0.0.1_3306 from ns1/external-svc-mysql binds its port"),
-        ("10.10.1.1:9080", Action::Passthrough, "ALLOW_ANY"),
-    ]);
+    check_out(
+        &p,
+        &[
+            ("10.10.1.4:3306", Action::Passthrough, "listener 127.0.0.1_3306 from ns1/external-svc-mysql binds its port"),
+            ("10.10.1.1:9080", Action::Passthrough, "ALLOW_ANY"),
+        ],
+    );
     check_in(&p, &[(9080, Action::Passthrough), (8080, Action::Capture)]);
 }
 
@@ -106,10 +120,13 @@ fn ex06_dns_service_entry_without_addresses_listens_on_wildcard() {
     let c = with(&["06-serviceentry-mysql.yaml"]);
     let p = policy(&c, "prod-us1/reviews-1");
     assert!(names(&p).contains(&"0.0.0.0_3306".to_string()), "{:?}", names(&p));
-    check_out(&p, &[
-        ("10.10.1.4:3306", Action::Capture, "listener 10.10.1.4_3306 from prod-us1/db"),
-        ("203.0.113.9:3306", Action::Capture, "listener 0.0.0.0_3306 from ns1/external-svc-mysql"),
-    ]);
+    check_out(
+        &p,
+        &[
+            ("10.10.1.4:3306", Action::Capture, "listener 10.10.1.4_3306 from prod-us1/db"),
+            ("203.0.113.9:3306", Action::Capture, "listener 0.0.0.0_3306 from ns1/external-svc-mysql"),
+        ],
+    );
 }
 
 #[test]

@@ -90,7 +90,10 @@ fn ipv6_only_pod_names_wildcard_listeners_after_the_ipv6_wildcard() {
     let c = cluster(&[&mesh("ALLOW_ANY"), &pod(&["fd00:10:244::9"], "", ""), WEB, EXT, none]);
     let p = policy(&c, "team/app");
     assert_eq!(names(&p), sorted(&["::1_9000", "::_80", "::_9000"]));
-    check_out(&p, &[("[fd00:10:96::80]:80", Action::Capture, "listener ::_80"), ("[2001:db8::1]:9000", Action::Capture, "listener ::_9000")]);
+    check_out(
+        &p,
+        &[("[fd00:10:96::80]:80", Action::Capture, "listener ::_80"), ("[2001:db8::1]:9000", Action::Capture, "listener ::_9000")],
+    );
 
     let c = cluster(&[&mesh("ALLOW_ANY"), &pod(&["10.244.0.9"], "", ""), WEB, EXT, none]);
     assert_eq!(names(&policy(&c, "team/app")), sorted(&["127.0.0.1_9000", "0.0.0.0_80", "0.0.0.0_9000"]));
@@ -105,7 +108,9 @@ fn ipv6_only_pod_names_wildcard_listeners_after_the_ipv6_wildcard() {
 #[test]
 fn empty_outbound_traffic_policy_is_registry_only() {
     let sc = |otp: &str| {
-        format!("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: s, namespace: team}}\nspec:\n  egress: [{{hosts: ['./*']}}]\n{otp}")
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: s, namespace: team}}\nspec:\n  egress: [{{hosts: ['./*']}}]\n{otp}"
+        )
     };
     let c = cluster(&[&mesh("ALLOW_ANY"), &pod(&["10.244.0.9"], "", ""), REDIS, &sc("  outboundTrafficPolicy: {}\n")]);
     let p = policy(&c, "team/app");
@@ -161,10 +166,18 @@ fn virtual_interfaces_are_refused_by_name() {
 fn owner_group_filters_are_refused_by_name() {
     let e = refused("", "{name: ISTIO_OUTBOUND_OWNER_GROUPS, value: 'java'}", &mesh("ALLOW_ANY"));
     assert!(e.contains("container istio-proxy env ISTIO_OUTBOUND_OWNER_GROUPS: \"java\" is not supported"), "{e}");
-    let with_meta = format!("{}    defaultConfig:\n      proxyMetadata:\n        ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE: '1001'\n", mesh("ALLOW_ANY"));
+    let with_meta =
+        format!("{}    defaultConfig:\n      proxyMetadata:\n        ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE: '1001'\n", mesh("ALLOW_ANY"));
     let e = refused("", "", &with_meta);
     assert!(e.contains("mesh defaultConfig.proxyMetadata ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE: \"1001\""), "{e}");
     // The defaults are not filters.
-    let c = cluster(&[&mesh("ALLOW_ANY"), &pod(&["10.244.0.9"], "", "{name: ISTIO_OUTBOUND_OWNER_GROUPS, value: '*'}, {name: ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE, value: ''}")]);
+    let c = cluster(&[
+        &mesh("ALLOW_ANY"),
+        &pod(
+            &["10.244.0.9"],
+            "",
+            "{name: ISTIO_OUTBOUND_OWNER_GROUPS, value: '*'}, {name: ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE, value: ''}",
+        ),
+    ]);
     policy(&c, "team/app");
 }

@@ -8,7 +8,12 @@ use sidecap_policy::fuzz_entry;
 
 fn seed_texts() -> Vec<String> {
     let mut out = Vec::new();
-    for dir in [common::testdata("seed-cluster"), common::testdata("seed-sidecars"), common::istio("sidecar-examples"), common::testdata("examples-cluster")] {
+    for dir in [
+        common::testdata("seed-cluster"),
+        common::testdata("seed-sidecars"),
+        common::istio("sidecar-examples"),
+        common::testdata("examples-cluster"),
+    ] {
         let Ok(rd) = std::fs::read_dir(&dir) else { continue };
         for e in rd.flatten() {
             if let Ok(t) = std::fs::read_to_string(e.path()) {
@@ -22,15 +27,41 @@ fn seed_texts() -> Vec<String> {
 /// Tokens that make YAML structures the loader and engine have to cope with.
 fn yamlish() -> impl Strategy<Value = String> {
     let tok = proptest::sample::select(vec![
-        "kind: Sidecar\n", "kind: Pod\n", "kind: Service\n", "kind: ServiceEntry\n", "kind: ConfigMap\n", "kind: List\n",
-        "metadata:\n  name: a\n  namespace: ns\n", "metadata: {name: istio, namespace: istio-system}\n",
-        "spec:\n", "  egress:\n", "  - hosts: ['*/*', '~ns/a.b', './*']\n", "  - port: {number: 0, protocol: HTTP}\n",
-        "    bind: unix:///x\n", "  ingress: [null, {port: {number: 70000}}]\n", "  workloadSelector: {}\n",
-        "  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n", "  clusterIP: None\n", "  clusterIP: 10.0.0.1\n",
-        "  ports: [{port: 80, name: http}, {port: 99999}]\n", "  addresses: ['10.0.0.0/8', '::/0', 'x']\n",
+        "kind: Sidecar\n",
+        "kind: Pod\n",
+        "kind: Service\n",
+        "kind: ServiceEntry\n",
+        "kind: ConfigMap\n",
+        "kind: List\n",
+        "metadata:\n  name: a\n  namespace: ns\n",
+        "metadata: {name: istio, namespace: istio-system}\n",
+        "spec:\n",
+        "  egress:\n",
+        "  - hosts: ['*/*', '~ns/a.b', './*']\n",
+        "  - port: {number: 0, protocol: HTTP}\n",
+        "    bind: unix:///x\n",
+        "  ingress: [null, {port: {number: 70000}}]\n",
+        "  workloadSelector: {}\n",
+        "  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+        "  clusterIP: None\n",
+        "  clusterIP: 10.0.0.1\n",
+        "  ports: [{port: 80, name: http}, {port: 99999}]\n",
+        "  addresses: ['10.0.0.0/8', '::/0', 'x']\n",
         "  annotations: {sidecar.istio.io/status: x, traffic.sidecar.istio.io/excludeOutboundIPRanges: '::/0'}\n",
-        "  containers: [{name: istio-proxy}]\n", "status: {podIP: 10.0.0.9}\n", "data: {mesh: 'rootNamespace: [x]'}\n",
-        "---\n", "- \n", "&a [*a]\n", "{", "]", ": :\n", "'unterminated\n", "\t", "~\n", "!!binary x\n", "number: -1\n",
+        "  containers: [{name: istio-proxy}]\n",
+        "status: {podIP: 10.0.0.9}\n",
+        "data: {mesh: 'rootNamespace: [x]'}\n",
+        "---\n",
+        "- \n",
+        "&a [*a]\n",
+        "{",
+        "]",
+        ": :\n",
+        "'unterminated\n",
+        "\t",
+        "~\n",
+        "!!binary x\n",
+        "number: -1\n",
     ]);
     proptest::collection::vec(tok, 0..24).prop_map(|v| v.concat())
 }

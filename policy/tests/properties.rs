@@ -67,22 +67,33 @@ fn knobs() -> impl Strategy<Value = Knobs> {
         proptest::collection::vec(port(), 0..3),
         any::<bool>(),
     )
-        .prop_map(|(interception, include_cidrs, exclude_cidrs, include_outbound_ports, exclude_outbound_ports, include_inbound_ports, mut exclude_inbound_ports, dns_capture)| {
-            exclude_inbound_ports.extend([15020, 15021, 15090]);
-            Knobs {
+        .prop_map(
+            |(
                 interception,
                 include_cidrs,
                 exclude_cidrs,
                 include_outbound_ports,
                 exclude_outbound_ports,
                 include_inbound_ports,
-                exclude_inbound_ports,
-                status_port: 15020,
-                proxy_uid: 1337,
-                proxy_gid: 1337,
+                mut exclude_inbound_ports,
                 dns_capture,
-            }
-        })
+            )| {
+                exclude_inbound_ports.extend([15020, 15021, 15090]);
+                Knobs {
+                    interception,
+                    include_cidrs,
+                    exclude_cidrs,
+                    include_outbound_ports,
+                    exclude_outbound_ports,
+                    include_inbound_ports,
+                    exclude_inbound_ports,
+                    status_port: 15020,
+                    proxy_uid: 1337,
+                    proxy_gid: 1337,
+                    dns_capture,
+                }
+            },
+        )
 }
 
 fn pod_policy() -> impl Strategy<Value = PodPolicy> {
@@ -207,7 +218,14 @@ proptest! {
 /// with the engine for random destinations.
 #[test]
 fn seed_cluster_compiles_to_the_same_decisions() {
-    let sidecars = ["", "03-example1-client-imports.yaml", "04-example2-port80-no-hosts.yaml", "05-registry-only-8080.yaml", "06-allow-any-8080.yaml", "01-default-uds.yaml"];
+    let sidecars = [
+        "",
+        "03-example1-client-imports.yaml",
+        "04-example2-port80-no-hosts.yaml",
+        "05-registry-only-8080.yaml",
+        "06-allow-any-8080.yaml",
+        "01-default-uds.yaml",
+    ];
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(64));
     for s in sidecars {
         let mut paths = vec![common::testdata("seed-cluster")];
@@ -218,11 +236,8 @@ fn seed_cluster_compiles_to_the_same_decisions() {
         for mode in [AllowAnyMode::Passthrough, AllowAnyMode::Capture] {
             let p = common::policy_with(&c, "default/client", &sidecap_policy::EngineOptions { allow_any: mode });
             let g = compile(&p, 42, 1);
-            let mut known: Vec<SocketAddr> = p
-                .listeners
-                .iter()
-                .flat_map(|l| l.prefixes.iter().map(move |c| SocketAddr::new(c.addr, l.port)))
-                .collect();
+            let mut known: Vec<SocketAddr> =
+                p.listeners.iter().flat_map(|l| l.prefixes.iter().map(move |c| SocketAddr::new(c.addr, l.port))).collect();
             known.push(common::addr("1.2.3.4:8080"));
             for dst in &known {
                 assert_eq!(simulate::outbound(&g, *dst, proto::TCP), p.decide_outbound(*dst).action, "{s} {dst}");

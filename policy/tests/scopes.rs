@@ -59,8 +59,8 @@ fn equal_scope_keys_compile_to_equal_rule_sets() {
     let pods = [
         pod("shop", "a", "app: web", "", &["10.244.0.1"]),
         pod("shop", "b", "app: web", "", &["10.244.0.2"]),
-        pod("shop", "c", "app: db", "", &["10.244.0.3"]), // a headless endpoint itself
-        pod("shop", "d", "app: db", "", &["10.244.0.4"]), // another one
+        pod("shop", "c", "app: db", "", &["10.244.0.3"]),  // a headless endpoint itself
+        pod("shop", "d", "app: db", "", &["10.244.0.4"]),  // another one
         pod("shop", "e", "app: api", "", &["10.244.0.5"]), // selected by for-api
         pod("shop", "f", "app: web", ", traffic.sidecar.istio.io/excludeOutboundPorts: '5432'", &["10.244.0.6"]),
         pod("shop", "g", "app: web", "", &["fd00::7"]),
@@ -116,7 +116,10 @@ fn equal_scope_keys_compile_to_equal_rule_sets() {
 fn pods_of_different_namespaces_may_still_share_a_rule_set() {
     // Keys are per namespace (exportTo is seen from the pod's namespace), but when the
     // compiled rules come out equal the agent shares the kernel set by content anyway.
-    let c = load_with(&[], &format!("{}{}{REST}", pod("shop", "a", "app: web", "", &["10.244.0.1"]), pod("other", "i", "app: web", "", &["10.244.1.1"])));
+    let c = load_with(
+        &[],
+        &format!("{}{}{REST}", pod("shop", "a", "app: web", "", &["10.244.0.1"]), pod("other", "i", "app: web", "", &["10.244.1.1"])),
+    );
     let reg = registry::build(&c);
     let opts = EngineOptions::default();
     let g = |p: &str| compile(&evaluate_in(&c, &reg, &p.parse().unwrap(), &opts).expect("evaluate"), 0, 0);

@@ -32,29 +32,35 @@ fn sidecar(ns: &str, name: &str, created: &str, selector: Option<&str>, host: &s
 
 #[test]
 fn oldest_first_then_name() {
-    let c = cluster(&[
-        sidecar("team", "b-newer", "2024-01-02T00:00:00Z", None, "./*"),
-        sidecar("team", "z-older", "2024-01-01T00:00:00Z", None, "./*"),
-        sidecar("team", "a-older", "2024-01-01T00:00:00Z", None, "./*"),
-    ]
-    .concat());
+    let c = cluster(
+        &[
+            sidecar("team", "b-newer", "2024-01-02T00:00:00Z", None, "./*"),
+            sidecar("team", "z-older", "2024-01-01T00:00:00Z", None, "./*"),
+            sidecar("team", "a-older", "2024-01-01T00:00:00Z", None, "./*"),
+        ]
+        .concat(),
+    );
     assert_eq!(policy(&c, "team/app").sidecar.as_deref(), Some("team/a-older"));
 }
 
 #[test]
 fn any_selector_even_empty_beats_selectorless() {
-    let c = cluster(&[
-        sidecar("team", "plain", "2020-01-01T00:00:00Z", None, "./*"),
-        sidecar("team", "empty-selector", "2024-01-01T00:00:00Z", Some("{}"), "./*"),
-    ]
-    .concat());
+    let c = cluster(
+        &[
+            sidecar("team", "plain", "2020-01-01T00:00:00Z", None, "./*"),
+            sidecar("team", "empty-selector", "2024-01-01T00:00:00Z", Some("{}"), "./*"),
+        ]
+        .concat(),
+    );
     assert_eq!(policy(&c, "team/app").sidecar.as_deref(), Some("team/empty-selector"));
-    let c = cluster(&[
-        sidecar("team", "plain", "2020-01-01T00:00:00Z", None, "./*"),
-        sidecar("team", "other-app", "2024-01-01T00:00:00Z", Some("{labels: {app: db}}"), "./*"),
-        sidecar("team", "this-app", "2025-01-01T00:00:00Z", Some("{labels: {app: web}}"), "./*"),
-    ]
-    .concat());
+    let c = cluster(
+        &[
+            sidecar("team", "plain", "2020-01-01T00:00:00Z", None, "./*"),
+            sidecar("team", "other-app", "2024-01-01T00:00:00Z", Some("{labels: {app: db}}"), "./*"),
+            sidecar("team", "this-app", "2025-01-01T00:00:00Z", Some("{labels: {app: web}}"), "./*"),
+        ]
+        .concat(),
+    );
     assert_eq!(policy(&c, "team/app").sidecar.as_deref(), Some("team/this-app"));
 }
 
@@ -62,12 +68,14 @@ fn any_selector_even_empty_beats_selectorless() {
 fn root_default_only_without_selector() {
     let c = cluster(&sidecar("istio-system", "with-selector", "2020-01-01T00:00:00Z", Some("{labels: {app: web}}"), "*/*"));
     assert_eq!(policy(&c, "team/app").sidecar, None, "a root Sidecar with a selector is never a mesh default");
-    let c = cluster(&[
-        sidecar("istio-system", "with-selector", "2020-01-01T00:00:00Z", Some("{labels: {app: web}}"), "*/*"),
-        sidecar("istio-system", "mesh-default", "2024-01-01T00:00:00Z", None, "./*"),
-        sidecar("elsewhere", "x", "2019-01-01T00:00:00Z", None, "*/*"),
-    ]
-    .concat());
+    let c = cluster(
+        &[
+            sidecar("istio-system", "with-selector", "2020-01-01T00:00:00Z", Some("{labels: {app: web}}"), "*/*"),
+            sidecar("istio-system", "mesh-default", "2024-01-01T00:00:00Z", None, "./*"),
+            sidecar("elsewhere", "x", "2019-01-01T00:00:00Z", None, "*/*"),
+        ]
+        .concat(),
+    );
     assert_eq!(policy(&c, "team/app").sidecar.as_deref(), Some("istio-system/mesh-default"));
 }
 
@@ -187,12 +195,15 @@ fn headless_listeners_per_endpoint_except_own_pod_and_cidr_entries() {
     assert!(all.contains(&"0.0.0.0_5432".to_string()), "CIDR SE binds the wildcard: {all:?}");
     let c = cluster(&format!("{SERVICES}{}", sidecar("team", "s", "2024-01-01T00:00:00Z", Some("{}"), "other/*")));
     let p = policy(&c, "team/app");
-    check_out(&p, &[
-        ("192.168.3.4:5432", Action::Capture, "listener 0.0.0.0_5432 from other/cidr"),
-        ("10.1.1.1:5432", Action::Passthrough, "ALLOW_ANY"),
-        ("10.244.5.2:9042", Action::Capture, "listener 10.244.5.2_9042 from other/db"),
-        ("10.244.5.3:9042", Action::Passthrough, "ALLOW_ANY"),
-    ]);
+    check_out(
+        &p,
+        &[
+            ("192.168.3.4:5432", Action::Capture, "listener 0.0.0.0_5432 from other/cidr"),
+            ("10.1.1.1:5432", Action::Passthrough, "ALLOW_ANY"),
+            ("10.244.5.2:9042", Action::Capture, "listener 10.244.5.2_9042 from other/db"),
+            ("10.244.5.3:9042", Action::Passthrough, "ALLOW_ANY"),
+        ],
+    );
 }
 
 #[test]
@@ -207,16 +218,25 @@ fn egress_port_trims_imports_and_http_proxy_imports_all_ports() {
 
 #[test]
 fn annotations_shape_capture() {
-    let c = load_with(&[], "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: n\n  annotations:\n    sidecar.istio.io/status: x\n    traffic.sidecar.istio.io/includeOutboundIPRanges: 10.0.0.0/8\n    traffic.sidecar.istio.io/excludeOutboundIPRanges: 10.96.0.0/12\n    traffic.sidecar.istio.io/includeInboundPorts: '8080'\n    traffic.sidecar.istio.io/excludeInboundPorts: '8080,9090'\nspec: {containers: [{name: istio-proxy}]}\n");
+    let c = load_with(
+        &[],
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: n\n  annotations:\n    sidecar.istio.io/status: x\n    traffic.sidecar.istio.io/includeOutboundIPRanges: 10.0.0.0/8\n    traffic.sidecar.istio.io/excludeOutboundIPRanges: 10.96.0.0/12\n    traffic.sidecar.istio.io/includeInboundPorts: '8080'\n    traffic.sidecar.istio.io/excludeInboundPorts: '8080,9090'\nspec: {containers: [{name: istio-proxy}]}\n",
+    );
     let p = policy(&c, "n/p");
-    check_out(&p, &[
-        ("10.96.0.10:53", Action::Passthrough, "excludeOutboundIPRanges has 10.96.0.0/12"),
-        ("8.8.8.8:53", Action::Passthrough, "not in includeOutboundIPRanges"),
-        ("10.1.1.1:80", Action::Passthrough, "ALLOW_ANY"),
-    ]);
+    check_out(
+        &p,
+        &[
+            ("10.96.0.10:53", Action::Passthrough, "excludeOutboundIPRanges has 10.96.0.0/12"),
+            ("8.8.8.8:53", Action::Passthrough, "not in includeOutboundIPRanges"),
+            ("10.1.1.1:80", Action::Passthrough, "ALLOW_ANY"),
+        ],
+    );
     // excludeInboundPorts is ignored when includeInboundPorts is a list (istio-iptables).
     check_in(&p, &[(8080, Action::Capture), (9090, Action::Passthrough)]);
-    let unmeshed = load_with(&[], "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n, annotations: {sidecar.istio.io/status: x, sidecar.istio.io/inject: 'false'}}\nspec: {containers: [{name: istio-proxy}]}\n");
+    let unmeshed = load_with(
+        &[],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n, annotations: {sidecar.istio.io/status: x, sidecar.istio.io/inject: 'false'}}\nspec: {containers: [{name: istio-proxy}]}\n",
+    );
     assert!(unmeshed.meshed_pods().is_empty());
     check_out(&policy(&unmeshed, "n/p"), &[("1.1.1.1:80", Action::Passthrough, "not meshed")]);
 }

@@ -69,19 +69,13 @@ fn port_range_protocol_and_name() {
 #[test]
 fn target_port_rejected() {
     assert_eq!(errors("ingress: [{port: {number: 80, targetPort: 8080}}]"), vec!["targetPort has no impact on Sidecars"]);
-    assert_eq!(
-        errors("egress: [{port: {number: 80, targetPort: 8080}, hosts: ['*/*']}]"),
-        vec!["targetPort has no impact on Sidecars"]
-    );
+    assert_eq!(errors("egress: [{port: {number: 80, targetPort: 8080}, hosts: ['*/*']}]"), vec!["targetPort has no impact on Sidecars"]);
 }
 
 #[test]
 fn bind_must_be_an_ip_uds_only_for_egress() {
     assert_eq!(errors("ingress: [{port: {number: 80}, bind: foo}]"), vec!["foo is not a valid IP"]);
-    assert_eq!(
-        errors("ingress: [{port: {number: 80}, bind: 'unix:///a.sock'}]"),
-        vec!["unix:///a.sock is not a valid IP"]
-    );
+    assert_eq!(errors("ingress: [{port: {number: 80}, bind: 'unix:///a.sock'}]"), vec!["unix:///a.sock is not a valid IP"]);
     assert_eq!(errors("egress: [{port: {number: 80}, bind: 1.2.3, hosts: ['*/*']}]"), vec!["1.2.3 is not a valid IP"]);
     assert!(errors("egress: [{port: {number: 0}, bind: 'unix:///a.sock', hosts: ['*/*']}]").is_empty());
     assert_eq!(
@@ -112,10 +106,7 @@ fn portless_egress_listener_must_be_last_and_unique() {
         errors("egress: [{hosts: ['*/*']}, {port: {number: 80}, hosts: ['*/*']}]"),
         vec!["sidecar: the egress listener with empty port should be the last listener in the list"]
     );
-    assert_eq!(
-        errors("egress: [{port: {number: 80}, hosts: ['a/*']}, {hosts: ['b/*']}]"),
-        Vec::<String>::new()
-    );
+    assert_eq!(errors("egress: [{port: {number: 80}, hosts: ['a/*']}, {hosts: ['b/*']}]"), Vec::<String>::new());
 }
 
 #[test]
@@ -149,7 +140,10 @@ fn hosts_forms() {
     assert_eq!(errors("egress: [{hosts: [foo.com]}]"), vec!["host must be of form namespace/dnsName"]);
     assert_eq!(errors("egress: [{hosts: [ns/foo]}]"), vec!["short names (non FQDN) are not allowed"]);
     assert_eq!(errors("egress: [{hosts: ['ns/*.foo.com', '~ns2/*', '~/a.b.com', './*', '~./x.y']}]"), Vec::<String>::new());
-    assert_eq!(errors("egress: [{hosts: ['ns/a*.foo.com']}]").last().map(String::as_str), Some("partial wildcard \"a*.foo.com\" not allowed"));
+    assert_eq!(
+        errors("egress: [{hosts: ['ns/a*.foo.com']}]").last().map(String::as_str),
+        Some("partial wildcard \"a*.foo.com\" not allowed")
+    );
     assert_eq!(errors("egress: [{hosts: ['Bad_NS/a.com']}]"), vec!["invalid namespace value \"Bad_NS\" in sidecar"]);
     assert_eq!(errors("egress: [{hosts: ['~Bad_NS/a.com']}]"), vec!["invalid namespace value \"~Bad_NS\" in sidecar"]);
 }
@@ -159,10 +153,7 @@ fn duplicate_and_wildcard_host_warnings() {
     assert_eq!(warnings("egress: [{hosts: ['ns/a.com', 'ns/a.com']}]"), vec!["duplicated egress host: ns/a.com"]);
     assert_eq!(warnings("egress: [{hosts: ['ns/*', 'ns/a.com']}]"), vec!["duplicated egress host: ns/a.com"]);
     assert_eq!(warnings("egress: [{hosts: ['./a.com', 'ns/*']}]"), vec!["duplicated egress host: ns/*"], "`.` is the Sidecar's namespace");
-    assert_eq!(
-        warnings("egress: [{hosts: ['*/*', 'ns/a.com']}]"),
-        vec!["`*/*` host select all resources, no other hosts can be added"]
-    );
+    assert_eq!(warnings("egress: [{hosts: ['*/*', 'ns/a.com']}]"), vec!["`*/*` host select all resources, no other hosts can be added"]);
     assert!(warnings("egress: [{hosts: ['*/*', '~ns/*']}]").is_empty(), "exclusions are not imports");
 }
 
@@ -220,16 +211,12 @@ fn egress_proxy_only_with_allow_any() {
 
 #[test]
 fn connection_pools() {
-    assert_eq!(
-        errors("inboundConnectionPool: {}"),
-        vec!["connection pool must have at least one field"]
-    );
-    assert_eq!(
-        errors("inboundConnectionPool: {tcp: {maxConnections: -1}}"),
-        vec!["max connections must be non-negative"]
-    );
+    assert_eq!(errors("inboundConnectionPool: {}"), vec!["connection pool must have at least one field"]);
+    assert_eq!(errors("inboundConnectionPool: {tcp: {maxConnections: -1}}"), vec!["max connections must be non-negative"]);
     assert_eq!(
         warnings("ingress: [{port: {number: 80, protocol: TCP, name: t}, connectionPool: {http: {maxRetries: 1}}}]"),
-        vec!["sidecar: HTTP connection pool settings are configured for port 80 (\"t\") but its protocol is not HTTP (TCP); only TCP settings will apply"]
+        vec![
+            "sidecar: HTTP connection pool settings are configured for port 80 (\"t\") but its protocol is not HTTP (TCP); only TCP settings will apply"
+        ]
     );
 }

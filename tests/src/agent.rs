@@ -29,11 +29,7 @@ pub fn sidecap(args: &[&str]) -> (i32, String, String) {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running sidecap {args:?}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `sidecap inspect --output json` parsed.
@@ -241,10 +237,10 @@ impl Agent {
             self.assert_running();
             if let Ok(v) = try_inspect(&self.bpffs) {
                 let ready = cookies.iter().all(|c| {
-                    v.as_array().into_iter().flatten().any(|p| {
-                        p["netns_cookie"].as_u64() == Some(*c)
-                            && p["generation"].as_u64().unwrap_or(0) >= min_generation
-                    })
+                    v.as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["netns_cookie"].as_u64() == Some(*c) && p["generation"].as_u64().unwrap_or(0) >= min_generation)
                 });
                 if ready {
                     return v;

@@ -59,23 +59,17 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// `<cgroup2 mount>/sidecap-test-<name>-<pid>-<n>`.
     pub fn new(name: &str) -> io::Result<TestCgroup> {
-        let mount = try_cgroup2_mount()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "cgroup2 is not mounted"))?;
+        let mount = try_cgroup2_mount().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "cgroup2 is not mounted"))?;
         let path = mount.join(unique_name(name));
-        fs::create_dir(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))?;
+        fs::create_dir(&path).map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))?;
         Ok(TestCgroup { path })
     }
 
     /// A child cgroup `<self>/<name>` (name must be a plain path component).
     pub fn child(&self, name: &str) -> io::Result<TestCgroup> {
-        assert!(
-            !name.is_empty() && !name.contains('/') && name != "." && name != "..",
-            "bad cgroup child name {name:?}"
-        );
+        assert!(!name.is_empty() && !name.contains('/') && name != "." && name != "..", "bad cgroup child name {name:?}");
         let path = self.path.join(name);
-        fs::create_dir(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))?;
+        fs::create_dir(&path).map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", path.display())))?;
         Ok(TestCgroup { path })
     }
 
@@ -125,10 +119,7 @@ impl Drop for TestCgroup {
 }
 
 fn read_procs(path: &Path) -> io::Result<Vec<i32>> {
-    Ok(fs::read_to_string(path.join("cgroup.procs"))?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect())
+    Ok(fs::read_to_string(path.join("cgroup.procs"))?.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
 fn kill_subtree(path: &Path) -> io::Result<()> {

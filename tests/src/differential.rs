@@ -154,9 +154,7 @@ impl Listeners {
         let hits = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (h, st) = (hits.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("listeners-{}", netns.name()))
-            .spawn(move || serve(socks, h, st))?;
+        let thread = std::thread::Builder::new().name(format!("listeners-{}", netns.name())).spawn(move || serve(socks, h, st))?;
         Ok(Listeners { hits, stop, thread: Some(thread) })
     }
 
@@ -245,7 +243,13 @@ pub struct NetnsConnect {
 /// Connects (TCP, or connected UDP) from `netns` — which need not be a pod — to `target` on
 /// a new thread, sends `payload`, half-closes (TCP), and reads the reply until EOF (TCP) or
 /// one datagram (UDP), all within `timeout`. Join the handle for the result.
-pub fn connect_from(netns: &Netns, target: SocketAddr, payload: &str, udp: bool, timeout: Duration) -> io::Result<JoinHandle<NetnsConnect>> {
+pub fn connect_from(
+    netns: &Netns,
+    target: SocketAddr,
+    payload: &str,
+    udp: bool,
+    timeout: Duration,
+) -> io::Result<JoinHandle<NetnsConnect>> {
     assert_allowed_addr(target.ip());
     let file: File = netns.open()?;
     let payload = payload.to_owned();

@@ -307,7 +307,11 @@ mod tests {
         assert!(c.contains("bind [::1]:15001"), "{c}");
         assert!(c.contains("source 127.0.0.6"), "{c}");
         assert!(c.contains("reject if { dst_port 15001 }") && c.contains("reject if { dst_port 15006 }"), "{c}");
-        let plain = HaproxyConfig { outbound: OutboundBackend::Server("10.251.100.10:80".parse().unwrap()), inbound_port: None, ..Default::default() };
+        let plain = HaproxyConfig {
+            outbound: OutboundBackend::Server("10.251.100.10:80".parse().unwrap()),
+            inbound_port: None,
+            ..Default::default()
+        };
         assert!(!plain.render().contains("reject"), "no guard needed for a fixed server");
     }
 }

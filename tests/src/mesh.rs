@@ -90,13 +90,7 @@ impl MeshDir {
                 let _ = writeln!(y, "    - name: {k}\n      value: {v:?}");
             }
         }
-        let _ = writeln!(
-            y,
-            "status:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}",
-            pod.ipv4(),
-            pod.ipv4(),
-            pod.ipv6()
-        );
+        let _ = writeln!(y, "status:\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}", pod.ipv4(), pod.ipv4(), pod.ipv6());
         self.write(&format!("pod-{}.yaml", pod.name()), &y)
     }
 

@@ -168,16 +168,21 @@ impl Probe {
         let limit = Duration::from_millis(opts.timeout_ms.unwrap_or(3000) + opts.hold_ms.unwrap_or(0) + 5000);
         let (_, out) = p.finish(limit);
         let line = out.lines().last().unwrap_or("");
-        serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!("sc-probe connect {target}: bad output {out:?} ({e}); stderr: {}", p.stderr())
-        })
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("sc-probe connect {target}: bad output {out:?} ({e}); stderr: {}", p.stderr()))
     }
 
     /// `sc-probe loop TARGET --count N --interval-ms M --summary-only`; returns the summary.
     pub fn loop_summary(&self, pod: &Pod, creds: Creds, target: &str, count: u64, interval_ms: u64) -> serde_json::Value {
         check_target(target);
-        let args = ["loop".to_owned(), target.to_owned(), "--count".into(), count.to_string(),
-            "--interval-ms".into(), interval_ms.to_string(), "--summary-only".into()];
+        let args = [
+            "loop".to_owned(),
+            target.to_owned(),
+            "--count".into(),
+            count.to_string(),
+            "--interval-ms".into(),
+            interval_ms.to_string(),
+            "--summary-only".into(),
+        ];
         let mut p = spawn_in(pod, creds.uid, creds.gid, self.command(&args)).expect("spawn sc-probe loop");
         let limit = Duration::from_millis(count * (interval_ms + 3000) + 5000);
         let (_, out) = p.finish(limit);

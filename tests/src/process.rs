@@ -45,9 +45,7 @@ pub fn spawn_with(netns: &Netns, cgroup: &TestCgroup, creds: Creds, mut cmd: Com
     let dir = TempDir::new("proc")?;
     let stdout_path = dir.path().join("stdout");
     let stderr_path = dir.path().join("stderr");
-    cmd.stdin(Stdio::null())
-        .stdout(File::create(&stdout_path)?)
-        .stderr(File::create(&stderr_path)?);
+    cmd.stdin(Stdio::null()).stdout(File::create(&stdout_path)?).stderr(File::create(&stderr_path)?);
 
     let procs = CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes())
         .map_err(|_| io::Error::other("cgroup path contains NUL"))?;
@@ -73,10 +71,7 @@ pub fn spawn_with(netns: &Netns, cgroup: &TestCgroup, creds: Creds, mut cmd: Com
             if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // Set after setuid: a credential change clears the parent-death signal.
@@ -84,9 +79,7 @@ pub fn spawn_with(netns: &Netns, cgroup: &TestCgroup, creds: Creds, mut cmd: Com
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("spawn {program} in {}: {e}", netns.name())))?;
+    let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("spawn {program} in {}: {e}", netns.name())))?;
     drop(ns_file);
     Ok(Spawned { child: Some(child), dir, stdout_path, stderr_path, program })
 }

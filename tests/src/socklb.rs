@@ -30,27 +30,13 @@ pub const NAME: &str = "cx_sock_lb";
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: attr is a valid, correctly sized bpf_attr prefix for cmd.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 /// One `struct bpf_insn` as a little-endian u64: code, dst|src<<4, off, imm.
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    u64::from(code)
-        | (u64::from(dst | (src << 4)) << 8)
-        | (u64::from(off as u16) << 16)
-        | (u64::from(imm as u32) << 32)
+    u64::from(code) | (u64::from(dst | (src << 4)) << 8) | (u64::from(off as u16) << 16) | (u64::from(imm as u32) << 32)
 }
 
 /// `struct bpf_sock_addr` offsets: user_ip4 and user_port, both in network byte order.
@@ -131,12 +117,7 @@ impl SockLb {
         let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
         // SAFETY: the kernel returned a new fd we own.
         let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(SockLb {
-            prog,
-            link: None,
-            vip,
-            backend,
-        })
+        Ok(SockLb { prog, link: None, vip, backend })
     }
 
     /// Attaches to `cgroup` (a test's own cgroup) with `flags` (0: append, as before 6.17).
@@ -170,11 +151,7 @@ impl SockLb {
             info: u64,
         }
         let mut buf = [0u8; 96];
-        let mut attr = InfoAttr {
-            bpf_fd: self.prog.as_raw_fd() as u32,
-            info_len: buf.len() as u32,
-            info: buf.as_mut_ptr() as u64,
-        };
+        let mut attr = InfoAttr { bpf_fd: self.prog.as_raw_fd() as u32, info_len: buf.len() as u32, info: buf.as_mut_ptr() as u64 };
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
         Ok(u32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]))
     }

@@ -130,10 +130,7 @@ impl Topology {
 
     /// The pod named `name`; panics if there is none.
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name:?} in topology"))
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name:?} in topology"))
     }
 
     pub fn pods(&self) -> &[Pod] {
@@ -195,10 +192,7 @@ impl Topology {
     }
 
     fn add_pod_at(&mut self, name: &str, index: u8) -> io::Result<()> {
-        assert!(
-            self.pods.iter().all(|p| p.name != name),
-            "duplicate pod name {name:?}"
-        );
+        assert!(self.pods.iter().all(|p| p.name != name), "duplicate pod name {name:?}");
         let netns = Netns::new(&format!("pod-{index}"))?;
         disable_dad(&netns)?;
         let cgroup = self.pods_cgroup().child(&format!("pod-{name}"))?;
@@ -206,9 +200,8 @@ impl Topology {
         let svc_if = format!("vp{index}");
         // Created inside the services netns with its peer created directly in the pod netns:
         // neither end ever exists in the root namespace.
-        self.services.ip(&[
-            "link", "add", &svc_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns.name(),
-        ])?;
+        self.services
+            .ip(&["link", "add", &svc_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns.name()])?;
         let (p4, g4, p6, g6) = (pod.ipv4(), pod.gateway_v4(), pod.ipv6(), pod.gateway_v6());
         for ip in [IpAddr::V4(p4), IpAddr::V4(g4), IpAddr::V6(p6), IpAddr::V6(g6)] {
             assert_allowed_addr(ip);

@@ -54,9 +54,7 @@ impl Upstream {
         let conns = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (conns.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("upstream-{addr}"))
-            .spawn(move || accept_loop(listener, c, s))?;
+        let thread = std::thread::Builder::new().name(format!("upstream-{addr}")).spawn(move || accept_loop(listener, c, s))?;
         Ok(Upstream { addr, conns, stop, thread: Some(thread) })
     }
 
@@ -69,9 +67,7 @@ impl Upstream {
         let conns = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (conns.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("upstream-udp-{addr}"))
-            .spawn(move || udp_loop(sock, c, s))?;
+        let thread = std::thread::Builder::new().name(format!("upstream-udp-{addr}")).spawn(move || udp_loop(sock, c, s))?;
         Ok(Upstream { addr, conns, stop, thread: Some(thread) })
     }
 
@@ -116,9 +112,7 @@ fn accept_loop(listener: TcpListener, conns: Arc<Mutex<Vec<UpstreamConn>>>, stop
                 handlers.push(std::thread::spawn(move || serve(stream, peer, c)));
                 handlers.retain(|h: &JoinHandle<()>| !h.is_finished());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
@@ -167,12 +161,10 @@ fn udp_loop(sock: UdpSocket, conns: Arc<Mutex<Vec<UpstreamConn>>>, stop: Arc<Ato
     while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME && handled < MAX_CONNS {
         if let Ok((n, peer)) = sock.recv_from(&mut buf) {
             handled += 1;
-            conns.lock().unwrap_or_else(|p| p.into_inner()).push(UpstreamConn {
-                peer,
-                local,
-                received: buf[..n].to_vec(),
-                closed: true,
-            });
+            conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(UpstreamConn { peer, local, received: buf[..n].to_vec(), closed: true });
             let mut reply = format!("upstream {local}\n").into_bytes();
             reply.extend_from_slice(&buf[..n]);
             let _ = sock.send_to(&reply, peer);

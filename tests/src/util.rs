@@ -51,10 +51,7 @@ pub fn is_allowed_addr(ip: IpAddr) -> bool {
 
 /// Panics unless `ip` is allowed (see [`is_allowed_addr`]).
 pub fn assert_allowed_addr(ip: IpAddr) {
-    assert!(
-        is_allowed_addr(ip),
-        "address {ip} is outside the sandbox ranges (127/8, ::1, 10.251.0.0/16, fd00:5ca9::/64)"
-    );
+    assert!(is_allowed_addr(ip), "address {ip} is outside the sandbox ranges (127/8, ::1, 10.251.0.0/16, fd00:5ca9::/64)");
 }
 
 /// Run a command to completion, capturing output; Err if it cannot start or exits non-zero.

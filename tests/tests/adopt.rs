@@ -25,10 +25,7 @@ fn a_proxy_listening_before_the_agent_started_captures_inbound_at_once() {
     // Before: nothing captures, the client reaches the app directly.
     let r = probe.connect(client, Creds::APP, &a_app.to_string(), &ConnectOpts::send("before"));
     assert!(r.ok, "{r:?}");
-    assert_eq!(
-        app.wait_connections(1, Duration::from_secs(5))[0].peer.split(':').next(),
-        Some(client.ipv4().to_string().as_str())
-    );
+    assert_eq!(app.wait_connections(1, Duration::from_secs(5))[0].peer.split(':').next(), Some(client.ipv4().to_string().as_str()));
 
     let mesh = MeshDir::new();
     mesh.pod(a, "default", &[("app", "a")], &[]);
@@ -48,11 +45,7 @@ fn a_proxy_listening_before_the_agent_started_captures_inbound_at_once() {
     assert_eq!(inbound.frontend, Some(a_app), "the proxy got the original destination: {inbound:?}");
     assert_eq!(inbound.client.map(|c| c.ip()), Some(IpAddr::from(client.ipv4())), "and the real client: {inbound:?}");
     let conns = app.wait_connections(2, Duration::from_secs(5));
-    assert_eq!(
-        conns[1].peer.split(':').next(),
-        Some("127.0.0.6"),
-        "the app now sees Envoy's inbound passthrough source: {conns:?}"
-    );
+    assert_eq!(conns[1].peer.split(':').next(), Some("127.0.0.6"), "the app now sees Envoy's inbound passthrough source: {conns:?}");
     assert_eq!(conns[1].received, "after");
     let v = inspect(pins.path());
     assert_eq!(v[0]["counters"]["inbound_captured"], 1, "{v:#}");

@@ -170,5 +170,8 @@ fn pods_sidecars_and_agent_restarts_interleaved_leave_every_pod_captured_as_expl
             assert_eq!(res.errno == Some(1), lockdown, "step {step} ({what}): p{slot} → 10.251.100.11:81: {res:?}");
         }
     }
-    assert!(adds >= 5 && dels >= 3 && edits >= 3 && restarts >= 2, "the sequence exercises everything: {adds} adds, {dels} dels, {edits} edits, {restarts} restarts");
+    assert!(
+        adds >= 5 && dels >= 3 && edits >= 3 && restarts >= 2,
+        "the sequence exercises everything: {adds} adds, {dels} dels, {edits} edits, {restarts} restarts"
+    );
 }

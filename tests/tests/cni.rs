@@ -49,7 +49,11 @@ fn cni_call(command: &str, env: &[(&str, &str)], conf: &serde_json::Value) -> (i
     let _ = child.stdin.take().unwrap().write_all(conf.to_string().as_bytes());
     let out = child.wait_with_output().expect("sidecap-cni output");
     let text = String::from_utf8_lossy(&out.stdout);
-    let v = if text.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+    let v = if text.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
     (out.status.code().unwrap_or(-1), v, t0.elapsed())
 }
 
@@ -64,7 +68,9 @@ fn kube_call(command: &str, pod: &str, id: &str, netns: &str, socket: &std::path
 fn pod_yaml(name: &str, meshed: bool) -> String {
     let proxy = if meshed { "\n  - name: istio-proxy" } else { "" };
     let status = if meshed { "  annotations:\n    sidecar.istio.io/status: '{\"containers\":[\"istio-proxy\"]}'\n" } else { "" };
-    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n{status}spec:\n  containers:\n  - name: app{proxy}\n")
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n{status}spec:\n  containers:\n  - name: app{proxy}\n"
+    )
 }
 
 #[test]
@@ -149,7 +155,12 @@ fn cni_add_fails_the_pod_when_the_agent_is_unreachable() {
 }
 
 fn pods_in(pins: &BpfPinDir) -> Vec<String> {
-    inspect(pins.path()).as_array().unwrap().iter().map(|p| p["pod"].as_str().unwrap_or_default().to_string()).collect()
+    inspect(pins.path())
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pod"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// Deletes a pod's `PODS` entry behind the agent's back (as a crashed writer or an operator would).
@@ -240,7 +251,8 @@ fn cni_calls_are_keyed_by_container_id_as_the_spec_says() {
     assert_eq!(code, 1, "{out}");
 
     // DEL keyed by the container id alone: CNI_ARGS without the pod fields, exit 0, capture gone.
-    let (code, out, _) = cni_call("DEL", &[("CNI_CONTAINERID", "ctr-a1"), ("CNI_NETNS", &a_ns), ("CNI_ARGS", "IgnoreUnknown=1")], &conf(&socket, &[]));
+    let (code, out, _) =
+        cni_call("DEL", &[("CNI_CONTAINERID", "ctr-a1"), ("CNI_NETNS", &a_ns), ("CNI_ARGS", "IgnoreUnknown=1")], &conf(&socket, &[]));
     assert_eq!((code, out), (0, serde_json::Value::Null));
     wait_until("pod a's capture removed", Duration::from_secs(10), || pods_in(&pins).is_empty());
     // Nothing at all: no CNI_ARGS, no container id, no configuration. Still exit 0.

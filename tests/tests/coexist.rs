@@ -38,22 +38,11 @@ fn sandbox(pods_under: Option<&str>) -> (Topology, MeshDir) {
     let topo = b.build().expect("topology");
     let mesh = MeshDir::new();
     mesh.pod(topo.pod("a"), "default", &[("app", "a")], &[]);
-    mesh.service(
-        "default",
-        "lb",
-        IpAddr::V4(*VIP.ip()),
-        &[("tcp-lb", VIP.port())],
-    );
+    mesh.service("default", "lb", IpAddr::V4(*VIP.ip()), &[("tcp-lb", VIP.port())]);
     (topo, mesh)
 }
 
-fn start_agent(
-    cgroup: &Path,
-    pins: &BpfPinDir,
-    mesh: &MeshDir,
-    pod: &Pod,
-    extra: &[&str],
-) -> Agent {
+fn start_agent(cgroup: &Path, pins: &BpfPinDir, mesh: &MeshDir, pod: &Pod, extra: &[&str]) -> Agent {
     let mut args = vec!["--order-check-secs", "1"];
     args.extend_from_slice(extra);
     let mut agent = Agent::start(cgroup, pins.path(), mesh.path(), &args);
@@ -67,29 +56,12 @@ fn start_agent(
 /// the load balancer to the backend.
 fn assert_proxy_sees_vip(pod: &Pod, agent: &Agent) {
     let hp = Haproxy::start(pod, HaproxyConfig::default()).expect("haproxy");
-    let r = Probe::at(probe_bin!()).connect(
-        pod,
-        Creds::APP,
-        &VIP.to_string(),
-        &ConnectOpts::send("hi"),
-    );
-    assert!(
-        r.ok,
-        "connect to the VIP failed: {r:?}\nagent log:\n{}",
-        agent.log()
-    );
-    assert_eq!(
-        r.peer_addr(),
-        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 15001))),
-        "not captured: {r:?}"
-    );
+    let r = Probe::at(probe_bin!()).connect(pod, Creds::APP, &VIP.to_string(), &ConnectOpts::send("hi"));
+    assert!(r.ok, "connect to the VIP failed: {r:?}\nagent log:\n{}", agent.log());
+    assert_eq!(r.peer_addr(), Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 15001))), "not captured: {r:?}");
     assert_eq!(r.reply, format!("upstream {}\nhi", backend()), "{r:?}");
     let log = hp.wait_log_lines(1, Duration::from_secs(5));
-    assert_eq!(
-        log[0].frontend,
-        Some(SocketAddr::V4(VIP)),
-        "SO_ORIGINAL_DST the proxy got: {log:?}"
-    );
+    assert_eq!(log[0].frontend, Some(SocketAddr::V4(VIP)), "SO_ORIGINAL_DST the proxy got: {log:?}");
 }
 
 /// The value of `sidecap_programs_ahead{hook="connect4"}`.
@@ -110,11 +82,7 @@ fn wait_readyz(agent: &mut Agent, code: u16) -> String {
         if c == code {
             return body;
         }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed {c} ({body}), want {code}; log:\n{}",
-            agent.log()
-        );
+        assert!(Instant::now() < deadline, "/readyz stayed {c} ({body}), want {code}; log:\n{}", agent.log());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -127,23 +95,14 @@ fn a_socket_lb_attached_first_still_leaves_the_vip_to_sidecap() {
     let _up = Upstream::start(topo.services(), backend()).expect("backend");
     // The load balancer was there before sidecap, appended as every tool did before 6.17.
     let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
-    lb.attach(topo.cgroup().path(), 0)
-        .expect("attach the socket LB");
+    lb.attach(topo.cgroup().path(), 0).expect("attach the socket LB");
 
     let pins = BpfPinDir::new("cx-first").expect("pins");
     let agent = start_agent(topo.cgroup().path(), &pins, &mesh, a, &[]);
-    assert!(
-        agent.log().contains("mprog=true"),
-        "this kernel (6.18) places links: {}",
-        agent.log()
-    );
+    assert!(agent.log().contains("mprog=true"), "this kernel (6.18) places links: {}", agent.log());
     assert_proxy_sees_vip(a, &agent);
     assert_eq!(programs_ahead(&agent), Some(0), "{}", agent.log());
-    assert!(
-        !agent.log().contains(socklb::NAME),
-        "an LB behind sidecap is not reported: {}",
-        agent.log()
-    );
+    assert!(!agent.log().contains(socklb::NAME), "an LB behind sidecap is not reported: {}", agent.log());
 }
 
 #[test]
@@ -155,8 +114,7 @@ fn a_socket_lb_in_the_pods_own_cgroup_runs_after_sidecap_with_preorder() {
     // A plain program in the pod's cgroup, below sidecap's: without BPF_F_PREORDER on
     // sidecap's link it would run first (a child cgroup's programs run before its parent's).
     let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
-    lb.attach(a.cgroup().path(), 0)
-        .expect("attach the socket LB to the pod's cgroup");
+    lb.attach(a.cgroup().path(), 0).expect("attach the socket LB to the pod's cgroup");
 
     let pins = BpfPinDir::new("cx-preorder").expect("pins");
     let agent = start_agent(topo.cgroup().path(), &pins, &mesh, a, &[]);
@@ -177,31 +135,20 @@ fn a_program_put_ahead_later_is_reported_and_the_next_agent_goes_first_again() {
 
     // After sidecap, placed first: BPF_F_BEFORE, and BPF_F_PREORDER as sidecap's is.
     let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
-    lb.attach(topo.cgroup().path(), BPF_F_BEFORE | BPF_F_PREORDER)
-        .expect("attach the socket LB first");
+    lb.attach(topo.cgroup().path(), BPF_F_BEFORE | BPF_F_PREORDER).expect("attach the socket LB first");
     let id = lb.id().expect("LB program id");
 
     let body = wait_readyz(&mut agent, 503);
     assert!(body.contains("program order"), "{body}");
-    assert!(
-        body.contains(&format!("program {} (id {id})", socklb::NAME)),
-        "readyz names the program: {body}"
-    );
+    assert!(body.contains(&format!("program {} (id {id})", socklb::NAME)), "readyz names the program: {body}");
     assert!(body.contains("connect4"), "{body}");
     assert_eq!(programs_ahead(&agent), Some(1), "{}", agent.log());
     let log = agent.log();
-    let warning = log
-        .lines()
-        .find(|l| l.contains("runs before sidecap"))
-        .unwrap_or_else(|| panic!("no warning:\n{log}"));
-    assert!(
-        warning.contains(socklb::NAME) && warning.contains(&format!("id={id}")),
-        "{warning}"
-    );
+    let warning = log.lines().find(|l| l.contains("runs before sidecap")).unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(warning.contains(socklb::NAME) && warning.contains(&format!("id={id}")), "{warning}");
     // What is reported is real: sidecap now decides on the backend address, which no
     // listener matches, so the connect bypasses the proxy.
-    let r =
-        Probe::at(probe_bin!()).connect(a, Creds::APP, &VIP.to_string(), &ConnectOpts::send("hi"));
+    let r = Probe::at(probe_bin!()).connect(a, Creds::APP, &VIP.to_string(), &ConnectOpts::send("hi"));
     assert!(r.ok, "{r:?}");
     assert_eq!(r.peer_addr(), Some(backend()), "the LB ran first: {r:?}");
 
@@ -209,11 +156,7 @@ fn a_program_put_ahead_later_is_reported_and_the_next_agent_goes_first_again() {
     assert_eq!(agent.stop(), Some(0));
     agent.restart();
     agent.wait_ready(WAIT);
-    assert!(
-        agent.log().contains("reordered=[\"connect4\"]"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("reordered=[\"connect4\"]"), "{}", agent.log());
     assert_eq!(programs_ahead(&agent), Some(0), "{}", agent.log());
     assert_proxy_sees_vip(a, &agent);
 }
@@ -228,8 +171,7 @@ fn without_mprog_sidecap_attached_below_the_lb_cgroup_sees_the_vip() {
     assert!(a.cgroup().path().starts_with(topo.pods_cgroup().path()));
     let _up = Upstream::start(topo.services(), backend()).expect("backend");
     let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
-    lb.attach(topo.cgroup().path(), 0)
-        .expect("attach the socket LB");
+    lb.attach(topo.cgroup().path(), 0).expect("attach the socket LB");
 
     let pins = BpfPinDir::new("cx-nomprog").expect("pins");
     let agent = start_agent(topo.pods_cgroup().path(), &pins, &mesh, a, &["--no-mprog"]);
@@ -242,11 +184,7 @@ fn without_mprog_sidecap_attached_below_the_lb_cgroup_sees_the_vip() {
 
 /// The netns inode bpftool reports for a pinned netns link (0 once the netns is gone).
 fn link_netns_ino(pin: &Path) -> Option<u64> {
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(pin)
-        .output()
-        .ok()?;
+    let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(pin).output().ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["netns_ino"].as_u64()
 }
@@ -265,11 +203,7 @@ fn a_pod_whose_netns_died_while_the_agent_was_down_does_not_stop_the_next_one() 
     m.topo.remove_pod("a");
     let deadline = Instant::now() + WAIT;
     while link_netns_ino(&pin) != Some(0) {
-        assert!(
-            Instant::now() < deadline,
-            "pod a's link was never severed: {:?}",
-            link_netns_ino(&pin)
-        );
+        assert!(Instant::now() < deadline, "pod a's link was never severed: {:?}", link_netns_ino(&pin));
         std::thread::sleep(Duration::from_millis(50));
     }
     let b = m.topo.add_pod("b").expect("pod b");
@@ -284,45 +218,23 @@ fn a_pod_whose_netns_died_while_the_agent_was_down_does_not_stop_the_next_one() 
     assert!(log.contains("default/a"), "the log names the pod: {log}");
     assert!(!pin.exists(), "the severed link's pin is removed");
     let v = inspect(m.pins.path());
-    assert!(
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .all(|p| p["netns_cookie"].as_u64() != Some(cookie)),
-        "{v:#}"
-    );
+    assert!(v.as_array().into_iter().flatten().all(|p| p["netns_cookie"].as_u64() != Some(cookie)), "{v:#}");
 
     // The new pod is captured.
     let b = m.pod("b");
     let _up = Upstream::start(m.topo.services(), (SVC, 80).into()).expect("upstream");
     let hp = Haproxy::start(b, HaproxyConfig::default()).expect("haproxy");
-    let r =
-        Probe::at(probe_bin!()).connect(b, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("b"));
+    let r = Probe::at(probe_bin!()).connect(b, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("b"));
     assert!(r.ok, "{r:?}\n{}", m.agent.log());
-    assert_eq!(
-        r.peer_addr(),
-        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 15001))),
-        "{r:?}"
-    );
-    assert_eq!(
-        hp.wait_log_lines(1, Duration::from_secs(5))[0].frontend,
-        Some(SocketAddr::from((SVC, 80)))
-    );
+    assert_eq!(r.peer_addr(), Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 15001))), "{r:?}");
+    assert_eq!(hp.wait_log_lines(1, Duration::from_secs(5))[0].frontend, Some(SocketAddr::from((SVC, 80))));
 }
 
 /// Programs attached directly to `cgroup`, from bpftool (names).
 fn attached_here(cgroup: &Path) -> Vec<String> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
+    let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).output().expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(str::to_string))
-        .collect()
+    v.as_array().into_iter().flatten().filter_map(|p| p["name"].as_str().map(str::to_string)).collect()
 }
 
 #[test]
@@ -333,38 +245,17 @@ fn an_agent_given_another_cgroup_moves_its_pinned_links_there() {
     let _up = Upstream::start(topo.services(), backend()).expect("backend");
     let pins = BpfPinDir::new("cx-move").expect("pins");
     let mut first = start_agent(topo.cgroup().path(), &pins, &mesh, a, &[]);
-    assert!(
-        attached_here(topo.cgroup().path())
-            .iter()
-            .any(|n| n == "sidecap_connect4")
-    );
+    assert!(attached_here(topo.cgroup().path()).iter().any(|n| n == "sidecap_connect4"));
     assert_eq!(first.stop(), Some(0));
     drop(first);
 
     // The next agent attaches below (as the no-mprog default does): the pinned links follow.
     let agent = start_agent(topo.pods_cgroup().path(), &pins, &mesh, a, &["--no-mprog"]);
-    assert!(
-        agent
-            .log()
-            .contains("reordered=[\"connect4\", \"connect6\", \"sockops\""),
-        "{}",
-        agent.log()
-    );
-    let left: Vec<String> = attached_here(topo.cgroup().path())
-        .into_iter()
-        .filter(|n| n.starts_with("sidecap"))
-        .collect();
-    assert!(
-        left.is_empty(),
-        "nothing of sidecap's stays at the old cgroup: {left:?}"
-    );
-    assert!(
-        attached_here(topo.pods_cgroup().path())
-            .iter()
-            .any(|n| n == "sidecap_connect4")
-    );
+    assert!(agent.log().contains("reordered=[\"connect4\", \"connect6\", \"sockops\""), "{}", agent.log());
+    let left: Vec<String> = attached_here(topo.cgroup().path()).into_iter().filter(|n| n.starts_with("sidecap")).collect();
+    assert!(left.is_empty(), "nothing of sidecap's stays at the old cgroup: {left:?}");
+    assert!(attached_here(topo.pods_cgroup().path()).iter().any(|n| n == "sidecap_connect4"));
     let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
-    lb.attach(topo.cgroup().path(), 0)
-        .expect("attach the socket LB");
+    lb.attach(topo.cgroup().path(), 0).expect("attach the socket LB");
     assert_proxy_sees_vip(a, &agent);
 }

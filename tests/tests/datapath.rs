@@ -211,9 +211,21 @@ fn dns_capture_sends_port_53_to_the_dns_proxy_and_restores_the_resolver() {
     assert!(r.ok, "{r:?}");
     assert_eq!(dns_tcp.wait_connections(1, Duration::from_secs(5))[0].received, "tcp query");
     wait_until("two datagrams at the DNS proxy", Duration::from_secs(5), || dns_udp.datagrams().len() == 2);
-    assert!(dns_udp.datagrams().iter().all(|d| d["peer"].as_str().is_some_and(|p| p.starts_with(&a.ipv4().to_string()) || p.starts_with("127.0.0.1"))), "{:?}", dns_udp.datagrams());
+    assert!(
+        dns_udp
+            .datagrams()
+            .iter()
+            .all(|d| d["peer"].as_str().is_some_and(|p| p.starts_with(&a.ipv4().to_string()) || p.starts_with("127.0.0.1"))),
+        "{:?}",
+        dns_udp.datagrams()
+    );
     // The DNS proxy's own queries reach the real resolver (not looped back to itself).
-    let own = probe().connect(a, Creds::PROXY, "10.251.100.10:53", &ConnectOpts { sendto: true, send: Some("up".into()), timeout_ms: Some(300), ..Default::default() });
+    let own = probe().connect(
+        a,
+        Creds::PROXY,
+        "10.251.100.10:53",
+        &ConnectOpts { sendto: true, send: Some("up".into()), timeout_ms: Some(300), ..Default::default() },
+    );
     assert_ne!(own.peer_addr(), Some(sa(Ipv4Addr::LOCALHOST, 15053)), "{own:?}");
     assert_eq!(dns_udp.datagrams().len(), 2, "the proxy's query was captured");
     assert_eq!(inspect(pins.path())[0]["counters"]["dns"], 3);
@@ -266,7 +278,9 @@ fn a_pod_removed_from_the_config_loses_capture_and_its_netns_link() {
 
     m.mesh.remove("pod-a.yaml");
     wait_until("pod a to leave the maps", WAIT, || {
-        inspect(m.pins.path()).as_array().is_some_and(|v| v.iter().all(|p| p["netns_cookie"].as_u64() != Some(cookie_a)))
+        inspect(m.pins.path())
+            .as_array()
+            .is_some_and(|v| v.iter().all(|p| p["netns_cookie"].as_u64() != Some(cookie_a)))
     });
     assert!(!link.exists(), "the pod's sk_lookup link is gone");
     let r = probe().connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("x"));

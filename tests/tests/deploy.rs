@@ -159,7 +159,11 @@ fn install_cni_chains_the_plugin_the_runtime_runs_and_uninstall_gives_the_node_b
     assert_eq!(snapshot(&bin).keys().collect::<Vec<_>>(), ["fake-primary"], "our binary is gone, the others stay");
     assert!(!pins.path().exists(), "no pin left");
     let shown = Command::new("bpftool").args(["cgroup", "show"]).arg(topo.cgroup().path()).output().expect("bpftool");
-    assert!(String::from_utf8_lossy(&shown.stdout).trim().is_empty(), "programs still attached: {}", String::from_utf8_lossy(&shown.stdout));
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).trim().is_empty(),
+        "programs still attached: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
     let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("after"));
     assert_eq!(r.peer_addr(), Some((SVC, 80).into()), "not captured any more: {r:?}");
 }
@@ -176,7 +180,12 @@ fn manifest_caps(file: &str, container: &str) -> Vec<String> {
         .flatten()
         .find(|c| c["name"] == container)
         .unwrap_or_else(|| panic!("{file}: no container {container}"));
-    c["securityContext"]["capabilities"]["add"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_ascii_lowercase()).collect()
+    c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_ascii_lowercase())
+        .collect()
 }
 
 /// `sidecap ARGS` as root with only `caps` (bounding and inheritable sets cut down, as a
@@ -229,8 +238,23 @@ fn agent_with(caps: &[String], topo: &Topology, mesh: &MeshDir, wait: Duration, 
     let pins = BpfPinDir::new("caps").expect("pins");
     let dir = TempDir::new("caps").expect("tmp");
     let log = dir.path().join("agent.log");
-    let (cgroup, config, bpffs) = (topo.cgroup().path().display().to_string(), mesh.path().display().to_string(), pins.path().display().to_string());
-    let args = ["agent", "--config", &config, "--cgroup", &cgroup, "--bpffs", &bpffs, "--poll-interval-ms", "100", "--admin-addr", "127.0.0.1:0", "--cni-socket", "off"];
+    let (cgroup, config, bpffs) =
+        (topo.cgroup().path().display().to_string(), mesh.path().display().to_string(), pins.path().display().to_string());
+    let args = [
+        "agent",
+        "--config",
+        &config,
+        "--cgroup",
+        &cgroup,
+        "--bpffs",
+        &bpffs,
+        "--poll-interval-ms",
+        "100",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--cni-socket",
+        "off",
+    ];
     let mut child = with_caps(caps, &args, &log);
     if check_eff {
         std::thread::sleep(Duration::from_millis(200));
@@ -305,10 +329,7 @@ fn the_daemonsets_capabilities_adopt_a_running_proxy_and_sys_ptrace_is_needed() 
     let no_ptrace: Vec<String> = caps.iter().filter(|c| *c != "sys_ptrace").cloned().collect();
     let (captured, code, log) = agent_with(&no_ptrace, &topo, &mesh, Duration::from_secs(20), false);
     assert!(captured && code == Some(0), "without sys_ptrace: captured={captured} exit={code:?}\n{log}");
-    assert!(
-        log.contains("inbound capture waits until the proxy listens again") && log.contains("the agent lacks CAP_SYS_PTRACE"),
-        "{log}"
-    );
+    assert!(log.contains("inbound capture waits until the proxy listens again") && log.contains("the agent lacks CAP_SYS_PTRACE"), "{log}");
 }
 
 #[test]
@@ -328,7 +349,11 @@ fn the_uninstall_daemonsets_one_capability_removes_everything() {
     assert!(st.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
     assert!(!m.pins.path().exists(), "no pin left");
     let shown = Command::new("bpftool").args(["cgroup", "show"]).arg(m.topo.cgroup().path()).output().expect("bpftool");
-    assert!(String::from_utf8_lossy(&shown.stdout).trim().is_empty(), "programs still attached: {}", String::from_utf8_lossy(&shown.stdout));
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).trim().is_empty(),
+        "programs still attached: {}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
     let r = Probe::at(probe_bin!()).connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("after"));
     assert_eq!(r.peer_addr(), Some((SVC, 80).into()), "not captured any more: {r:?}");
     assert!(hp.log_lines().is_empty(), "{:?}", hp.log_lines());

@@ -116,13 +116,7 @@ fn cases() -> Vec<Case> {
         cap("dns-uid-gid", &[], P3_1, true, true),
         cap("ipv6-dns-uid-gid", &[], P3_1, true, true),
         cap("outbound-ports-include", &[("traffic.sidecar.istio.io/includeOutboundPorts", "32000,31000")], P1337, false, false),
-        cap(
-            "loopback-outbound-iprange",
-            &[("traffic.sidecar.istio.io/includeOutboundIPRanges", "127.1.2.3/32")],
-            P3_1,
-            true,
-            false,
-        ),
+        cap("loopback-outbound-iprange", &[("traffic.sidecar.istio.io/includeOutboundIPRanges", "127.1.2.3/32")], P3_1, true, false),
         // ExcludeInterfaces: not-istio-nic does not exist in the sandbox, so its rules are
         // inert; the pod is `empty`'s.
         cap("basic-exclude-nic", &[], P1337, false, false),
@@ -148,20 +142,59 @@ fn cap(name: &'static str, overrides: &[(&'static str, &'static str)], proxy: Cr
 /// Cases of the CASES.yaml indexes that are not run, and why. sidecap refuses pods asking for
 /// what these cases test (policy/src/knobs.rs), so there is no sidecap run to compare.
 const SKIPPED: &[(&str, &str)] = &[
-    ("cni-plugin/tproxy", "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("cni-plugin/custom-uid-tproxy", "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
+    (
+        "cni-plugin/tproxy",
+        "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "cni-plugin/custom-uid-tproxy",
+        "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
     ("capture/tproxy", "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/inbound-ports-tproxy", "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/inbound-ports-wildcard-tproxy", "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/ipv6-virt-interfaces", "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/ipv6-ipnets", "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/ipv6-uid-gid", "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/kube-virt-interfaces", "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/ipnets-with-kube-virt-interfaces", "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)"),
-    ("capture/outbound-owner-groups", "OwnerGroupsInclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)"),
-    ("capture/outbound-owner-groups-exclude", "OwnerGroupsExclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)"),
-    ("capture/ipv6-dns-outbound-owner-groups", "OwnerGroupsInclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)"),
-    ("capture/ipv6-dns-outbound-owner-groups-exclude", "OwnerGroupsExclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)"),
+    (
+        "capture/inbound-ports-tproxy",
+        "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/inbound-ports-wildcard-tproxy",
+        "TPROXY interception: refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/ipv6-virt-interfaces",
+        "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/ipv6-ipnets",
+        "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/ipv6-uid-gid",
+        "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/kube-virt-interfaces",
+        "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/ipnets-with-kube-virt-interfaces",
+        "RerouteVirtualInterfaces (kubevirtInterfaces): refused loudly (the pod's CNI ADD fails naming the annotation; tests/tests/interception.rs)",
+    ),
+    (
+        "capture/outbound-owner-groups",
+        "OwnerGroupsInclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)",
+    ),
+    (
+        "capture/outbound-owner-groups-exclude",
+        "OwnerGroupsExclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)",
+    ),
+    (
+        "capture/ipv6-dns-outbound-owner-groups",
+        "OwnerGroupsInclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)",
+    ),
+    (
+        "capture/ipv6-dns-outbound-owner-groups-exclude",
+        "OwnerGroupsExclude: refused loudly when set in the proxy's env or the mesh's proxyMetadata (tests/tests/interception.rs)",
+    ),
     ("capture/host-ipv4-loopback-cidr", "HostIPv4LoopbackCidr: an istio-iptables flag with no pod annotation; sidecap has no such knob"),
 ];
 
@@ -183,7 +216,14 @@ struct Exception {
 const EXCEPTIONS: &[Exception] = &[
     Exception {
         cases: &["capture/inbound-ports-wildcard"],
-        conns: &["peer -> self:15020", "peer -> self:15021", "peer -> self:15090", "svcns -> self:15020", "svcns -> self:15021", "svcns -> self:15090"],
+        conns: &[
+            "peer -> self:15020",
+            "peer -> self:15021",
+            "peer -> self:15090",
+            "svcns -> self:15020",
+            "svcns -> self:15021",
+            "svcns -> self:15090",
+        ],
         iptables: "proxy-in",
         sidecap: "direct",
         reason: "istio-iptables' test config has no excluded inbound ports; the real istio-init is always run with \
@@ -614,7 +654,10 @@ fn run_mode(mode: Mode, cases: &[Case], goldens: &[GoldenRules]) -> RunResult {
             let mut by_token: HashMap<String, Vec<Outcome>> = HashMap::new();
             let hits: Vec<Hit> = [&app_listeners, &svc_listeners, &peer_listeners].iter().flat_map(|l| l.hits()).collect();
             for h in hits {
-                by_token.entry(h.received.trim().to_owned()).or_default().push(Outcome::Direct(format!("{}@{}", h.name, h.local)));
+                by_token
+                    .entry(h.received.trim().to_owned())
+                    .or_default()
+                    .push(Outcome::Direct(format!("{}@{}", h.name, h.local)));
             }
             for l in &proxies {
                 for (t, o) in l.outcomes() {
@@ -625,9 +668,7 @@ fn run_mode(mode: Mode, cases: &[Case], goldens: &[GoldenRules]) -> RunResult {
         };
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut by_token = collect();
-        while Instant::now() < deadline
-            && (0..m.len()).any(|j| client_err[j].is_none() && !by_token.contains_key(&token(j)))
-        {
+        while Instant::now() < deadline && (0..m.len()).any(|j| client_err[j].is_none() && !by_token.contains_key(&token(j))) {
             std::thread::sleep(Duration::from_millis(20));
             by_token = collect();
         }
@@ -755,7 +796,13 @@ fn sidecap_agrees_with_istio_init_golden_rules() {
     }
     println!("documented differences:");
     for (e, hits) in EXCEPTIONS.iter().zip(&exception_hits) {
-        println!("  {} connection(s): iptables {}, sidecap {}: {}", hits.len(), e.iptables, e.sidecap, e.reason.split_whitespace().collect::<Vec<_>>().join(" "));
+        println!(
+            "  {} connection(s): iptables {}, sidecap {}: {}",
+            hits.len(),
+            e.iptables,
+            e.sidecap,
+            e.reason.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
     }
     println!(
         "differential: {} cases, {total} connections, {agree} agree, {excepted} documented differences, {} unexpected ({:?})",

@@ -31,7 +31,11 @@ fn cni_add(pod: &str, netns: &str, socket: &std::path::Path, ip: &str) -> (i32, 
     let _ = child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes());
     let out = child.wait_with_output().expect("sidecap-cni output");
     let text = String::from_utf8_lossy(&out.stdout);
-    let v = if text.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")) };
+    let v = if text.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
     (out.status.code().unwrap_or(-1), v)
 }
 

@@ -70,12 +70,8 @@ fn sidecar_changes_in_the_api_server_change_capture() {
 
     let pins = BpfPinDir::new("kube").expect("bpffs pin dir");
     let kc = kubeconfig.display().to_string();
-    let mut agent = Agent::start_with_source(
-        topo.cgroup().path(),
-        pins.path(),
-        &["--kubernetes", "--kubeconfig", &kc, "--node-name", NODE],
-        &[],
-    );
+    let mut agent =
+        Agent::start_with_source(topo.cgroup().path(), pins.path(), &["--kubernetes", "--kubeconfig", &kc, "--node-name", NODE], &[]);
     agent.wait_pods(&[cookie], 1, WAIT);
     let link = pins.path().join("links/netns").join(cookie.to_string());
     assert!(link.exists(), "the pod's sk_lookup link is pinned: {}", link.display());

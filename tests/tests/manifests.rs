@@ -101,8 +101,13 @@ fn check_typed(v: &Value) -> Result<(), String> {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => strict::<RoleBinding>(v),
         ("apps/v1", "DaemonSet") => strict::<DaemonSet>(v),
         ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
-            let unknown: Vec<&String> =
-                v.as_object().into_iter().flatten().map(|(k, _)| k).filter(|k| !KUSTOMIZATION_KEYS.contains(&k.as_str())).collect();
+            let unknown: Vec<&String> = v
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .filter(|k| !KUSTOMIZATION_KEYS.contains(&k.as_str()))
+                .collect();
             if unknown.is_empty() { Ok(()) } else { Err(format!("Kustomization fields this test does not know: {unknown:?}")) }
         }
         _ => Err(format!("apiVersion {api:?} kind {kind:?}: not a type this test checks (add it)")),
@@ -351,7 +356,10 @@ fn the_flag_check_catches_an_unknown_flag_and_a_bad_value() {
 /// capabilities, host namespaces, node name, probes on the admin port, resources, priority,
 /// tolerations, one node at a time, the mounts the agent uses.
 fn check_agent_daemonset(docs: &[Value], what: &str) {
-    let d = docs.iter().find(|d| name_of(d) == ("DaemonSet".into(), "sidecap".into())).unwrap_or_else(|| panic!("{what}: no DaemonSet sidecap"));
+    let d = docs
+        .iter()
+        .find(|d| name_of(d) == ("DaemonSet".into(), "sidecap".into()))
+        .unwrap_or_else(|| panic!("{what}: no DaemonSet sidecap"));
     let ds: DaemonSet = serde_json::from_value(d.clone()).unwrap();
     let spec = ds.spec.unwrap();
     let ru = spec.update_strategy.unwrap().rolling_update.unwrap();
@@ -359,7 +367,13 @@ fn check_agent_daemonset(docs: &[Value], what: &str) {
     let pod = spec.template.spec.unwrap();
     assert_eq!((pod.host_pid, pod.host_network), (Some(true), Some(true)), "{what}");
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"), "{what}");
-    assert!(pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()), "{what}: tolerate every taint");
+    assert!(
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+        "{what}: tolerate every taint"
+    );
     let cm = docs.iter().find(|d| name_of(d) == ("ConfigMap".into(), "sidecap-config".into())).unwrap();
     let admin_port: i32 = cm["data"]["SIDECAP_ADMIN_ADDR"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
     let socket = PathBuf::from(cm["data"]["SIDECAP_CNI_SOCKET"].as_str().unwrap());
@@ -385,10 +399,18 @@ fn check_agent_daemonset(docs: &[Value], what: &str) {
         assert_eq!(g.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("admin".into()));
     }
     // Mounts: name → (mountPath, hostPath).
-    let host: BTreeMap<String, String> =
-        pod.volumes.iter().flatten().filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone()))).collect();
-    let mounts: BTreeMap<String, String> =
-        agent.volume_mounts.iter().flatten().map(|m| (m.mount_path.clone(), host.get(&m.name).cloned().unwrap_or_default())).collect();
+    let host: BTreeMap<String, String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone())))
+        .collect();
+    let mounts: BTreeMap<String, String> = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.mount_path.clone(), host.get(&m.name).cloned().unwrap_or_default()))
+        .collect();
     assert_eq!(mounts.get("/sys/fs/bpf").map(String::as_str), Some("/sys/fs/bpf"), "{what}: bpffs");
     assert!(mounts.contains_key("/host/sys/fs/cgroup"), "{what}: cgroup v2");
     assert_eq!(mounts.get("/var/run/netns").map(String::as_str), Some("/var/run/netns"), "{what}: CNI_NETNS paths");

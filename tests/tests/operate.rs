@@ -74,9 +74,21 @@ fn explain_reads_the_live_kernel_state_and_agrees_with_what_connects_do() {
     });
     let bpffs = m.pins.path().display().to_string();
     let (code, out, err) = sidecap(&[
-        "explain", "--bpffs", &bpffs, "--pod", "default/a",
-        "--to", "10.251.100.10:80", "--to", "10.251.100.10:81", "--to", "10.251.100.10:9999",
-        "--inbound", "8080", "--inbound", "15021",
+        "explain",
+        "--bpffs",
+        &bpffs,
+        "--pod",
+        "default/a",
+        "--to",
+        "10.251.100.10:80",
+        "--to",
+        "10.251.100.10:81",
+        "--to",
+        "10.251.100.10:9999",
+        "--inbound",
+        "8080",
+        "--inbound",
+        "15021",
     ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
@@ -99,7 +111,8 @@ fn explain_reads_the_live_kernel_state_and_agrees_with_what_connects_do() {
     assert_eq!(r.errno, Some(1), "{r:?}");
     // The same question from the configuration directory gives the same answers.
     let cfg = m.mesh.path().display().to_string();
-    let (code, out, err) = sidecap(&["explain", "--config", &cfg, "--pod", "default/a", "--to", "10.251.100.10:80", "--to", "10.251.100.10:81"]);
+    let (code, out, err) =
+        sidecap(&["explain", "--config", &cfg, "--pod", "default/a", "--to", "10.251.100.10:80", "--to", "10.251.100.10:81"]);
     assert_eq!(code, 0, "{err}");
     let c: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let actions: Vec<&str> = c["decisions"].as_array().unwrap().iter().map(|x| x["action"].as_str().unwrap()).collect();
@@ -112,7 +125,19 @@ fn unusable_setup_is_refused_in_one_clear_line() {
     let dir = TempDir::new("bad").expect("tmp");
     let cfg = dir.path().display().to_string();
     // Not a cgroup v2 directory.
-    let (code, out, err) = sidecap(&["agent", "--config", &cfg, "--cgroup", &cfg, "--bpffs", "/sys/fs/bpf/sidecap-never", "--admin-addr", "off", "--cni-socket", "off"]);
+    let (code, out, err) = sidecap(&[
+        "agent",
+        "--config",
+        &cfg,
+        "--cgroup",
+        &cfg,
+        "--bpffs",
+        "/sys/fs/bpf/sidecap-never",
+        "--admin-addr",
+        "off",
+        "--cni-socket",
+        "off",
+    ]);
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains(&format!("cgroup {cfg} does not exist or is not a cgroup v2 directory")), "{err}");
@@ -120,7 +145,19 @@ fn unusable_setup_is_refused_in_one_clear_line() {
     // A bpffs path that is not on a bpf filesystem.
     let cg = TestCgroup::new("bad").expect("cgroup");
     let not_bpffs = dir.path().join("pins").display().to_string();
-    let (code, _, err) = sidecap(&["agent", "--config", &cfg, "--cgroup", &cg.path().display().to_string(), "--bpffs", &not_bpffs, "--admin-addr", "off", "--cni-socket", "off"]);
+    let (code, _, err) = sidecap(&[
+        "agent",
+        "--config",
+        &cfg,
+        "--cgroup",
+        &cg.path().display().to_string(),
+        "--bpffs",
+        &not_bpffs,
+        "--admin-addr",
+        "off",
+        "--cni-socket",
+        "off",
+    ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not on a bpf filesystem"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");

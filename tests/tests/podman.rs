@@ -48,8 +48,7 @@ impl Podman {
             std::fs::create_dir_all(dir.join(d)).expect("podman dirs");
         }
         for plugin in ["bridge", "host-local", "loopback"] {
-            std::fs::copy(cni_plugin(plugin).expect("CNI plugin"), dir.join("cni-bin").join(plugin))
-                .expect("copying plugin");
+            std::fs::copy(cni_plugin(plugin).expect("CNI plugin"), dir.join("cni-bin").join(plugin)).expect("copying plugin");
         }
         // The node's primary network: a bridge with host-local addresses.
         let conflist = serde_json::json!({
@@ -114,18 +113,7 @@ impl Podman {
     fn create(&self, name: &str, probe_args: &[&str]) {
         let parent = format!("/{}", self.cgroup_name);
         let rootfs = self.dir.join("rootfs").display().to_string();
-        let mut args = vec![
-            "create",
-            "--name",
-            name,
-            "--network",
-            "cn-net",
-            "--cgroup-parent",
-            &parent,
-            "--rootfs",
-            &rootfs,
-            "/sc-probe",
-        ];
+        let mut args = vec!["create", "--name", name, "--network", "cn-net", "--cgroup-parent", &parent, "--rootfs", &rootfs, "/sc-probe"];
         args.extend(probe_args);
         self.ok(&args);
     }
@@ -184,12 +172,10 @@ fn meshed_pod(name: &str) -> String {
 }
 
 fn missing_tools() -> Option<String> {
-    let mut missing: Vec<&str> =
-        ["podman", "runc", "conmon", "nsenter"].into_iter().filter(|b| which(b).is_none()).collect();
+    let mut missing: Vec<&str> = ["podman", "runc", "conmon", "nsenter"].into_iter().filter(|b| which(b).is_none()).collect();
     missing.extend(["bridge", "host-local", "loopback"].into_iter().filter(|p| cni_plugin(p).is_none()));
-    (!missing.is_empty()).then(|| {
-        format!("{missing:?} not installed (`cargo xtask setup` installs podman, runc, containernetworking-plugins)")
-    })
+    (!missing.is_empty())
+        .then(|| format!("{missing:?} not installed (`cargo xtask setup` installs podman, runc, containernetworking-plugins)"))
 }
 
 #[test]
@@ -208,8 +194,7 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     mesh.write("pod-web.yaml", &meshed_pod("web"));
     mesh.service(NAMESPACE, "web", "10.251.100.10".parse().unwrap(), &[("tcp", 80)]);
     let sock_arg = socket.display().to_string();
-    let mut agent =
-        Agent::start(cgroup.path(), pins.path(), mesh.path(), &["--cni-socket", &sock_arg, "--cni-wait-secs", "10"]);
+    let mut agent = Agent::start(cgroup.path(), pins.path(), mesh.path(), &["--cni-socket", &sock_arg, "--cni-wait-secs", "10"]);
     agent.wait_ready(Duration::from_secs(20));
     let podman = Podman::new(&dir.path().join("podman"), &host, &cgroup);
 
@@ -227,12 +212,8 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
         NAMESPACE,
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    let list: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(conf_dir.join("10-cn.conflist")).unwrap()).unwrap();
-    assert_eq!(
-        list["plugins"][1],
-        serde_json::json!({"type": "sidecap-cni", "socketPath": sock_arg, "podNamespace": NAMESPACE})
-    );
+    let list: serde_json::Value = serde_json::from_slice(&std::fs::read(conf_dir.join("10-cn.conflist")).unwrap()).unwrap();
+    assert_eq!(list["plugins"][1], serde_json::json!({"type": "sidecap-cni", "socketPath": sock_arg, "podNamespace": NAMESPACE}));
 
     // `podman init` makes the netns and runs the chain; the ADD returns once captured.
     podman.create("web", &["connect", SVC_ADDR, "--send", "first"]);
@@ -248,19 +229,14 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     let netns = Netns::existing(Path::new(&sandbox)).expect("podman's netns");
     let proxy_cg = cgroup.child("proxy").expect("proxy cgroup");
     let probe = Probe::at(probe_bin!());
-    let mut proxy = spawn_with(
-        &netns,
-        &proxy_cg,
-        Creds::PROXY,
-        probe.command(&["listen", "127.0.0.1:15001", "--max-conns", "1", "--max-secs", "60"]),
-    )
-    .expect("proxy");
+    let mut proxy =
+        spawn_with(&netns, &proxy_cg, Creds::PROXY, probe.command(&["listen", "127.0.0.1:15001", "--max-conns", "1", "--max-secs", "60"]))
+            .expect("proxy");
     assert!(proxy.wait_stdout("\"listening\"", Duration::from_secs(10)), "proxy: {}", proxy.stderr());
 
     // The container's first and only connect: captured, with the Service as original destination.
     let app = podman.ok(&["start", "--attach", "web"]);
-    let r: serde_json::Value =
-        serde_json::from_str(app.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {app}"));
+    let r: serde_json::Value = serde_json::from_str(app.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {app}"));
     assert_eq!((r["ok"].as_bool(), r["peer"].as_str()), (Some(true), Some("127.0.0.1:15001")), "{r}");
     assert!(proxy.wait_stdout("\"conn\"", Duration::from_secs(10)));
     let conn: serde_json::Value =
@@ -272,9 +248,7 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
         let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
         state["attachments"] == serde_json::json!({})
     };
-    wait_until("web's capture removed", Duration::from_secs(30), || {
-        inspect(pins.path()).as_array().unwrap().is_empty()
-    });
+    wait_until("web's capture removed", Duration::from_secs(30), || inspect(pins.path()).as_array().unwrap().is_empty());
     assert!(no_attachments());
     podman.ok(&["rm", "web"]);
 
@@ -286,9 +260,7 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     assert_eq!(v[0]["pod"], format!("{NAMESPACE}/server"), "{v:#}\n{}", agent.log());
     assert!(!no_attachments());
     podman.ok(&["rm", "--force", "--time", "0", "server"]);
-    wait_until("server's capture removed", Duration::from_secs(30), || {
-        inspect(pins.path()).as_array().unwrap().is_empty()
-    });
+    wait_until("server's capture removed", Duration::from_secs(30), || inspect(pins.path()).as_array().unwrap().is_empty());
     assert!(no_attachments());
 
     // A captured container running when the agent goes down, then removed: its DEL cannot
@@ -307,10 +279,7 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     let out = podman.run(&["start", "web2"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started without the agent: {err}");
-    assert!(
-        err.contains("sidecap agent unreachable at") && err.contains("pod podman/web2 cannot be captured"),
-        "{err}"
-    );
+    assert!(err.contains("sidecap agent unreachable at") && err.contains("pod podman/web2 cannot be captured"), "{err}");
     podman.ok(&["rm", "--force", "web2"]);
 
     // The next agent forgets the container whose DEL it missed (its netns is gone) and
@@ -319,7 +288,5 @@ fn podman_runs_a_captured_container_through_the_cni_chain() {
     agent.wait_ready(Duration::from_secs(20));
     assert!(agent.log().contains("netns gone while the agent was down; forgotten container="), "{}", agent.log());
     assert!(no_attachments());
-    wait_until("late's capture removed", Duration::from_secs(30), || {
-        inspect(pins.path()).as_array().unwrap().is_empty()
-    });
+    wait_until("late's capture removed", Duration::from_secs(30), || inspect(pins.path()).as_array().unwrap().is_empty());
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sidecap_tests::{
-    ConnectOpts, Creds, Haproxy, HaproxyConfig, OutboundBackend, Probe, Topology, Upstream, cgroup2_mount,
-    current_netns_cookie, probe_bin, require_root, spawn_in,
+    ConnectOpts, Creds, Haproxy, HaproxyConfig, OutboundBackend, Probe, Topology, Upstream, cgroup2_mount, current_netns_cookie, probe_bin,
+    require_root, spawn_in,
 };
 
 const SVC_V4: &str = "10.251.100.10";
@@ -33,8 +33,7 @@ fn netns_exists(name: &str) -> bool {
 }
 
 fn ip_netns_list() -> String {
-    String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip netns list").stdout)
-        .into_owned()
+    String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip netns list").stdout).into_owned()
 }
 
 #[test]
@@ -43,11 +42,7 @@ fn topology_up_and_down_leaves_nothing() {
     let (names, cgroups, mut sleeper);
     {
         let t = topo(&["a", "b"]);
-        names = vec![
-            t.services().name().to_owned(),
-            t.pod("a").netns().name().to_owned(),
-            t.pod("b").netns().name().to_owned(),
-        ];
+        names = vec![t.services().name().to_owned(), t.pod("a").netns().name().to_owned(), t.pod("b").netns().name().to_owned()];
         cgroups = vec![t.cgroup().path().to_owned(), t.pod("a").cgroup().path().to_owned()];
         assert!(t.cgroup().path().starts_with(cgroup2_mount()), "cgroup under the cgroup2 mount");
         assert_ne!(t.cgroup().path(), cgroup2_mount(), "never the root cgroup");
@@ -209,11 +204,9 @@ fn haproxy_plain_backend_forwards_and_logs_server() {
     let a = t.pod("a");
     let upstream_addr: SocketAddr = format!("{SVC_V4}:9000").parse().unwrap();
     let up = Upstream::start(t.services(), upstream_addr).expect("upstream");
-    let hp = Haproxy::start(
-        a,
-        HaproxyConfig { outbound: OutboundBackend::Server(upstream_addr), inbound_port: None, ..Default::default() },
-    )
-    .expect("start haproxy");
+    let hp =
+        Haproxy::start(a, HaproxyConfig { outbound: OutboundBackend::Server(upstream_addr), inbound_port: None, ..Default::default() })
+            .expect("start haproxy");
     let (uid, gid) = {
         let status = std::fs::read_to_string(format!("/proc/{}/status", hp.pid())).expect("haproxy status");
         let f = |k: &str| status.lines().find(|l| l.starts_with(k)).unwrap_or("").split_whitespace().nth(1).unwrap_or("").to_owned();

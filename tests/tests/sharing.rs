@@ -14,7 +14,11 @@ use sidecap_tests::{fixture::SVC, *};
 
 /// `bpftool map dump` of a pinned map, as JSON.
 fn dump(pins: &std::path::Path, map: &str) -> Vec<serde_json::Value> {
-    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(pins.join("maps").join(map)).output().expect("bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pins.join("maps").join(map))
+        .output()
+        .expect("bpftool");
     assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool json")
 }
@@ -157,7 +161,12 @@ fn a_rule_set_that_does_not_fit_is_refused_and_fails_the_new_pods_cni_add() {
     let socket = dir.path().join("cni.sock");
     let sock = socket.display().to_string();
     // Room for one set of 3 listeners and not a second.
-    let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &["--max-listeners", "4", "--cni-socket", &sock, "--cni-wait-secs", "5"]);
+    let mut agent = Agent::start(
+        topo.cgroup().path(),
+        pins.path(),
+        mesh.path(),
+        &["--max-listeners", "4", "--cni-socket", &sock, "--cni-wait-secs", "5"],
+    );
     agent.wait_pods(&[a.cookie().unwrap()], 1, fixture::WAIT);
     assert_eq!(agent.admin_get("/readyz"), (200, "ready\n".into()));
 
@@ -176,7 +185,12 @@ fn a_rule_set_that_does_not_fit_is_refused_and_fails_the_new_pods_cni_add() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("map capacity") && body.contains("default/b") && body.contains("OUT_LISTENERS"), "{body}");
     let metrics = agent.admin_get("/metrics").1;
-    assert!(metrics.lines().any(|l| l.starts_with("sidecap_capacity_refusals") && l.contains("rules") && !l.ends_with(" 0")), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sidecap_capacity_refusals") && l.contains("rules") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     assert!(msg.contains("every outbound connection of the pod goes to its proxy"), "CNI error says b is captured whole meanwhile: {out}");
     assert_eq!(listeners_per_policy(pins.path()).values().sum::<usize>(), 3, "no half-written set");
     // Fail closed: b, had it started, is not left open. It holds a set without listener

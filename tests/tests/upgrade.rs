@@ -14,7 +14,11 @@ fn link_info(pin: &std::path::Path) -> (u64, u64) {
 }
 
 fn prog_exists(id: u64) -> bool {
-    Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -59,8 +63,8 @@ fn pinned_abi_version(pins: &std::path::Path) -> u32 {
         .args(["key", "0", "0", "0", "0"])
         .output()
         .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bpftool map lookup: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool map lookup: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     let bytes: Vec<u8> = v["value"]
         .as_array()
         .expect("value bytes")

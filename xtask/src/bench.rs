@@ -150,10 +150,7 @@ impl Bins {
 
 /// Cargo's target directory (respects CARGO_TARGET_DIR and config files).
 pub fn target_dir() -> anyhow::Result<PathBuf> {
-    let out = crate::cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()
-        .context("cargo metadata")?;
+    let out = crate::cargo().args(["metadata", "--format-version", "1", "--no-deps"]).output().context("cargo metadata")?;
     if !out.status.success() {
         bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -299,7 +296,12 @@ fn command_line(args: &BenchArgs) -> String {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn first_line(program: &str, args: &[&str]) -> String {

@@ -7,10 +7,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, bail};
-use sidecap_tests::{
-    Agent, BpfPinDir, ConnectOpts, Creds, Haproxy, HaproxyConfig, MeshDir, Probe, Topology,
-    Upstream, sidecap,
-};
+use sidecap_tests::{Agent, BpfPinDir, ConnectOpts, Creds, Haproxy, HaproxyConfig, MeshDir, Probe, Topology, Upstream, sidecap};
 
 const DEMOAPP: Ipv4Addr = Ipv4Addr::new(10, 251, 100, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(10, 251, 100, 20);
@@ -67,15 +64,31 @@ pub fn run() -> anyhow::Result<()> {
 
     step(3, "client → demoapp:8080 (declared in the Sidecar): captured to the sidecar");
     let r = probe.connect(client, Creds::APP, "10.251.100.10:8080", &ConnectOpts::send("GET /"));
-    println!("   client socket: {} → {}  ok={} reply {:?}", r.local.as_deref().unwrap_or("-"), r.peer.as_deref().unwrap_or("-"), r.ok, r.banner());
+    println!(
+        "   client socket: {} → {}  ok={} reply {:?}",
+        r.local.as_deref().unwrap_or("-"),
+        r.peer.as_deref().unwrap_or("-"),
+        r.ok,
+        r.banner()
+    );
     for e in hp_client.wait_log_lines(1, Duration::from_secs(5)) {
-        println!("   HAProxy (client's sidecar): client {} asked for {} (SO_ORIGINAL_DST) → forwarded to {}",
-            opt(e.client), opt(e.frontend), opt(e.server));
+        println!(
+            "   HAProxy (client's sidecar): client {} asked for {} (SO_ORIGINAL_DST) → forwarded to {}",
+            opt(e.client),
+            opt(e.frontend),
+            opt(e.server)
+        );
     }
 
     step(4, "client → other:80 (not declared; ALLOW_ANY): passthrough, the proxy never sees it (透传)");
     let r = probe.connect(client, Creds::APP, "10.251.100.20:80", &ConnectOpts::send("hi"));
-    println!("   client socket: {} → {}  ok={} reply {:?}", r.local.as_deref().unwrap_or("-"), r.peer.as_deref().unwrap_or("-"), r.ok, r.banner());
+    println!(
+        "   client socket: {} → {}  ok={} reply {:?}",
+        r.local.as_deref().unwrap_or("-"),
+        r.peer.as_deref().unwrap_or("-"),
+        r.ok,
+        r.banner()
+    );
     println!("   HAProxy log lines: {} (unchanged)", hp_client.log_lines().len());
 
     step(5, "client → server:9080: server's sk_lookup hands it to the server's sidecar (15006), which forwards to the app from 127.0.0.6");
@@ -92,7 +105,12 @@ pub fn run() -> anyhow::Result<()> {
     mesh.write("sidecar-client.yaml", &sidecar("REGISTRY_ONLY"));
     agent.wait_pods(&cookies[..1], 2, Duration::from_secs(20));
     let r = probe.connect(client, Creds::APP, "10.251.100.20:80", &ConnectOpts::send("hi"));
-    println!("   client → other:80: ok={} stage={} error={}  (connect fails at once, no handshake)", r.ok, r.stage, r.error.as_deref().unwrap_or("-"));
+    println!(
+        "   client → other:80: ok={} stage={} error={}  (connect fails at once, no handshake)",
+        r.ok,
+        r.stage,
+        r.error.as_deref().unwrap_or("-")
+    );
     let r = probe.connect(client, Creds::APP, "10.251.100.10:8080", &ConnectOpts::send("GET /"));
     println!("   client → demoapp:8080: ok={} (still captured: {})", r.ok, r.banner());
     std::thread::sleep(Duration::from_millis(300));

@@ -101,10 +101,11 @@ pub fn lint_tools() -> anyhow::Result<()> {
 
 fn nightly_rust_src() -> anyhow::Result<()> {
     if !quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        bail!("the `nightly` Rust toolchain is missing: install it with `rustup toolchain install nightly` (eBPF programs need -Z build-std)");
+        bail!(
+            "the `nightly` Rust toolchain is missing: install it with `rustup toolchain install nightly` (eBPF programs need -Z build-std)"
+        );
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"])).unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to the nightly toolchain");
         let st = Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]).status()?;
@@ -117,8 +118,8 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 
 /// The nightly's own libLLVM (bpf-linker must link the same LLVM as rustc emits).
 fn nightly_llvm() -> anyhow::Result<(PathBuf, u32)> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("asking the nightly rustc for its sysroot")?;
+    let sysroot =
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context("asking the nightly rustc for its sysroot")?;
     let lib = Path::new(sysroot.trim()).join("lib");
     for e in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
@@ -143,8 +144,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     std::fs::create_dir_all(&libdir)?;
     let link = libdir.join("libLLVM.so");
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&libllvm, &link)
-        .with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
+    std::os::unix::fs::symlink(&libllvm, &link).with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
     eprintln!("setup: building bpf-linker against the nightly's LLVM {major} (takes a few minutes, once)");
     let st = Command::new("cargo")
         .args(["+nightly", "install", "--force", "bpf-linker", "--no-default-features", "--features"])
@@ -159,8 +159,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> =
-        PACKAGES.iter().filter(|(_, bin)| which(bin).is_none()).map(|(pkg, _)| *pkg).collect();
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, bin)| which(bin).is_none()).map(|(pkg, _)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }

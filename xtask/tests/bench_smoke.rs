@@ -68,8 +68,7 @@ fn bench_smoke_runs_every_scenario() {
         }
     }
     // sidecap's REGISTRY_ONLY drop fails the connect itself (EPERM); iptables' is a reset.
-    let drops: Vec<&serde_json::Value> =
-        sc["passdrop"]["runs"].as_array().into_iter().flatten().filter(|r| r["case"] == "drop").collect();
+    let drops: Vec<&serde_json::Value> = sc["passdrop"]["runs"].as_array().into_iter().flatten().filter(|r| r["case"] == "drop").collect();
     let errs = |mode: &str| drops.iter().find(|r| r["mode"] == mode).map(|r| r["raw"]["errors"].to_string()).unwrap_or_default();
     assert!(errs("sidecap").contains("connect:1"), "{}", errs("sidecap"));
     assert!(errs("iptables").contains("recv:104") || errs("iptables").contains("eof:0"), "{}", errs("iptables"));

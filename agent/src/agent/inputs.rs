@@ -86,7 +86,9 @@ mod tests {
     const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: ns1\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: b\n  namespace: ns2\n";
 
     fn sidecar(ns: &str) -> String {
-        format!("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: s\n  namespace: {ns}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n")
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: s\n  namespace: {ns}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n"
+        )
     }
 
     fn keys(c: &Cluster) -> (u64, u64) {
@@ -103,7 +105,9 @@ mod tests {
         assert_eq!(ns1.1, base.1, "but not b in ns2");
         let root = keys(&cluster(&format!("{PODS}{}", sidecar("istio-system"))));
         assert!(root.0 != base.0 && root.1 != base.1, "a root-namespace Sidecar affects everyone");
-        let svc = keys(&cluster(&format!("{PODS}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: x\n  namespace: ns9\nspec:\n  clusterIP: 10.0.0.9\n  ports:\n  - port: 80\n")));
+        let svc = keys(&cluster(&format!(
+            "{PODS}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: x\n  namespace: ns9\nspec:\n  clusterIP: 10.0.0.9\n  ports:\n  - port: 80\n"
+        )));
         assert!(svc.0 != base.0 && svc.1 != base.1, "any Service may be imported by anyone");
     }
 }

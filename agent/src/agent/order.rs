@@ -26,13 +26,7 @@ pub struct OrderWatch {
 
 impl OrderWatch {
     pub fn new(cgroup: &Path, bpffs: &Path, every: Duration) -> Self {
-        Self {
-            cgroup: cgroup.into(),
-            bpffs: bpffs.into(),
-            every,
-            last_check: None,
-            last: Vec::new(),
-        }
+        Self { cgroup: cgroup.into(), bpffs: bpffs.into(), every, last_check: None, last: Vec::new() }
     }
 
     /// Checks when due (always on the first call).
@@ -58,12 +52,7 @@ impl OrderWatch {
         let report = datapath::order::programs_ahead(&self.cgroup, &ours);
         for hook in datapath::order::ORDERED_HOOKS {
             let n = report.ahead.iter().filter(|a| a.hook == *hook).count();
-            metrics
-                .programs_ahead
-                .get_or_create(&HookLabels {
-                    hook: hook.to_string(),
-                })
-                .set(n as i64);
+            metrics.programs_ahead.get_or_create(&HookLabels { hook: hook.to_string() }).set(n as i64);
         }
         for a in report.ahead.iter().filter(|a| !self.last.contains(a)) {
             tracing::warn!(
@@ -76,24 +65,13 @@ impl OrderWatch {
             );
         }
         if report.ahead.is_empty() && !self.last.is_empty() {
-            tracing::info!(
-                cgroups = report.cgroups,
-                "sidecap's programs run first again"
-            );
+            tracing::info!(cgroups = report.cgroups, "sidecap's programs run first again");
         }
         let why = (!report.ahead.is_empty()).then(|| {
             report
                 .ahead
                 .iter()
-                .map(|a| {
-                    format!(
-                        "program {} (id {}) runs before sidecap's {} in cgroup {}",
-                        a.name,
-                        a.prog_id,
-                        a.hook,
-                        a.cgroup.display()
-                    )
-                })
+                .map(|a| format!("program {} (id {}) runs before sidecap's {} in cgroup {}", a.name, a.prog_id, a.hook, a.cgroup.display()))
                 .collect::<Vec<_>>()
                 .join(", ")
         });

@@ -189,8 +189,7 @@ impl Syncer {
             let registry = registry.get_or_init(|| sidecap_policy::registry::build(cluster));
             let scopes = scopes.get_or_init(|| Scopes::new(registry));
             let evaluate = || -> Evaluated {
-                let policy = sidecap_policy::evaluate_in(cluster, registry, &pod_ref, &self.cfg.engine)
-                    .map_err(|e| e.to_string())?;
+                let policy = sidecap_policy::evaluate_in(cluster, registry, &pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
                 let rules = sidecap_policy::compile(&policy, 0, 0);
                 let hash = rules.rules_hash();
                 Ok((Arc::new(rules), hash, policy.sidecar))
@@ -338,10 +337,7 @@ impl Syncer {
             }
         }
         if current.is_none() && !self.managed.contains_key(&w.netns) && self.managed.len() >= self.maps.capacity().pods {
-            let why = format!(
-                "the node already has {} meshed pods, the size of map PODS (--max-pods); not captured",
-                self.managed.len()
-            );
+            let why = format!("the node already has {} meshed pods, the size of map PODS (--max-pods); not captured", self.managed.len());
             self.refuse_for_capacity(&w.pod, &why, abi::PODS.name);
             self.drop_if_unheld(target);
             return Err(why);
@@ -379,7 +375,8 @@ impl Syncer {
             };
             let registered = match procs {
                 Ok(procs) => {
-                    let r = datapath::listeners::register_listeners(&self.cfg.bpffs, &procs, proc_root, w.netns, &w.path, config.inbound_port);
+                    let r =
+                        datapath::listeners::register_listeners(&self.cfg.bpffs, &procs, proc_root, w.netns, &w.path, config.inbound_port);
                     self.procs = Some(procs);
                     r
                 }
@@ -387,7 +384,9 @@ impl Syncer {
             };
             match registered {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(pod = %w.pod, port = config.inbound_port, listeners = n, "adopted the proxy's running inbound listener"),
+                Ok(n) => {
+                    tracing::info!(pod = %w.pod, port = config.inbound_port, listeners = n, "adopted the proxy's running inbound listener")
+                }
                 Err(e) => tracing::warn!(pod = %w.pod, error = %e, "inbound capture waits until the proxy listens again"),
             }
         }
@@ -421,7 +420,9 @@ impl Syncer {
         match self.switch_pod(degraded, report) {
             Ok(()) => {
                 tracing::warn!(pod = %pod, "rule set does not fit: every outbound connection of the pod goes to its proxy until it does");
-                format!("{why}; meanwhile every outbound connection of the pod goes to its proxy (no direct passthrough, no immediate drop)")
+                format!(
+                    "{why}; meanwhile every outbound connection of the pod goes to its proxy (no direct passthrough, no immediate drop)"
+                )
             }
             Err(e) => format!("{why}; not captured at all: {e}"),
         }
@@ -588,11 +589,7 @@ impl Syncer {
             if !self.drop_log.allow() {
                 continue;
             }
-            let pod = self
-                .managed
-                .get(&ev.netns)
-                .map(|m| m.pod.to_string())
-                .unwrap_or_else(|| format!("netns {}", ev.netns));
+            let pod = self.managed.get(&ev.netns).map(|m| m.pod.to_string()).unwrap_or_else(|| format!("netns {}", ev.netns));
             let ip = Ipv6Addr::from(ev.addr);
             let ip: IpAddr = ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip));
             let why = match ev.reason {

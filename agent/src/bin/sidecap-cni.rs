@@ -163,8 +163,7 @@ fn del(conf: &serde_json::Value, socket: &std::path::Path) {
         return;
     };
     let args = std::env::var("CNI_ARGS").unwrap_or_default();
-    let (namespace, name, uid) =
-        protocol::pod_from_cni_args(&args, conf[protocol::POD_NAMESPACE_KEY].as_str()).unwrap_or_default();
+    let (namespace, name, uid) = protocol::pod_from_cni_args(&args, conf[protocol::POD_NAMESPACE_KEY].as_str()).unwrap_or_default();
     let req = Request {
         command: Command::Del,
         namespace,

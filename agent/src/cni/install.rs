@@ -130,9 +130,8 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         if last_is_ours_with_socket {
             (primary, ConfChange::Unchanged)
         } else {
-            let converted_from = ours
-                .first()
-                .and_then(|&i| element_value(&text, spans.elems[i])[CONVERTED_FROM].as_str().map(String::from));
+            let converted_from =
+                ours.first().and_then(|&i| element_value(&text, spans.elems[i])[CONVERTED_FROM].as_str().map(String::from));
             let t = match converted_from {
                 // A conflist we made: made again around the same original bytes.
                 Some(from) if spans.elems.len() == 2 && ours == [1] => {

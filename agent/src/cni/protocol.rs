@@ -79,13 +79,8 @@ pub enum ArgsError {
 /// `K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID` from CNI_ARGS (`K=V;K=V`); the
 /// namespace falls back to `default_namespace` (the configuration's `podNamespace`) only
 /// when CNI_ARGS has none.
-pub fn pod_from_cni_args(
-    args: &str,
-    default_namespace: Option<&str>,
-) -> Result<(String, String, Option<String>), ArgsError> {
-    let get = |k: &str| {
-        args.split(';').find_map(|kv| kv.split_once('=').filter(|(key, _)| *key == k).map(|(_, v)| v.to_string()))
-    };
+pub fn pod_from_cni_args(args: &str, default_namespace: Option<&str>) -> Result<(String, String, Option<String>), ArgsError> {
+    let get = |k: &str| args.split(';').find_map(|kv| kv.split_once('=').filter(|(key, _)| *key == k).map(|(_, v)| v.to_string()));
     let name = get("K8S_POD_NAME").ok_or(ArgsError::Missing("K8S_POD_NAME"))?;
     let ns = get("K8S_POD_NAMESPACE")
         .or_else(|| default_namespace.filter(|n| !n.is_empty()).map(String::from))

@@ -74,13 +74,7 @@ impl CniState {
                 self.next_seq
             }
         };
-        let a = Attachment {
-            pod: req.pod(),
-            netns: req.netns.clone(),
-            ips: req.ips.clone(),
-            network: req.network.clone(),
-            seq,
-        };
+        let a = Attachment { pod: req.pod(), netns: req.netns.clone(), ips: req.ips.clone(), network: req.network.clone(), seq };
         self.attachments.insert(req.container_id.clone(), a);
     }
 
@@ -132,7 +126,11 @@ impl CniState {
 
     /// The container currently holding `pod`'s name.
     pub fn current(&self, pod: &str) -> Option<(&str, &Attachment)> {
-        self.attachments.iter().filter(|(_, a)| a.pod == pod).max_by_key(|(_, a)| a.seq).map(|(id, a)| (id.as_str(), a))
+        self.attachments
+            .iter()
+            .filter(|(_, a)| a.pod == pod)
+            .max_by_key(|(_, a)| a.seq)
+            .map(|(id, a)| (id.as_str(), a))
     }
 
     pub fn is_empty(&self) -> bool {

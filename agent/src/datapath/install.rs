@@ -88,9 +88,7 @@ fn mount_default_bpffs() -> Result<(), Error> {
         return Ok(());
     }
     // SAFETY: every argument is a NUL-terminated string literal; no data pointer.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(Error::Io { path: at.into(), source: std::io::Error::last_os_error() });
     }
@@ -168,15 +166,21 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
             if first {
                 Ok(order::attach_first(prog_fd.as_fd(), &cgroup_file, cgroup, link, *attach_type, preorder)?)
             } else {
-                super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type)
-                    .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })
+                super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type).map_err(|source| Error::Attach {
+                    name: prog,
+                    cgroup: cgroup.into(),
+                    source,
+                })
             }
         };
         let path = link_pin(bpffs, link);
         if path.exists() {
             let link_fd = super::link::get(&path).map_err(Error::io(&path))?;
-            super::link::update(link_fd.as_fd(), prog_fd.as_fd())
-                .map_err(|source| Error::Attach { name: prog, cgroup: cgroup.into(), source })?;
+            super::link::update(link_fd.as_fd(), prog_fd.as_fd()).map_err(|source| Error::Attach {
+                name: prog,
+                cgroup: cgroup.into(),
+                source,
+            })?;
             out.updated.push(*link);
             let info = super::link::link_info(link_fd.as_fd()).map_err(Error::io(&path))?;
             let elsewhere = info.target != cgroup_id;
@@ -275,8 +279,11 @@ pub fn attach_pod_netns(bpffs: &Path, netns_cookie: u64, netns_path: &Path) -> R
     }
     let prog = super::link::get(&sk_lookup_pin(bpffs)).map_err(Error::io(sk_lookup_pin(bpffs)))?;
     let ns = File::open(netns_path).map_err(Error::io(netns_path))?;
-    let fd = super::link::create(prog.as_fd(), ns.as_fd(), super::link::attach_type::SK_LOOKUP)
-        .map_err(|source| Error::Attach { name: super::SK_LOOKUP_PROGRAM, cgroup: netns_path.into(), source })?;
+    let fd = super::link::create(prog.as_fd(), ns.as_fd(), super::link::attach_type::SK_LOOKUP).map_err(|source| Error::Attach {
+        name: super::SK_LOOKUP_PROGRAM,
+        cgroup: netns_path.into(),
+        source,
+    })?;
     super::link::pin(fd.as_fd(), &pin).map_err(Error::io(&pin))?;
     Ok(true)
 }

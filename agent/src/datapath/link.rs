@@ -70,9 +70,7 @@ struct ObjPinAttr {
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: attr is a valid, writable bpf_attr of the layout cmd expects, its size passed along.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint)
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
@@ -137,11 +135,7 @@ struct LinkUpdateAttr {
 
 /// Swaps the program behind a link in one step: the hook never runs without a program.
 pub fn update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: new_prog.as_raw_fd() as u32,
-        ..Default::default()
-    };
+    let mut attr = LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: new_prog.as_raw_fd() as u32, ..Default::default() };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 

@@ -171,10 +171,7 @@ fn take_socket(proc_root: &Path, pids: &[u32], inode: u64, port: u16) -> Result<
             }
             let dup = unsafe { OwnedFd::from_raw_fd(raw as i32) };
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            if unsafe { libc::fstat(dup.as_raw_fd(), &mut st) } == 0
-                && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
-                && st.st_ino == inode
-            {
+            if unsafe { libc::fstat(dup.as_raw_fd(), &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK && st.st_ino == inode {
                 return Ok(Some(dup));
             }
         }

@@ -1,12 +1,17 @@
 //! Typed access to the pinned maps: write a pod's generation (rules first, then the one
 //! `PODS` update that switches to them, then the old rules go), read state for inspect.
 
-use std::{collections::{BTreeMap, BTreeSet}, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, lpm_trie::{Key, LpmTrie}};
+use aya::maps::{
+    HashMap, Map, MapData, PerCpuHashMap,
+    lpm_trie::{Key, LpmTrie},
+};
 use sidecap_common::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PodCounters,
-    PodName, PortKey, PortRule, abi,
+    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, PodConfig, PodCounters, PodName, PortKey, PortRule, abi,
 };
 
 use super::{Error, Generation, install::map_pin};
@@ -94,10 +99,7 @@ impl Maps {
 
     /// Every pod in `PODS`.
     pub fn pods(&self) -> Result<Vec<(u64, PodConfig)>, Error> {
-        self.pods
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Map { name: abi::PODS.name, source })
+        self.pods.iter().collect::<Result<Vec<_>, _>>().map_err(|source| Error::Map { name: abi::PODS.name, source })
     }
 
     pub fn pod(&self, netns: u64) -> Option<PodConfig> {
@@ -249,8 +251,7 @@ impl Maps {
             if g.listener_names.len() <= i {
                 g.listener_names.resize(i + 1, String::new());
             }
-            g.listener_names[i] =
-                crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr);
+            g.listener_names[i] = crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr);
             g.listeners.insert((k.prefix_len(), ListenerKey { policy: [0; 4], ..d }), v);
         }
         Ok(out)
@@ -312,13 +313,11 @@ impl Maps {
     pub fn collect_garbage(&mut self) -> Result<usize, Error> {
         let live = self.live_policies()?;
         let mut n = 0;
-        let dead_ports: Vec<_> =
-            self.out_ports.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.policy)).collect();
+        let dead_ports: Vec<_> = self.out_ports.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.policy)).collect();
         for k in dead_ports {
             n += usize::from(self.out_ports.remove(&k).is_ok());
         }
-        let dead_in: Vec<_> =
-            self.in_ports.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.policy)).collect();
+        let dead_in: Vec<_> = self.in_ports.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.policy)).collect();
         for k in dead_in {
             n += usize::from(self.in_ports.remove(&k).is_ok());
         }
@@ -354,12 +353,9 @@ pub fn listeners_by_policy(bpffs: &Path) -> Result<ListenerEntries, Error> {
     for kv in trie.iter() {
         let (k, v) = kv.map_err(|source| Error::Map { name: abi::OUT_LISTENERS.name, source })?;
         let d = k.data();
-        out.entry(u32::from_be_bytes(d.policy)).or_default().push((
-            k.prefix_len(),
-            u16::from_be_bytes(d.port),
-            d.addr,
-            v.action,
-        ));
+        out.entry(u32::from_be_bytes(d.policy))
+            .or_default()
+            .push((k.prefix_len(), u16::from_be_bytes(d.port), d.addr, v.action));
     }
     Ok(out)
 }

@@ -41,17 +41,9 @@ pub enum Error {
     #[error("loading the mprog probe program: {0}")]
     ProbeLoad(#[source] io::Error),
     #[error("querying the {hook} programs of cgroup {path}: {source}")]
-    Query {
-        hook: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Query { hook: &'static str, path: PathBuf, source: io::Error },
     #[error("attaching {hook} first on cgroup {path}: {source}")]
-    Attach {
-        hook: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Attach { hook: &'static str, path: PathBuf, source: io::Error },
 }
 
 /// Whether this kernel places cgroup links (mprog: `BPF_F_BEFORE`, `expected_revision`,
@@ -61,13 +53,8 @@ pub enum Error {
 pub fn probe_mprog(cgroup: &Path) -> Result<bool, Error> {
     // r0 = 1; exit
     let insns = [0x0000_0001_0000_00b7u64, 0x0000_0000_0000_0095];
-    let prog = link::load_raw(
-        PROG_TYPE_CGROUP_SOCK_ADDR,
-        link::attach_type::CGROUP_INET4_CONNECT,
-        "sidecap_probe",
-        &insns,
-    )
-    .map_err(Error::ProbeLoad)?;
+    let prog = link::load_raw(PROG_TYPE_CGROUP_SOCK_ADDR, link::attach_type::CGROUP_INET4_CONNECT, "sidecap_probe", &insns)
+        .map_err(Error::ProbeLoad)?;
     let cg = open(cgroup)?;
     let r = link::create_with(
         prog.as_fd(),
@@ -91,29 +78,20 @@ pub fn probe_mprog(cgroup: &Path) -> Result<bool, Error> {
 }
 
 pub fn open(cgroup: &Path) -> Result<File, Error> {
-    File::open(cgroup).map_err(|source| Error::Open {
-        path: cgroup.into(),
-        source,
-    })
+    File::open(cgroup).map_err(|source| Error::Open { path: cgroup.into(), source })
 }
 
 /// The cgroup's id as BPF reports it (the cgroup2 directory's inode number).
 pub fn cgroup_id(cgroup: &Path) -> Result<u64, Error> {
     std::fs::metadata(cgroup)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .map_err(|source| Error::Open {
-            path: cgroup.into(),
-            source,
-        })
+        .map_err(|source| Error::Open { path: cgroup.into(), source })
 }
 
 /// True when the cgroup has child cgroups (their programs would run before a plain one).
 pub fn has_children(cgroup: &Path) -> bool {
     std::fs::read_dir(cgroup)
-        .map(|rd| {
-            rd.flatten()
-                .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        })
+        .map(|rd| rd.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_dir())))
         .unwrap_or(false)
 }
 
@@ -133,44 +111,22 @@ pub fn attach_first(
     let mut last = None;
     for _ in 0..STALE_RETRIES {
         let rev = link::query(cgroup.as_fd(), attach_type, false)
-            .map_err(|source| Error::Query {
-                hook,
-                path: path.into(),
-                source,
-            })?
+            .map_err(|source| Error::Query { hook, path: path.into(), source })?
             .revision;
         match link::create_with(prog, cgroup.as_fd(), attach_type, fl, 0, rev) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => last = Some(e),
             Err(source) => {
-                return Err(Error::Attach {
-                    hook,
-                    path: path.into(),
-                    source,
-                });
+                return Err(Error::Attach { hook, path: path.into(), source });
             }
         }
     }
-    Err(Error::Attach {
-        hook,
-        path: path.into(),
-        source: last.unwrap_or_else(|| io::Error::other("the program list kept changing")),
-    })
+    Err(Error::Attach { hook, path: path.into(), source: last.unwrap_or_else(|| io::Error::other("the program list kept changing")) })
 }
 
 /// Whether `prog_id` is first in the cgroup's own list for `attach_type`.
-pub fn is_first(
-    cgroup: &File,
-    path: &Path,
-    hook: &'static str,
-    attach_type: u32,
-    prog_id: u32,
-) -> Result<bool, Error> {
-    let own = link::query(cgroup.as_fd(), attach_type, false).map_err(|source| Error::Query {
-        hook,
-        path: path.into(),
-        source,
-    })?;
+pub fn is_first(cgroup: &File, path: &Path, hook: &'static str, attach_type: u32, prog_id: u32) -> Result<bool, Error> {
+    let own = link::query(cgroup.as_fd(), attach_type, false).map_err(|source| Error::Query { hook, path: path.into(), source })?;
     Ok(own.prog_ids.first() == Some(&prog_id))
 }
 
@@ -219,21 +175,12 @@ pub fn programs_ahead(cgroup: &Path, ours: &[(&'static str, u32, u32)]) -> Order
             }
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
-            queue.extend(
-                rd.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+            queue.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
         }
     }
     report.ahead = found
         .into_iter()
-        .map(|((hook, prog_id), cgroup)| Ahead {
-            hook,
-            prog_id,
-            name: link::prog_name(prog_id).unwrap_or_else(|_| "?".into()),
-            cgroup,
-        })
+        .map(|((hook, prog_id), cgroup)| Ahead { hook, prog_id, name: link::prog_name(prog_id).unwrap_or_else(|_| "?".into()), cgroup })
         .collect();
     report
 }
@@ -250,11 +197,7 @@ pub fn find_pods_cgroup(root: &Path) -> Option<PathBuf> {
             let Ok(rd) = std::fs::read_dir(dir) else {
                 continue;
             };
-            let mut children: Vec<PathBuf> = rd
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .collect();
+            let mut children: Vec<PathBuf> = rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect();
             children.sort();
             if let Some(hit) = children.iter().find(|p| is_pods_cgroup_name(p)) {
                 return Some(hit.clone());
@@ -282,25 +225,10 @@ mod tests {
         let base = std::env::temp_dir().join(format!("sidecap-kubepods-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         for (i, (tree, want)) in [
-            (
-                vec![
-                    "system.slice/kubelet.service",
-                    "kubepods.slice/kubepods-besteffort.slice",
-                ],
-                Some("kubepods.slice"),
-            ),
-            (
-                vec!["user.slice", "kubepods/burstable/pod1"],
-                Some("kubepods"),
-            ),
-            (
-                vec!["kubelet.slice/kubelet-kubepods.slice/x"],
-                Some("kubelet.slice/kubelet-kubepods.slice"),
-            ),
-            (
-                vec!["system.slice/docker.service", "user.slice/kubepodsx"],
-                None,
-            ),
+            (vec!["system.slice/kubelet.service", "kubepods.slice/kubepods-besteffort.slice"], Some("kubepods.slice")),
+            (vec!["user.slice", "kubepods/burstable/pod1"], Some("kubepods")),
+            (vec!["kubelet.slice/kubelet-kubepods.slice/x"], Some("kubelet.slice/kubelet-kubepods.slice")),
+            (vec!["system.slice/docker.service", "user.slice/kubepodsx"], None),
         ]
         .into_iter()
         .enumerate()
@@ -309,11 +237,7 @@ mod tests {
             for d in &tree {
                 std::fs::create_dir_all(root.join(d)).unwrap();
             }
-            assert_eq!(
-                find_pods_cgroup(&root),
-                want.map(|w| root.join(w)),
-                "{tree:?}"
-            );
+            assert_eq!(find_pods_cgroup(&root), want.map(|w| root.join(w)), "{tree:?}");
         }
         let _ = std::fs::remove_dir_all(&base);
     }

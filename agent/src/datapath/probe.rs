@@ -7,7 +7,9 @@ use std::path::Path;
 pub enum ProbeError {
     #[error("kernel BTF is missing (/sys/kernel/btf/vmlinux): sidecap needs CONFIG_DEBUG_INFO_BTF=y")]
     NoBtf,
-    #[error("kernel {found} is too old: sidecap needs Linux >= 5.15 (bpf_get_netns_cookie in sockops programs; sk_lookup, bpf_link for cgroups)")]
+    #[error(
+        "kernel {found} is too old: sidecap needs Linux >= 5.15 (bpf_get_netns_cookie in sockops programs; sk_lookup, bpf_link for cgroups)"
+    )]
     TooOld { found: String },
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::Error),

@@ -159,7 +159,9 @@ mod tests {
     use super::*;
 
     fn svc(name: &str, ip: &str) -> String {
-        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {ip}\n  ports:\n  - port: 80\n")
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {ip}\n  ports:\n  - port: 80\n"
+        )
     }
 
     fn names(c: &Cluster) -> Vec<String> {

@@ -34,7 +34,10 @@ pub use watch::{ISTIO_GROUP, ISTIO_VERSIONS, Kind};
 use watch::{Shared, WatchOptions};
 
 use super::Source;
-use crate::{admin::Health, metrics::{KubeKindLabels, Metrics}};
+use crate::{
+    admin::Health,
+    metrics::{KubeKindLabels, Metrics},
+};
 
 /// A kept object and, for a running pod, its UID (to find its netns).
 type Kept = (Option<String>, Loaded<Object>);
@@ -140,8 +143,8 @@ impl KubeSource {
         let config = rt.block_on(async {
             match &opts.kubeconfig {
                 Some(path) => {
-                    let kc = kube::config::Kubeconfig::read_from(path)
-                        .map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
+                    let kc =
+                        kube::config::Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
                     kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                         .await
                         .map_err(|source| Error::Kubeconfig { path: path.clone(), source })
@@ -260,7 +263,9 @@ impl KubeSource {
             let st = slot.status();
             let age = st.last_ok.elapsed();
             if let Some(m) = self.shared.metrics.get() {
-                m.kube_last_event_age_seconds.get_or_create(&KubeKindLabels { kind: slot.kind.name().into() }).set(age.as_secs_f64());
+                m.kube_last_event_age_seconds
+                    .get_or_create(&KubeKindLabels { kind: slot.kind.name().into() })
+                    .set(age.as_secs_f64());
             }
             if age > self.opts.stale_after {
                 let why = st.error.unwrap_or_else(|| "no response".into());
@@ -297,9 +302,7 @@ impl KubeSource {
                 if !pod.metadata.annotations.contains_key(ann) && sidecap_policy::knobs::is_meshed(pod) {
                     // One scan of /proc per snapshot, and only when some pod needs it.
                     let pids = pids.get_or_insert_with(|| netns::pod_pids(&self.opts.proc_root));
-                    let found = pids
-                        .get(&uid.to_ascii_lowercase())
-                        .map(|pid| netns::netns_path(&self.opts.proc_root, *pid));
+                    let found = pids.get(&uid.to_ascii_lowercase()).map(|pid| netns::netns_path(&self.opts.proc_root, *pid));
                     match found {
                         Some(path) => {
                             netns_map.insert(pod.metadata.key(), path.clone());
@@ -343,8 +346,7 @@ impl Source for KubeSource {
         }
         let changed = self.delivered != Some(self.observed);
         let rescan_every = if self.pending_netns { PENDING_RESCAN } else { RESCAN };
-        let rescan_due = (self.pending_netns || self.netns_lookups)
-            && self.last_scan.is_none_or(|t| t.elapsed() >= rescan_every);
+        let rescan_due = (self.pending_netns || self.netns_lookups) && self.last_scan.is_none_or(|t| t.elapsed() >= rescan_every);
         if !changed && !rescan_due {
             return None;
         }
@@ -422,20 +424,26 @@ mod tests {
                 "spec": {"workloadSelector": {"labels": {"app": "web"}}, "egress": [{"port": {"number": port}, "hosts": ["./*"]}]},
             })
         };
-        let (good, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!(80), "1"), &|_| None);
+        let (good, out) =
+            store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!(80), "1"), &|_| None);
         assert!(out.newly_untyped.is_none());
         let prev = good.clone();
         let lookup = move |_: &str| Some(prev.clone());
-        let (bad, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "2"), &lookup);
+        let (bad, out) =
+            store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "2"), &lookup);
         let why = out.newly_untyped.expect("reported");
         assert!(why.contains("spec.egress[0].port.number"), "{why}");
         assert_eq!(format!("{:?}", bad.typed), format!("{:?}", good.typed), "the last typed version stays");
         // The same failure again is not reported again.
         let again = bad.clone();
-        let (_, out) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "3"), &move |_| Some(again.clone()));
+        let (_, out) =
+            store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "3"), &move |_| {
+                Some(again.clone())
+            });
         assert!(out.newly_untyped.is_none());
         // Never typed: nothing kept, the selector is still read (to hold only its pods).
-        let (first, _) = store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "4"), &|_| None);
+        let (first, _) =
+            store::entry_of(Kind::Sidecar, "networking.istio.io/v1", "Sidecar", sidecar(serde_json::json!("abc"), "4"), &|_| None);
         assert!(first.typed.is_none());
         assert_eq!(first.selector.as_ref().and_then(|s| s.get("app")).map(String::as_str), Some("web"));
     }

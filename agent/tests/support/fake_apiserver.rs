@@ -252,7 +252,8 @@ impl FakeApiServer {
                 let r = resource_of_kind(object["kind"].as_str().unwrap_or(""));
                 s.rv += 1;
                 object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-                let ns = if r.namespaced { object["metadata"]["namespace"].as_str().unwrap_or("default").to_string() } else { String::new() };
+                let ns =
+                    if r.namespaced { object["metadata"]["namespace"].as_str().unwrap_or("default").to_string() } else { String::new() };
                 let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
                 s.objects.entry(r.plural).or_default().insert((ns, name), object);
             }
@@ -478,7 +479,13 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
     // Bookkeeping and injected failures.
     let early = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-        let verb = if plural.is_none() { "GET" } else if watch { "WATCH" } else { "LIST" };
+        let verb = if plural.is_none() {
+            "GET"
+        } else if watch {
+            "WATCH"
+        } else {
+            "LIST"
+        };
         let rv = req.query.get("resourceVersion").cloned().unwrap_or_default();
         s.requests.push(format!("{verb} {} rv={rv}", req.path));
         s.user_agents.push(req.user_agent.clone());
@@ -517,10 +524,17 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<tokio
         let resources: Vec<Value> = RESOURCES
             .iter()
             .filter(|r| r.group == group)
-            .map(|r| json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced,
-                            "kind": r.kind, "verbs": ["get", "list", "watch"]}))
+            .map(|r| {
+                json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced,
+                            "kind": r.kind, "verbs": ["get", "list", "watch"]})
+            })
             .collect();
-        return respond(&mut conn, 200, &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})).await;
+        return respond(
+            &mut conn,
+            200,
+            &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+        )
+        .await;
     };
     let Some(res) = RESOURCES.iter().find(|r| r.group == group && r.plural == plural).copied() else {
         return respond(&mut conn, 404, &status(404, "NotFound", "no such resource")).await;

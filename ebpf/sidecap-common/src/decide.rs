@@ -69,10 +69,7 @@ mod tests {
 
     fn pod() -> PodConfig {
         let mut p = PodConfig {
-            flags: pod_flags::OUTBOUND_CAPTURE
-                | pod_flags::INCLUDE_ALL_CIDRS
-                | pod_flags::INBOUND_CAPTURE
-                | pod_flags::INBOUND_ALL_PORTS,
+            flags: pod_flags::OUTBOUND_CAPTURE | pod_flags::INCLUDE_ALL_CIDRS | pod_flags::INBOUND_CAPTURE | pod_flags::INBOUND_ALL_PORTS,
             proxy_uid: 1337,
             proxy_gid: 1337,
             outbound_port: 15001,

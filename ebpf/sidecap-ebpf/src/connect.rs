@@ -57,11 +57,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
         let sk = (*sa).__bindgen_anon_1.sk;
         let d = &(*sa).user_ip6;
         let s = &(*sk).src_ip6;
-        (
-            [read(&d[0]), read(&d[1]), read(&d[2]), read(&d[3])],
-            (*sa).user_port,
-            [read(&s[0]), read(&s[1]), read(&s[2]), read(&s[3])],
-        )
+        ([read(&d[0]), read(&d[1]), read(&d[2]), read(&d[3])], (*sa).user_port, [read(&s[0]), read(&s[1]), read(&s[2]), read(&s[3])])
     };
     let Some(to) = apply(ctx, &pod, netns, proto, dst, port_be, bound, AF_INET6) else {
         return DENY;
@@ -119,14 +115,7 @@ fn apply(
 ) -> Option<Option<(Addr, u32)>> {
     let port = u16::from_be(port_be as u16);
     let ids = bpf_get_current_uid_gid();
-    let c = Connect {
-        dst,
-        port,
-        proto,
-        bound_src: bound,
-        uid: ids as u32,
-        gid: (ids >> 32) as u32,
-    };
+    let c = Connect { dst, port, proto, bound_src: bound, uid: ids as u32, gid: (ids >> 32) as u32 };
     match outbound::decide(pod, &c) {
         Verdict::Untouched => Some(None),
         Verdict::Passthrough => {
@@ -135,16 +124,8 @@ fn apply(
         }
         Verdict::Drop { reason } => {
             counters::add(netns, Counter::Dropped);
-            let ev = DropEvent {
-                netns,
-                policy: pod.policy,
-                reason,
-                addr: addr::to_bytes(&dst),
-                port,
-                proto,
-                family: family as u8,
-                uid: c.uid,
-            };
+            let ev =
+                DropEvent { netns, policy: pod.policy, reason, addr: addr::to_bytes(&dst), port, proto, family: family as u8, uid: c.uid };
             // Best effort: a full ring must not turn a drop into an allow.
             let _ = DROP_EVENTS.output(ev, 0);
             None
@@ -160,14 +141,7 @@ fn apply(
                         counters::add(netns, Counter::Passthrough);
                         return Some(None);
                     }
-                    counters::add(
-                        netns,
-                        if matches!(kind, RedirectKind::Capture) {
-                            Counter::Captured
-                        } else {
-                            Counter::InboundCaptured
-                        },
-                    );
+                    counters::add(netns, if matches!(kind, RedirectKind::Capture) { Counter::Captured } else { Counter::InboundCaptured });
                 }
                 RedirectKind::Dns => counters::add(netns, Counter::Dns),
             }

@@ -13,8 +13,8 @@ use sidecap_common::{decide, proto};
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
-    maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
     lookup::KernelMaps,
+    maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
 };
 
 const AF_INET: u32 = 2;
@@ -62,10 +62,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
             AF_INET6 => {
                 let a = &(*l).local_ip6;
                 let b = &(*l).remote_ip6;
-                (
-                    [rd(&a[0]), rd(&a[1]), rd(&a[2]), rd(&a[3])],
-                    [rd(&b[0]), rd(&b[1]), rd(&b[2]), rd(&b[3])],
-                )
+                ([rd(&a[0]), rd(&a[1]), rd(&a[2]), rd(&a[3])], [rd(&b[0]), rd(&b[1]), rd(&b[2]), rd(&b[3])])
             }
             _ => return None,
         }

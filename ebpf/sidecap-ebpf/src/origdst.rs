@@ -4,8 +4,8 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockOpsContext, SockoptContext},
@@ -41,10 +41,7 @@ fn sockops_tuple(ctx: &SockOpsContext) -> Option<(Addr, u16, Addr, u16)> {
         AF_INET6 => unsafe {
             let l = &(*ops).local_ip6;
             let r = &(*ops).remote_ip6;
-            (
-                [rd(&l[0]), rd(&l[1]), rd(&l[2]), rd(&l[3])],
-                [rd(&r[0]), rd(&r[1]), rd(&r[2]), rd(&r[3])],
-            )
+            ([rd(&l[0]), rd(&l[1]), rd(&l[2]), rd(&l[3])], [rd(&r[0]), rd(&r[1]), rd(&r[2]), rd(&r[3])])
         },
         _ => return None,
     };
@@ -54,22 +51,12 @@ fn sockops_tuple(ctx: &SockOpsContext) -> Option<(Addr, u16, Addr, u16)> {
 
 #[inline(always)]
 fn key(netns: u64, local: Addr, lport: u16, remote: Addr, rport: u16) -> TupleKey {
-    TupleKey {
-        netns,
-        local: addr::to_bytes(&local),
-        remote: addr::to_bytes(&remote),
-        local_port: lport,
-        remote_port: rport,
-        _pad: 0,
-    }
+    TupleKey { netns, local: addr::to_bytes(&local), remote: addr::to_bytes(&remote), local_port: lport, remote_port: rport, _pad: 0 }
 }
 
 pub fn sockops(ctx: &SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_STATE_CB
-    {
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
         return 1;
     }
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return 1 };
@@ -135,10 +122,7 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
         } else if fam == AF_INET6 {
             let s = &(*sk).src_ip6;
             let d = &(*sk).dst_ip6;
-            (
-                [rd(&s[0]), rd(&s[1]), rd(&s[2]), rd(&s[3])],
-                [rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])],
-            )
+            ([rd(&s[0]), rd(&s[1]), rd(&s[2]), rd(&s[3])], [rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])])
         } else {
             return None;
         };
@@ -178,11 +162,7 @@ fn inbound_local(netns: u64, local: &Addr, lport: u16) -> Option<OrigDst> {
 
 /// Writes sockaddr_in (16 bytes) or sockaddr_in6 (28 bytes) into optval.
 #[inline(always)]
-unsafe fn write_sockaddr(
-    so: *mut aya_ebpf::bindings::bpf_sockopt,
-    od: &OrigDst,
-    v6: bool,
-) -> Option<()> {
+unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, od: &OrigDst, v6: bool) -> Option<()> {
     // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
     let start = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
     // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.

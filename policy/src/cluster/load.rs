@@ -196,21 +196,13 @@ fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, err
         }
         return;
     }
-    let name = map
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let name = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("").to_string();
     let namespace = map.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str);
     let object = match namespace {
         Some(ns) => format!("{ns}/{name}"),
         None => name.clone(),
     };
-    let known = matches!(
-        kind.as_str(),
-        "Sidecar" | "Service" | "EndpointSlice" | "ServiceEntry" | "Pod" | "Namespace" | "ConfigMap"
-    );
+    let known = matches!(kind.as_str(), "Sidecar" | "Service" | "EndpointSlice" | "ServiceEntry" | "Pod" | "Namespace" | "ConfigMap");
     if !known {
         objs.push(Loaded { obj: Object::Other { kind }, source: src.clone() });
         return;
@@ -258,21 +250,23 @@ fn typed<T: DeserializeOwned>(value: Value, src: &Source, kind: &str, object: &s
 
 /// The `mesh` key of the `istio` ConfigMap: a YAML document of its own.
 pub fn parse_mesh(text: &str, src: &Source, object: &str) -> Result<MeshConfig, LoadError> {
-    let field_err = |field: String, message: String| LoadError::Field(Box::new(FieldError {
-        file: src.file.clone(),
-        document: src.document,
-        line: src.line,
-        kind: "ConfigMap".into(),
-        object: object.to_string(),
-        field,
-        message,
-    }));
+    let field_err = |field: String, message: String| {
+        LoadError::Field(Box::new(FieldError {
+            file: src.file.clone(),
+            document: src.document,
+            line: src.line,
+            kind: "ConfigMap".into(),
+            object: object.to_string(),
+            field,
+            message,
+        }))
+    };
     let value: Value = serde_norway::from_str(text).map_err(|e| field_err("data.mesh".into(), e.to_string()))?;
     if value.is_null() {
         return Ok(MeshConfig::default());
     }
-    let mut mesh: MeshConfig = serde_path_to_error::deserialize(value)
-        .map_err(|e| field_err(format!("data.mesh.{}", e.path()), e.into_inner().to_string()))?;
+    let mut mesh: MeshConfig =
+        serde_path_to_error::deserialize(value).map_err(|e| field_err(format!("data.mesh.{}", e.path()), e.into_inner().to_string()))?;
     if mesh.root_namespace.is_empty() {
         mesh.root_namespace = "istio-system".into();
     }

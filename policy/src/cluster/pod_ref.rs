@@ -32,9 +32,7 @@ impl FromStr for PodRef {
 
     fn from_str(s: &str) -> Result<PodRef, PodRefError> {
         match s.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok(PodRef::new(ns, name))
-            }
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(PodRef::new(ns, name)),
             _ => Err(PodRefError::Malformed(s.to_string())),
         }
     }

@@ -96,8 +96,7 @@ impl Scopes {
         // Sidecar (whose `.` means the config namespace) the namespace stays in the key.
         let namespace_neutral =
             selected.sidecar.is_none() && self.neutral(&selected.config_namespace, &cluster.mesh.default_service_export_to);
-        let (ns, config_ns) =
-            if namespace_neutral { ("", "") } else { (pod_ref.namespace.as_str(), selected.config_namespace.as_str()) };
+        let (ns, config_ns) = if namespace_neutral { ("", "") } else { (pod_ref.namespace.as_str(), selected.config_namespace.as_str()) };
         let mut w = HashWriter(DefaultHasher::new());
         // Debug output covers every field, so a field added later is part of the key too.
         let _ = write!(

@@ -70,10 +70,6 @@ impl Default for MeshConfig {
 
 impl MeshConfig {
     pub fn outbound_mode(&self) -> OutboundMode {
-        if self.outbound_traffic_policy.mode == "REGISTRY_ONLY" {
-            OutboundMode::RegistryOnly
-        } else {
-            OutboundMode::AllowAny
-        }
+        if self.outbound_traffic_policy.mode == "REGISTRY_ONLY" { OutboundMode::RegistryOnly } else { OutboundMode::AllowAny }
     }
 }

@@ -63,11 +63,7 @@ pub fn validate_dns1123_labels(domain: &str) -> Result<(), String> {
     let parts: Vec<&str> = domain.split('.').collect();
     let tld = parts.last().copied().unwrap_or("");
     if go_atoi_ok(tld) {
-        return Err(format!(
-            "domain name {} invalid (top level domain {} cannot be all-numeric)",
-            go_quote(domain),
-            go_quote(tld)
-        ));
+        return Err(format!("domain name {} invalid (top level domain {} cannot be all-numeric)", go_quote(domain), go_quote(tld)));
     }
     for (i, label) in parts.iter().enumerate() {
         if i == parts.len() - 1 && label.is_empty() {
@@ -148,15 +144,14 @@ mod tests {
     // Rules of ValidateNamespaceSlashWildcardHostname (pkg/config/validation/agent/validation.go).
     #[test]
     fn sidecar_hosts() {
-        for ok in ["*/*", "./*", "ns1/*", "ns1/foo.example.com", "*/*.example.com", "~/bar.example.com", "~prod-us2/*", "~./a.b", "ns/foo.com."] {
+        for ok in
+            ["*/*", "./*", "ns1/*", "ns1/foo.example.com", "*/*.example.com", "~/bar.example.com", "~prod-us2/*", "~./a.b", "ns/foo.com."]
+        {
             assert!(validate_sidecar_host(ok).is_empty(), "{ok}: {:?}", validate_sidecar_host(ok));
         }
         assert_eq!(validate_sidecar_host("foo.com"), vec!["host must be of form namespace/dnsName"]);
         assert_eq!(validate_sidecar_host("ns/foo"), vec!["short names (non FQDN) are not allowed"]);
-        assert_eq!(
-            validate_sidecar_host("/foo.com"),
-            vec!["config namespace and dnsName in host entry cannot be empty"]
-        );
+        assert_eq!(validate_sidecar_host("/foo.com"), vec!["config namespace and dnsName in host entry cannot be empty"]);
         assert_eq!(
             validate_sidecar_host("ns/foo*.com"),
             vec![

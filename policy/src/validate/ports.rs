@@ -108,8 +108,7 @@ pub fn validate_default_endpoint(ep: &str) -> Vec<String> {
     };
     if !host.is_empty() && !matches!(host.as_str(), "127.0.0.1" | "0.0.0.0" | "::1" | "::") {
         errs.push(
-            "sidecar: defaultEndpoint must be of form 127.0.0.1:<port>,0.0.0.0:<port>,[::1]:port,[::]:port,unix://filepath or unset"
-                .into(),
+            "sidecar: defaultEndpoint must be of form 127.0.0.1:<port>,0.0.0.0:<port>,[::1]:port,[::]:port,unix://filepath or unset".into(),
         );
     }
     match go_atoi(&port) {

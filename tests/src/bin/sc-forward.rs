@@ -248,9 +248,7 @@ fn accept_all(
 ) {
     for _ in 0..256 {
         // SAFETY: accept4 on a listening socket, no address wanted.
-        let fd = unsafe {
-            libc::accept4(l.fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-        };
+        let fd = unsafe { libc::accept4(l.fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
         if fd < 0 {
             return; // EAGAIN (another thread took it) or a transient error.
         }
@@ -354,9 +352,7 @@ fn handle(ep: RawFd, c: &mut Conn, idx: usize, side: usize, bits: u32) -> bool {
         let b = &mut c.buf[s];
         while !b.is_empty() {
             // SAFETY: writing from our buffer.
-            let n = unsafe {
-                libc::send(c.fd[to], b.data[b.start..].as_ptr().cast(), b.end - b.start, libc::MSG_NOSIGNAL)
-            };
+            let n = unsafe { libc::send(c.fd[to], b.data[b.start..].as_ptr().cast(), b.end - b.start, libc::MSG_NOSIGNAL) };
             if n > 0 {
                 b.start += n as usize;
             } else {
@@ -455,4 +451,3 @@ fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
     // SAFETY: valid fd and an int option value.
     unsafe { libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), size_of::<libc::c_int>() as _) };
 }
-

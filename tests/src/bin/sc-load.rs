@@ -316,9 +316,8 @@ fn serve_loop(lfd: RawFd, o: &Opts, deadline: Instant) -> Result<(), String> {
             if e.u64 == u64::MAX {
                 for _ in 0..256 {
                     // SAFETY: accept on a listening socket.
-                    let fd = unsafe {
-                        libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-                    };
+                    let fd =
+                        unsafe { libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
                     if fd < 0 {
                         break;
                     }

@@ -155,7 +155,14 @@ fn errno_of(e: &io::Error) -> Value {
     e.raw_os_error().map(Value::from).unwrap_or(Value::Null)
 }
 
-fn result(stage: &str, err: Option<&io::Error>, local: Option<SocketAddr>, peer: Option<SocketAddr>, reply: &[u8], connect_us: Option<u128>) -> Value {
+fn result(
+    stage: &str,
+    err: Option<&io::Error>,
+    local: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
+    reply: &[u8],
+    connect_us: Option<u128>,
+) -> Value {
     json!({
         "ok": err.is_none(),
         "errno": err.map(errno_of).unwrap_or(Value::Null),
@@ -381,7 +388,10 @@ fn listen(addr: SocketAddr, o: &Opts) -> io::Result<()> {
                 let mut reply = format!("listen {local}\n").into_bytes();
                 reply.extend_from_slice(&buf[..n]);
                 let _ = sock.send_to(&reply, peer);
-                println!("{}", json!({"event": "datagram", "local": local.to_string(), "peer": peer.to_string(), "received": String::from_utf8_lossy(&buf[..n])}));
+                println!(
+                    "{}",
+                    json!({"event": "datagram", "local": local.to_string(), "peer": peer.to_string(), "received": String::from_utf8_lossy(&buf[..n])})
+                );
             }
         }
         return Ok(());

@@ -4,7 +4,10 @@
 //! teams restrict their pods) or none at all (Istio's default mesh: every pod imports every
 //! service). Addresses are config only (never contacted), inside 10.251.0.0/16.
 
-use std::{fmt::Write as _, path::{Path, PathBuf}};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 pub struct Spec {
     pub pods: usize,

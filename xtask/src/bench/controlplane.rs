@@ -29,8 +29,7 @@ pub fn run(sb: &mut Sandbox, bins: &Bins, p: &Params) -> anyhow::Result<Value> {
     eprintln!("  agent {}×{}: rss {} KiB, initial {} ms", p.cp_agent.0, p.cp_agent.1, agent["rss_kib"], agent["initial_ms"]);
     let mut default_mesh = Vec::new();
     for &(pods, services) in &p.cp_default {
-        let v = default_mesh_at(bins, pods, services, p.cp_rounds.max(1) * 2)
-            .with_context(|| format!("default mesh {pods}×{services}"))?;
+        let v = default_mesh_at(bins, pods, services, p.cp_rounds.max(1) * 2).with_context(|| format!("default mesh {pods}×{services}"))?;
         eprintln!(
             "  default mesh {pods}×{services}: first pass {} ms, service add {} ms, rss {} KiB, rule sets {}",
             v["initial_ms"], v["service_ms"]["median"], v["rss_kib"], v["rule_sets"]
@@ -103,7 +102,8 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
+            s.lines()
+                .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
         })
         .unwrap_or(0)
 }
@@ -194,7 +194,10 @@ fn default_mesh_at(bins: &Bins, pods: usize, services: usize, rounds: usize) -> 
     if s.len() != rounds {
         let log = agent.log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        bail!("an added Service did not reach every pod within 20 s: {v}\nagent log (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        bail!(
+            "an added Service did not reach every pod within 20 s: {v}\nagent log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
     let rss_after = status_kib(pid, "VmRSS:");
     agent.kill9();

@@ -94,8 +94,12 @@ const CONNECT_METRICS: [(&str, &str); 5] = [
     ("connect_p50_us", "connect() p50 µs"),
 ];
 const CONNECT_RATIOS: [(&str, &str); 2] = [("rate", "conn/s"), ("ttfb_p50_us", "first byte p50")];
-const RULE_METRICS: [(&str, &str); 4] =
-    [("connect_p50_us", "connect() p50 µs"), ("connect_p99_us", "connect() p99 µs"), ("ttfb_p50_us", "first byte p50 µs"), ("rate", "conn/s (c=1)")];
+const RULE_METRICS: [(&str, &str); 4] = [
+    ("connect_p50_us", "connect() p50 µs"),
+    ("connect_p99_us", "connect() p99 µs"),
+    ("ttfb_p50_us", "first byte p50 µs"),
+    ("rate", "conn/s (c=1)"),
+];
 const PASSDROP_METRICS: [(&str, &str); 4] = [
     ("connect_p50_us", "connect() p50 µs"),
     ("connect_p99_us", "connect() p99 µs"),
@@ -109,7 +113,11 @@ pub fn table_for(name: &str, v: &Value) -> String {
     match name {
         "connect" | "inbound" => format!("{}\n{}", table(s, &CONNECT_METRICS), ratios(s, &CONNECT_RATIOS)),
         "rules" => format!("{}\n{}", table(s, &RULE_METRICS), ratios(s, &[("connect_p50_us", "connect() p50")])),
-        "passdrop" => format!("{}\n{}", table(s, &PASSDROP_METRICS), ratios(s, &[("connect_p50_us", "connect() p50"), ("ttfb_p50_us", "first byte / failure p50")])),
+        "passdrop" => format!(
+            "{}\n{}",
+            table(s, &PASSDROP_METRICS),
+            ratios(s, &[("connect_p50_us", "connect() p50"), ("ttfb_p50_us", "first byte / failure p50")])
+        ),
         "controlplane" => controlplane_table(v),
         "micro" => micro_table(v),
         _ => String::new(),
@@ -135,26 +143,38 @@ fn controlplane_table(v: &Value) -> String {
     let (ap, asv) = (a["pods"].as_u64().unwrap_or(0), a["services"].as_u64().unwrap_or(0));
     row(&mut t, &format!("Sidecar change → maps, {ap} pods × {asv} services (real agent)"), ms(&a["converge_ms"]));
     row(&mut t, &format!("agent start → all {ap} pods in the maps"), format!("{:.0} ms", a["initial_ms"].as_f64().unwrap_or(f64::NAN)));
-    row(&mut t, &format!("agent RSS, {ap} pods × {asv} services (VmRSS / VmHWM)"), format!(
-        "{:.1} MiB / {:.1} MiB",
-        a["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-        a["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
-    ));
+    row(
+        &mut t,
+        &format!("agent RSS, {ap} pods × {asv} services (VmRSS / VmHWM)"),
+        format!(
+            "{:.1} MiB / {:.1} MiB",
+            a["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            a["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
+        ),
+    );
     row(&mut t, &format!("kernel map memory (memlock), {ap} pods"), mib(a["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN)));
     for d in v["default_mesh"].as_array().into_iter().flatten() {
         let (dp, ds) = (d["pods"].as_u64().unwrap_or(0), d["services"].as_u64().unwrap_or(0));
-        row(&mut t, &format!("default mesh {dp} pods × {ds} services: agent start → all pods in the maps"), format!("{:.0} ms", d["initial_ms"].as_f64().unwrap_or(f64::NAN)));
+        row(
+            &mut t,
+            &format!("default mesh {dp} pods × {ds} services: agent start → all pods in the maps"),
+            format!("{:.0} ms", d["initial_ms"].as_f64().unwrap_or(f64::NAN)),
+        );
         row(&mut t, &format!("default mesh {dp} × {ds}: one added Service → every pod's maps"), ms(&d["service_ms"]));
-        row(&mut t, &format!("default mesh {dp} × {ds}: agent RSS (VmRSS / VmHWM)"), format!(
-            "{:.1} MiB / {:.1} MiB",
-            d["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            d["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
-        ));
-        row(&mut t, &format!("default mesh {dp} × {ds}: kernel map memory (memlock) / rule sets"), format!(
-            "{} / {}",
-            mib(d["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN)),
-            d["rule_sets"]
-        ));
+        row(
+            &mut t,
+            &format!("default mesh {dp} × {ds}: agent RSS (VmRSS / VmHWM)"),
+            format!(
+                "{:.1} MiB / {:.1} MiB",
+                d["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                d["hwm_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
+            ),
+        );
+        row(
+            &mut t,
+            &format!("default mesh {dp} × {ds}: kernel map memory (memlock) / rule sets"),
+            format!("{} / {}", mib(d["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN)), d["rule_sets"]),
+        );
     }
     t
 }
@@ -204,8 +224,14 @@ pub fn plots(results: &Value) -> Vec<(String, String)> {
     let sc = &results["scenarios"];
     let mut out = Vec::new();
     if let Some(s) = sc.get("connect").map(|v| &v["summary"]) {
-        out.push(("connect-rate.svg".into(), mode_bars(s, "rate", "Outbound capture: connections per second (higher is better)", "connections/s")));
-        out.push(("connect-latency.svg".into(), mode_bars(s, "ttfb_p50_us", "Outbound capture: connect → first byte, p50 (lower is better)", "µs")));
+        out.push((
+            "connect-rate.svg".into(),
+            mode_bars(s, "rate", "Outbound capture: connections per second (higher is better)", "connections/s"),
+        ));
+        out.push((
+            "connect-latency.svg".into(),
+            mode_bars(s, "ttfb_p50_us", "Outbound capture: connect → first byte, p50 (lower is better)", "µs"),
+        ));
     }
     if let Some(s) = sc.get("inbound").map(|v| &v["summary"]) {
         out.push(("inbound-rate.svg".into(), mode_bars(s, "rate", "Inbound capture to 15006: connections per second", "connections/s")));
@@ -260,9 +286,14 @@ pub fn headlines(r: &Value) -> String {
             let _ = writeln!(
                 h,
                 "- **Outbound, {case}**: sidecap {} conn/s vs iptables {} (×{}), first byte p50 {} vs {} µs (×{}); direct, without any proxy: {} conn/s, {} µs.",
-                f(g("sidecap", "rate")), f(g("iptables", "rate")), x(g("sidecap", "rate"), g("iptables", "rate")),
-                f(g("sidecap", "ttfb_p50_us")), f(g("iptables", "ttfb_p50_us")), x(g("sidecap", "ttfb_p50_us"), g("iptables", "ttfb_p50_us")),
-                f(g("direct", "rate")), f(g("direct", "ttfb_p50_us"))
+                f(g("sidecap", "rate")),
+                f(g("iptables", "rate")),
+                x(g("sidecap", "rate"), g("iptables", "rate")),
+                f(g("sidecap", "ttfb_p50_us")),
+                f(g("iptables", "ttfb_p50_us")),
+                x(g("sidecap", "ttfb_p50_us"), g("iptables", "ttfb_p50_us")),
+                f(g("direct", "rate")),
+                f(g("direct", "ttfb_p50_us"))
             );
         }
     }
@@ -274,8 +305,12 @@ pub fn headlines(r: &Value) -> String {
                 let _ = writeln!(
                     h,
                     "- **Rule scaling, {kind}**: connect() p50 with {lo} → {hi} exclusions: iptables {} → {} µs (×{}), sidecap {} → {} µs (×{}); at {hi}, sidecap/iptables = {}.",
-                    f(g(*lo, "iptables")), f(g(*hi, "iptables")), x(g(*hi, "iptables"), g(*lo, "iptables")),
-                    f(g(*lo, "sidecap")), f(g(*hi, "sidecap")), x(g(*hi, "sidecap"), g(*lo, "sidecap")),
+                    f(g(*lo, "iptables")),
+                    f(g(*hi, "iptables")),
+                    x(g(*hi, "iptables"), g(*lo, "iptables")),
+                    f(g(*lo, "sidecap")),
+                    f(g(*hi, "sidecap")),
+                    x(g(*hi, "sidecap"), g(*lo, "sidecap")),
                     x(g(*hi, "sidecap"), g(*hi, "iptables"))
                 );
             }
@@ -288,8 +323,11 @@ pub fn headlines(r: &Value) -> String {
                 h,
                 "- **Inbound, {}**: sidecap (sk_lookup) {} conn/s vs iptables (REDIRECT) {} (×{}), first byte p50 {} vs {} µs.",
                 case.trim_start_matches("inbound "),
-                f(g("sidecap", "rate")), f(g("iptables", "rate")), x(g("sidecap", "rate"), g("iptables", "rate")),
-                f(g("sidecap", "ttfb_p50_us")), f(g("iptables", "ttfb_p50_us"))
+                f(g("sidecap", "rate")),
+                f(g("iptables", "rate")),
+                x(g("sidecap", "rate"), g("iptables", "rate")),
+                f(g("sidecap", "ttfb_p50_us")),
+                f(g("iptables", "ttfb_p50_us"))
             );
         }
     }
@@ -298,14 +336,16 @@ pub fn headlines(r: &Value) -> String {
         let _ = writeln!(
             h,
             "- **Passthrough**: connect() p50 {} µs under sidecap vs {} µs with no program at all (×{}); iptables {} µs.",
-            f(g("passthrough", "sidecap", "connect_p50_us")), f(g("passthrough", "direct", "connect_p50_us")),
+            f(g("passthrough", "sidecap", "connect_p50_us")),
+            f(g("passthrough", "direct", "connect_p50_us")),
             x(g("passthrough", "sidecap", "connect_p50_us"), g("passthrough", "direct", "connect_p50_us")),
             f(g("passthrough", "iptables", "connect_p50_us"))
         );
         let _ = writeln!(
             h,
             "- **REGISTRY_ONLY drop**: the app sees the failure after {} µs with sidecap (EPERM from connect) vs {} µs with iptables + a proxy that accepts and resets (×{}).",
-            f(g("drop", "sidecap", "ttfb_p50_us")), f(g("drop", "iptables", "ttfb_p50_us")),
+            f(g("drop", "sidecap", "ttfb_p50_us")),
+            f(g("drop", "iptables", "ttfb_p50_us")),
             x(g("drop", "sidecap", "ttfb_p50_us"), g("drop", "iptables", "ttfb_p50_us"))
         );
     }
@@ -314,15 +354,24 @@ pub fn headlines(r: &Value) -> String {
         let _ = writeln!(
             h,
             "- **Control plane**: a Sidecar edit reaches the maps in {} ms for 1 pod and {} ms with {} pods × {} services (real agent, namespace Sidecars); agent RSS {:.1} MiB, kernel maps {:.1} MiB at that size.",
-            f(v["one_pod"]["converge_ms"]["median"].as_f64()), f(a["converge_ms"]["median"].as_f64()), a["pods"], a["services"],
-            a["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0, a["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+            f(v["one_pod"]["converge_ms"]["median"].as_f64()),
+            f(a["converge_ms"]["median"].as_f64()),
+            a["pods"],
+            a["services"],
+            a["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            a["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
         );
         for d in v["default_mesh"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 h,
                 "- **Default mesh** (no Sidecar), {} pods × {} services: all pods in the maps {:.0} ms after the agent starts; one added Service reaches every pod's maps in {} ms; {} rule set(s) shared by all pods; agent RSS {:.1} MiB, kernel maps {:.1} MiB.",
-                d["pods"], d["services"], d["initial_ms"].as_f64().unwrap_or(f64::NAN), f(d["service_ms"]["median"].as_f64()), d["rule_sets"],
-                d["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0, d["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+                d["pods"],
+                d["services"],
+                d["initial_ms"].as_f64().unwrap_or(f64::NAN),
+                f(d["service_ms"]["median"].as_f64()),
+                d["rule_sets"],
+                d["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                d["map_memory"]["total_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
             );
         }
     }
@@ -350,9 +399,16 @@ fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
     let _ = writeln!(
         d,
         "## Machine\n\n| | |\n|---|---|\n| CPU | {} × {} |\n| memory | {} |\n| kernel | {} |\n| iptables | {} |\n| HAProxy | {} |\n| rustc | {} |\n| sidecap commit | {} |\n| load average before / after | {} / {} |\n",
-        m["cores"], m["cpu"].as_str().unwrap_or(""), m["memory"].as_str().unwrap_or(""), m["kernel"].as_str().unwrap_or(""),
-        m["iptables"].as_str().unwrap_or(""), m["haproxy"].as_str().unwrap_or(""), m["rustc"].as_str().unwrap_or(""), m["commit"].as_str().unwrap_or("?"),
-        m["load_before"].as_str().unwrap_or(""), m["load_after"].as_str().unwrap_or("")
+        m["cores"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["memory"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        m["iptables"].as_str().unwrap_or(""),
+        m["haproxy"].as_str().unwrap_or(""),
+        m["rustc"].as_str().unwrap_or(""),
+        m["commit"].as_str().unwrap_or("?"),
+        m["load_before"].as_str().unwrap_or(""),
+        m["load_after"].as_str().unwrap_or("")
     );
     let _ = writeln!(
         d,
@@ -370,7 +426,11 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
             d.push('\n');
             if let Some(c) = v["sidecap_counters"].as_object() {
                 let list: Vec<String> = c.iter().map(|(k, n)| format!("{k} {n}")).collect();
-                let _ = writeln!(d, "Kernel counters of the sidecap pod after this scenario (cumulative since the agent started): {}.\n", list.join(", "));
+                let _ = writeln!(
+                    d,
+                    "Kernel counters of the sidecap pod after this scenario (cumulative since the agent started): {}.\n",
+                    list.join(", ")
+                );
             }
             for i in images {
                 d.push_str(&img(i));

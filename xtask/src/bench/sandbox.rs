@@ -13,8 +13,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::Value;
 use sidecap_tests::{
-    Agent, BpfPinDir, Creds, MeshDir, Pod, Spawned, TempDir, TestCgroup, Topology, process::is_listening, spawn_in,
-    spawn_with,
+    Agent, BpfPinDir, Creds, MeshDir, Pod, Spawned, TempDir, TestCgroup, Topology, process::is_listening, spawn_in, spawn_with,
 };
 
 use super::{Bins, Params};
@@ -309,8 +308,7 @@ impl Sandbox {
             bail!("sc-load in {} did not finish within {limit:?}", pod.name());
         }
         let out = p.stdout();
-        serde_json::from_str(out.lines().last().unwrap_or(""))
-            .map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
+        serde_json::from_str(out.lines().last().unwrap_or("")).map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
     }
 
     /// Fails when a long-running process of the sandbox has died.
@@ -361,8 +359,7 @@ fn write_pod(mesh: &MeshDir, pod: &Pod, n: usize) {
 /// excluded service, so a passthrough connection matches the last rule.
 pub fn excluded_cidrs(n: usize) -> Vec<String> {
     assert!((1..=10_241).contains(&n), "1..=10241 excluded CIDRs");
-    let mut v: Vec<String> =
-        (0..n - 1).map(|i| format!("10.251.{}.{}/32", 200 + i / 256, i % 256)).collect();
+    let mut v: Vec<String> = (0..n - 1).map(|i| format!("10.251.{}.{}/32", 200 + i / 256, i % 256)).collect();
     v.push(format!("{SVC_EXCLUDED}/32"));
     v
 }

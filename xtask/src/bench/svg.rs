@@ -174,31 +174,18 @@ pub fn lines(title: &str, y_label: &str, xs: &[f64], series: &[Series]) -> Strin
     let mut out = String::new();
     frame(&mut out, title, y_label, y_max, step);
     let plot_w = W - LEFT - RIGHT - 40.0;
-    let (lx0, lx1) = (
-        xs.iter().copied().fold(f64::INFINITY, f64::min).max(1.0).log10(),
-        xs.iter().copied().fold(0.0, f64::max).max(10.0).log10(),
-    );
+    let (lx0, lx1) =
+        (xs.iter().copied().fold(f64::INFINITY, f64::min).max(1.0).log10(), xs.iter().copied().fold(0.0, f64::max).max(10.0).log10());
     let x_of = |x: f64| LEFT + 20.0 + plot_w * (x.max(1.0).log10() - lx0) / (lx1 - lx0).max(1e-9);
     for x in xs {
-        let _ = writeln!(
-            out,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-            x_of(*x),
-            H - BOTTOM + 16.0,
-            fmt_tick(*x)
-        );
+        let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", x_of(*x), H - BOTTOM + 16.0, fmt_tick(*x));
     }
     for s in series {
-        let pts: Vec<(f64, (f64, f64, f64))> =
-            xs.iter().zip(&s.values).filter_map(|(x, v)| v.map(|v| (x_of(*x), v))).collect();
+        let pts: Vec<(f64, (f64, f64, f64))> = xs.iter().zip(&s.values).filter_map(|(x, v)| v.map(|v| (x_of(*x), v))).collect();
         let path: Vec<String> = pts.iter().map(|(x, v)| format!("{x:.1},{:.1}", y_of(v.0, y_max))).collect();
         let dash = if s.dashed { " stroke-dasharray=\"6,4\"" } else { "" };
-        let _ = writeln!(
-            out,
-            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
-            color(s.color),
-            path.join(" ")
-        );
+        let _ =
+            writeln!(out, "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>", color(s.color), path.join(" "));
         for (x, (med, lo, hi)) in pts {
             let _ = writeln!(
                 out,

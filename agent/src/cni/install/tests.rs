@@ -102,7 +102,13 @@ impl Dirs {
         p
     }
     fn opts(&self, socket: &str) -> Options {
-        Options { bin_dir: self.bin(), conf_dir: self.conf(), socket: socket.into(), plugin: self.root.join("sidecap-cni.src"), pod_namespace: None }
+        Options {
+            bin_dir: self.bin(),
+            conf_dir: self.conf(),
+            socket: socket.into(),
+            plugin: self.root.join("sidecap-cni.src"),
+            pod_namespace: None,
+        }
     }
     /// Every file in the conf and bin dirs with its bytes and mode.
     fn snapshot(&self) -> Vec<(String, Vec<u8>, u32)> {
@@ -133,7 +139,13 @@ fn plugins(path: &Path) -> Vec<Value> {
 
 #[test]
 fn appends_to_each_real_conflist_and_removal_restores_every_byte() {
-    for (name, text) in [("10-calico.conflist", CALICO), ("10-flannel.conflist", FLANNEL), ("10-kindnet.conflist", KINDNET), ("05-cilium.conflist", CILIUM), ("10-one.conflist", ONE_LINE)] {
+    for (name, text) in [
+        ("10-calico.conflist", CALICO),
+        ("10-flannel.conflist", FLANNEL),
+        ("10-kindnet.conflist", KINDNET),
+        ("05-cilium.conflist", CILIUM),
+        ("10-one.conflist", ONE_LINE),
+    ] {
         let d = Dirs::new("real");
         let path = d.write(name, text);
         d.write("calico-kubeconfig", "apiVersion: v1\nkind: Config\n");
@@ -184,7 +196,10 @@ fn picks_the_lexically_first_valid_configuration() {
     assert_eq!(primary_config(&d.conf()).unwrap(), Some(d.conf().join("10-calico.conflist")));
     let got = install(&d.opts(SOCK)).unwrap();
     assert_eq!(got.conf, d.conf().join("10-calico.conflist"));
-    assert_eq!(fs::read_to_string(d.conf().join("99-loopback.conf")).unwrap(), r#"{"cniVersion": "0.3.1", "name": "lo", "type": "loopback"}"#);
+    assert_eq!(
+        fs::read_to_string(d.conf().join("99-loopback.conf")).unwrap(),
+        r#"{"cniVersion": "0.3.1", "name": "lo", "type": "loopback"}"#
+    );
     assert_eq!(fs::read_to_string(d.conf().join("03-list-in-a-conf.conf")).unwrap(), FLANNEL);
 }
 
@@ -314,10 +329,7 @@ fn the_pod_namespace_is_written_and_a_change_of_it_updates_the_entry() {
     let path = d.write("87-podman.conflist", ONE_LINE);
     let podman = Options { pod_namespace: Some("podman".into()), ..d.opts(SOCK) };
     assert_eq!(install(&podman).unwrap().change, ConfChange::Appended);
-    assert_eq!(
-        plugins(&path).last().unwrap(),
-        &serde_json::json!({"type": "sidecap-cni", "socketPath": SOCK, "podNamespace": "podman"})
-    );
+    assert_eq!(plugins(&path).last().unwrap(), &serde_json::json!({"type": "sidecap-cni", "socketPath": SOCK, "podNamespace": "podman"}));
     assert_eq!(install(&podman).unwrap().change, ConfChange::Unchanged);
     // Without the flag the key goes again (a Kubernetes node never gets a guessed namespace).
     assert_eq!(install(&d.opts(SOCK)).unwrap().change, ConfChange::Updated);

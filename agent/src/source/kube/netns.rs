@@ -28,8 +28,8 @@ fn pod_uid_in_segment(seg: &str) -> Option<String> {
 /// A UID is 8-4-4-4-12 hex digits; systemd slices spell the dashes as underscores.
 fn normalise_uid(s: &str) -> Option<String> {
     let groups: Vec<&str> = s.split(['-', '_']).collect();
-    let shape_ok = groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
+    let shape_ok =
+        groups.len() == 5 && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
     shape_ok.then(|| groups.join("-").to_ascii_lowercase())
 }
 
@@ -95,8 +95,8 @@ mod tests {
             "0::/user.slice/user-1000.slice/session-2.scope",
             "0::/kubepods/burstable",
             "0::/kubepods.slice/kubepods-burstable.slice",
-            "0::/kubepods/burstable/pod1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5",   // one digit short
-            "0::/kubepods/burstable/podzzzzzzzz-5f6a-4b7c-8d9e-0f1a2b3c4d5e",  // not hex
+            "0::/kubepods/burstable/pod1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5", // one digit short
+            "0::/kubepods/burstable/podzzzzzzzz-5f6a-4b7c-8d9e-0f1a2b3c4d5e", // not hex
             "0::/kubepods/burstable/pods/1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5e", // not a pod segment
             "garbage",
         ];
@@ -122,10 +122,7 @@ mod tests {
 
         assert_eq!(netns_of_pod(&root, UID), Some(root.join("650/ns/net")));
         assert_eq!(netns_of_pod(&root, &UID.to_uppercase()), Some(root.join("650/ns/net")));
-        assert_eq!(
-            netns_of_pod(&root, "00000000-0000-0000-0000-000000000001"),
-            Some(root.join("800/ns/net"))
-        );
+        assert_eq!(netns_of_pod(&root, "00000000-0000-0000-0000-000000000001"), Some(root.join("800/ns/net")));
         assert_eq!(netns_of_pod(&root, "00000000-0000-0000-0000-000000000002"), None);
         assert_eq!(netns_of_pod(&root, "not-a-uid"), None);
         assert_eq!(pod_pids(&root).len(), 2);

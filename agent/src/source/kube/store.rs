@@ -199,4 +199,3 @@ pub fn held(store: &Store) -> Vec<HeldSidecar> {
     out.sort_by_key(|h| h.key());
     out
 }
-

@@ -38,15 +38,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
-        Kind::Pod,
-        Kind::Service,
-        Kind::EndpointSlice,
-        Kind::Namespace,
-        Kind::MeshConfig,
-        Kind::Sidecar,
-        Kind::ServiceEntry,
-    ];
+    pub const ALL: [Kind; 7] =
+        [Kind::Pod, Kind::Service, Kind::EndpointSlice, Kind::Namespace, Kind::MeshConfig, Kind::Sidecar, Kind::ServiceEntry];
 
     /// The object's `kind`.
     pub fn name(self) -> &'static str {
@@ -174,10 +167,7 @@ impl Shared {
     /// Waits up to `timeout` for the counter to move past `seen`; returns its value.
     pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
         let guard = self.changes.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .cv
-            .wait_timeout_while(guard, timeout, |g| *g == seen)
-            .unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self.cv.wait_timeout_while(guard, timeout, |g| *g == seen).unwrap_or_else(|p| p.into_inner());
         *guard
     }
 
@@ -457,7 +447,9 @@ async fn list(
     let mut objects = HashMap::new();
     let mut rv;
     loop {
-        let req = kube::core::Request::new(url).list(&lp).map_err(|e| ApiError { during: "list", code: None, message: e.to_string() })?;
+        let req = kube::core::Request::new(url)
+            .list(&lp)
+            .map_err(|e| ApiError { during: "list", code: None, message: e.to_string() })?;
         let body = client.request_text(req).await.map_err(|e| ApiError::of("list", &e))?;
         let page = super::list::parse(&body, &mut |obj| {
             let key = store::key_of(&obj);
