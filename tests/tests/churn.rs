@@ -124,7 +124,7 @@ fn pods_sidecars_and_agent_restarts_interleaved_leave_every_pod_captured_as_expl
     let (mut adds, mut dels, mut edits, mut restarts) = (0, 0, 0, 0);
     for step in 0..STEPS {
         let r = rng.next();
-        let what = if step > 0 && r % 6 == 0 {
+        let what = if step > 0 && r.is_multiple_of(6) {
             agent.kill9();
             agent.restart();
             agent.wait_cni_socket(&socket, fixture::WAIT);

@@ -145,6 +145,7 @@ fn remove_empty_tree(dir: &Path) {
 
 fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid, writable rlimit for the kernel to fill.
     assert_eq!(unsafe { libc::getrlimit(resource, &mut r) }, 0);
     r.rlim_max
 }

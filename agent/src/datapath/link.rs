@@ -244,6 +244,7 @@ struct GetByIdAttr {
 pub fn prog_name(id: u32) -> io::Result<String> {
     let mut attr = GetByIdAttr { id, ..Default::default() };
     let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let mut b = [0u8; 96];
     info_by_fd(fd.as_fd(), &mut b)?;
@@ -288,5 +289,6 @@ pub fn load_raw(prog_type: u32, attach_type: u32, name: &str, insns: &[u64]) -> 
         ..Default::default()
     };
     let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

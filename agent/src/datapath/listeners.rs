@@ -152,13 +152,16 @@ fn fd_table_size(status: &str) -> Option<u32> {
 /// A duplicate of the socket with this inode, from whichever of `pids` holds it.
 fn take_socket(proc_root: &Path, pids: &[u32], inode: u64, port: u16) -> Result<Option<OwnedFd>, Error> {
     for &pid in pids {
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked before use.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
         if raw < 0 {
             continue; // exited meanwhile
         }
+        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
         let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
         let status = std::fs::read_to_string(proc_root.join(format!("{pid}/status"))).unwrap_or_default();
         for fd in 0..fd_table_size(&status).unwrap_or(DEFAULT_FD_TABLE) {
+            // SAFETY: pidfd_getfd takes a live pidfd, an fd number and flags; the result is checked before use.
             let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd as libc::c_int, 0) };
             if raw < 0 {
                 let e = std::io::Error::last_os_error();
@@ -169,8 +172,11 @@ fn take_socket(proc_root: &Path, pids: &[u32], inode: u64, port: u16) -> Result<
                     _ => return Err(Error::GetFd { pid, port, source: e }),
                 }
             }
+            // SAFETY: the kernel just returned this fd to us; nothing else owns it.
             let dup = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+            // SAFETY: libc::stat is plain data, for which all zeros is a valid value.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: dup is an open fd and st a valid, writable libc::stat.
             if unsafe { libc::fstat(dup.as_raw_fd(), &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK && st.st_ino == inode {
                 return Ok(Some(dup));
             }

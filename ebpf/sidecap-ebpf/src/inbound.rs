@@ -25,6 +25,7 @@ const SK_PASS: u32 = 1;
 
 #[inline(always)]
 unsafe fn rd(p: &u32) -> u32 {
+    // SAFETY: p is a reference into the context, valid and aligned for a u32 read.
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -33,13 +34,16 @@ pub fn on_listen(ctx: &SockOpsContext) {
     if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
         return;
     }
+    // SAFETY: the helper takes the program's own context pointer.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(pod) = PODS.get_ptr(&netns) else { return };
+    let Some(pod) = PODS.get_ptr(netns) else { return };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
     let inbound_port = unsafe { (*pod).inbound_port };
     if ctx.local_port() != inbound_port as u32 {
         return;
     }
     let key = if ctx.family() == AF_INET6 { netns | V6_LISTENER } else { netns };
+    // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this run, the socket the helper stores.
     let _ = INBOUND_LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0);
 }
 
@@ -52,10 +56,12 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
 #[inline(always)]
 fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     let l = ctx.lookup;
+    // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; fields are read by value.
     let (family, protocol, lport) = unsafe { ((*l).family, (*l).protocol, (*l).local_port) };
     if protocol != proto::TCP as u32 {
         return None;
     }
+    // SAFETY: as above; the IPv6 words are read one by one, as the verifier requires.
     let (local, remote): (Addr, Addr) = unsafe {
         match family {
             AF_INET => (addr::from_v4((*l).local_ip4), addr::from_v4((*l).remote_ip4)),
@@ -67,8 +73,10 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
             _ => return None,
         }
     };
-    let netns = unsafe { *POD_ADDRS.get_ptr(&addr::to_bytes(&local))? };
-    let pod = unsafe { *PODS.get_ptr(&netns)? };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let netns = unsafe { *POD_ADDRS.get_ptr(addr::to_bytes(&local))? };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let pod = unsafe { *PODS.get_ptr(netns)? };
     if !decide::inbound(&pod, &KernelMaps, &remote, lport as u16).capture {
         return None;
     }

@@ -404,6 +404,7 @@ async fn run_kind(client: Client, shared: Arc<Shared>, index: usize, opts: Watch
             rep.ok();
             retry.reset();
             // The list's transient JSON is freed between the objects kept: give those pages back.
+            // SAFETY: malloc_trim only returns free heap pages to the kernel; no pointer is invalidated.
             unsafe { libc::malloc_trim(0) };
             slot.synced.store(true, Ordering::SeqCst);
             shared.bump();
