@@ -112,8 +112,33 @@ pub fn table_for(name: &str, v: &Value) -> String {
         "passdrop" => format!("{}\n{}", table(s, &PASSDROP_METRICS), ratios(s, &[("connect_p50_us", "connect() p50"), ("ttfb_p50_us", "first byte / failure p50")])),
         "controlplane" => controlplane_table(v),
         "micro" => micro_table(v),
+        "kernel" => kernel_table(s),
         _ => String::new(),
     }
+}
+
+const KERNEL_METRICS: [(&str, &str); 3] =
+    [("runs_per_conn", "runs per connection"), ("ns_per_run", "ns per run"), ("ns_per_conn", "ns per connection")];
+
+/// Kernel cost: one row per (case, program), programs that did not run left out.
+fn kernel_table(summary: &Value) -> String {
+    let mut t = String::from("| case | program |");
+    for (_, label) in KERNEL_METRICS {
+        let _ = write!(t, " {label} |");
+    }
+    t.push_str("\n|---|---|");
+    t.push_str(&"---:|".repeat(KERNEL_METRICS.len()));
+    t.push('\n');
+    for s in summary.as_array().into_iter().flatten() {
+        let prog = s["mode"].as_str().unwrap_or("");
+        let bold = |x: String| if prog == "total" { format!("**{x}**") } else { x };
+        let _ = write!(t, "| {} | {} |", s["case"].as_str().unwrap_or(""), bold(prog.to_string()));
+        for (k, _) in KERNEL_METRICS {
+            let _ = write!(t, " {} |", bold(cell(&s["metrics"][k])));
+        }
+        t.push('\n');
+    }
+    t
 }
 
 fn ms(v: &Value) -> String {
@@ -309,6 +334,14 @@ pub fn headlines(r: &Value) -> String {
             x(g("drop", "sidecap", "ttfb_p50_us"), g("drop", "iptables", "ttfb_p50_us"))
         );
     }
+    if let Some(s) = sc.get("kernel").map(|v| &v["summary"]) {
+        let g = |case: &str| med(s, case, "total", "ns_per_conn");
+        let _ = writeln!(
+            h,
+            "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, a socket of an unmeshed process in the attached cgroup {} ns.",
+            f(g("captured")), f(g("passthrough")), f(g("unmeshed"))
+        );
+    }
     if let Some(v) = sc.get("controlplane") {
         let a = &v["agent"];
         let _ = writeln!(
@@ -426,6 +459,13 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         d.push_str(&table_for("micro", v));
         let _ = writeln!(d, "\n({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
     }
+    section(
+        &mut d,
+        "kernel",
+        "7. Kernel time per connection",
+        "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup (as every host process is under a node-wide attach).\nThe averages include the accounting itself (two clock reads per run). Per-run averages are\nmuch less sensitive to other load on the machine than rates are.",
+        &[],
+    );
     d
 }
 
@@ -457,5 +497,21 @@ mod tests {
         assert!(md.contains("| N=1 captured | 0.75 | 1.50 |"), "{md}");
         assert!(md.contains("[rules.svg]"));
         assert_eq!(plots(&r).len(), 1);
+    }
+
+    #[test]
+    fn kernel_section_lists_programs_per_case() {
+        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
+        let row = |case: &str, prog: &str, ns: f64| {
+            json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(1.0), "ns_per_run": spread(ns), "ns_per_conn": spread(ns)}})
+        };
+        let summary = json!([row("captured", "connect4", 900.0), row("captured", "total", 1500.0), row("unmeshed", "total", 80.0)]);
+        let r = json!({"command": "cargo xtask bench", "params": {}, "machine": {},
+            "scenarios": {"kernel": {"summary": summary, "seconds": 1.0}}});
+        let md = markdown(&r, &|n| format!("[{n}]\n"));
+        assert!(md.contains("## 7. Kernel time per connection"), "{md}");
+        assert!(md.contains("| captured | connect4 | 1.00 | 900 | 900 |"), "{md}");
+        assert!(md.contains("| unmeshed | **total** | **1.00** | **80.0** | **80.0** |"), "{md}");
+        assert!(md.contains("captured 1500 ns, passthrough – ns, a socket of an unmeshed process in the attached cgroup 80.0 ns"), "{md}");
     }
 }

@@ -311,6 +311,36 @@ impl Sandbox {
             .map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
     }
 
+    /// Exactly `count` connections, one at a time, from an `sc-load` in `netns_pod`'s netns
+    /// and `cgroup_pod`'s cgroup (the same pod, or an unmeshed process in a meshed pod's
+    /// cgroup); returns its JSON.
+    pub fn load_count(&mut self, netns_pod: &str, cgroup_pod: &str, target: SocketAddr, count: u64) -> anyhow::Result<Value> {
+        self.check_alive()?;
+        let (netns, cgroup) = (self.topo.pod(netns_pod).netns(), self.topo.pod(cgroup_pod).cgroup());
+        let args = [
+            "run".to_string(),
+            target.to_string(),
+            "--max-count".into(),
+            count.to_string(),
+            "--warmup-ms".into(),
+            "0".into(),
+            "--duration-ms".into(),
+            "120000".into(),
+            "--timeout-ms".into(),
+            "2000".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = spawn_with(netns, cgroup, Creds::APP, command(&self.bins.sc_load, &args))?;
+        let limit = Duration::from_secs(135);
+        if p.wait_timeout(limit)?.is_none() {
+            p.kill();
+            bail!("sc-load in {netns_pod} did not finish within {limit:?}");
+        }
+        let out = p.stdout();
+        serde_json::from_str(out.lines().last().unwrap_or(""))
+            .map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
+    }
+
     /// Fails when a long-running process of the sandbox has died.
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.agent.assert_running();
