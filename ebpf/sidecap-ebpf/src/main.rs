@@ -13,6 +13,10 @@ mod origdst;
 mod outbound;
 
 use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
@@ -27,10 +31,19 @@ pub fn sidecap_connect6(ctx: SockAddrContext) -> i32 {
     connect::connect6(&ctx)
 }
 
+/// Runs for every TCP event of every socket in the cgroup: the ops below are ours, the rest
+/// leave after one load. The only callback flag ever set is STATE_CB, on the proxy's
+/// sockets that carry a captured connection (no RTT, retransmit or header-option ops).
 #[sock_ops]
 pub fn sidecap_sockops(ctx: SockOpsContext) -> u32 {
-    inbound::on_listen(&ctx);
-    origdst::sockops(&ctx)
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => origdst::on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => origdst::on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => origdst::on_state(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => inbound::on_listen(&ctx),
+        _ => {}
+    }
+    1
 }
 
 #[sk_lookup]

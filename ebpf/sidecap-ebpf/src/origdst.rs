@@ -3,10 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
-    },
+    bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockOpsContext, SockoptContext},
 };
@@ -62,49 +59,53 @@ fn key(netns: u64, local: Addr, lport: u16, remote: Addr, rport: u16) -> TupleKe
     }
 }
 
-pub fn sockops(ctx: &SockOpsContext) -> u32 {
-    let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        && op != BPF_SOCK_OPS_STATE_CB
-    {
-        return 1;
+/// sockops ACTIVE_ESTABLISHED_CB, the app's side. Runs before its final ACK leaves, hence
+/// before the proxy can accept and ask. A captured connect always goes to localhost
+/// (127.0.0.1, ::1 or ::ffff:127.0.0.1): any other socket leaves without a lookup.
+pub fn on_active_established(ctx: &SockOpsContext) {
+    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
+    if !addr::is_localhost(&remote) {
+        return;
     }
-    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return 1 };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) else { return };
+    let od: OrigDst = unsafe { *od };
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    match op {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // The app's captured socket: runs before its final ACK leaves, hence before
-            // the proxy can accept and ask.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(&cookie) {
-                let od: OrigDst = unsafe { *od };
-                let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
-                let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-            }
-        }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // The proxy's accepted socket: its close ends the entry's use.
-            if ORIG_DST.get_ptr(&key(netns, remote, rport, local, lport)).is_some() {
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            }
-        }
-        _ => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ORIG_DST.remove(&key(netns, remote, rport, local, lport));
-            }
-        }
+    let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
+    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+}
+
+/// sockops PASSIVE_ESTABLISHED_CB, the proxy's accepted socket (on localhost, as above):
+/// when it carries a captured connection, its close ends the entry's use, so it asks for
+/// state callbacks; no other socket ever does.
+pub fn on_passive_established(ctx: &SockOpsContext) {
+    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
+    if !addr::is_localhost(&local) {
+        return;
     }
-    1
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if ORIG_DST.get_ptr(&key(netns, remote, rport, local, lport)).is_some() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// sockops STATE_CB: only the proxy's flagged sockets; only their close matters.
+pub fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let _ = ORIG_DST.remove(&key(netns, remote, rport, local, lport));
 }
 
 pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     let so = ctx.sockopt;
-    let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
-    let ours = optname == SO_ORIGINAL_DST && (level == SOL_IP || level == SOL_IPV6);
-    if !ours {
+    // Every getsockopt of every socket in the cgroup comes here: two loads decide.
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if (level != SOL_IP && level != SOL_IPV6) || optname != SO_ORIGINAL_DST {
         // Untouched; past a page the kernel wants optlen 0 to hand back its own buffer.
-        if optlen > PAGE_SIZE {
+        if unsafe { (*so).optlen } > PAGE_SIZE {
             unsafe { (*so).optlen = 0 };
         }
         return 1;
