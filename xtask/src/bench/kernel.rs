@@ -5,7 +5,11 @@
 //!
 //! Each measurement is exactly N connections one after the other (sc-load `--max-count`);
 //! the counters are read before and after, so the numbers are per-run averages that other
-//! load on the machine stretches far less than it stretches wall-clock rates.
+//! load on the machine stretches far less than it stretches wall-clock rates. A last pass
+//! repeats the captured case with empty programs beside sidecap's (`floor`): what merely
+//! running a program there costs.
+
+mod empty;
 
 use std::{
     net::SocketAddr,
@@ -29,10 +33,20 @@ fn cases() -> [(&'static str, &'static str, &'static str, SocketAddr); 3] {
         // accepted and upstream sockets are in the cgroup (the upstream's is not).
         ("captured", "sc", "sc", SocketAddr::from((SVC, SVC_PORT))),
         // An excluded destination: only the app's socket, which the programs let go.
-        ("passthrough", "sc", "sc", SocketAddr::from((SVC_EXCLUDED, SVC_PORT))),
+        (
+            "passthrough",
+            "sc",
+            "sc",
+            SocketAddr::from((SVC_EXCLUDED, SVC_PORT)),
+        ),
         // A process of no meshed pod (its netns is not in PODS) in the attached cgroup, as
         // every host process is when the programs sit on a node's root cgroup.
-        ("unmeshed", "client", "sc", SocketAddr::from((SVC, SVC_PORT))),
+        (
+            "unmeshed",
+            "client",
+            "sc",
+            SocketAddr::from((SVC, SVC_PORT)),
+        ),
     ]
 }
 
@@ -43,16 +57,23 @@ struct BpfStats {
 
 impl BpfStats {
     fn enable() -> anyhow::Result<BpfStats> {
-        let previous = std::fs::read_to_string(STATS_SYSCTL).with_context(|| format!("reading {STATS_SYSCTL}"))?;
-        std::fs::write(STATS_SYSCTL, "1").with_context(|| format!("writing 1 to {STATS_SYSCTL}"))?;
-        Ok(BpfStats { previous: previous.trim().to_string() })
+        let previous = std::fs::read_to_string(STATS_SYSCTL)
+            .with_context(|| format!("reading {STATS_SYSCTL}"))?;
+        std::fs::write(STATS_SYSCTL, "1")
+            .with_context(|| format!("writing 1 to {STATS_SYSCTL}"))?;
+        Ok(BpfStats {
+            previous: previous.trim().to_string(),
+        })
     }
 }
 
 impl Drop for BpfStats {
     fn drop(&mut self) {
         if let Err(e) = std::fs::write(STATS_SYSCTL, &self.previous) {
-            eprintln!("xtask bench: could not restore {STATS_SYSCTL} to {}: {e}", self.previous);
+            eprintln!(
+                "xtask bench: could not restore {STATS_SYSCTL} to {}: {e}",
+                self.previous
+            );
         }
     }
 }
@@ -63,9 +84,14 @@ fn bpftool_json(args: &[&str], path: Option<&Path>) -> anyhow::Result<Value> {
     if let Some(p) = path {
         c.arg(p);
     }
-    let out = c.output().context("running bpftool (cargo xtask setup installs it)")?;
+    let out = c
+        .output()
+        .context("running bpftool (cargo xtask setup installs it)")?;
     if !out.status.success() {
-        bail!("bpftool {args:?} {path:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "bpftool {args:?} {path:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     serde_json::from_slice(&out.stdout).with_context(|| format!("bpftool {args:?} output"))
 }
@@ -84,20 +110,33 @@ fn programs(pins: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     entries.sort();
     for path in entries {
         let v = bpftool_json(&["link", "show", "pinned"], Some(&path))?;
-        let id = v["prog_id"].as_u64().with_context(|| format!("no prog_id for the link {}: {v}", path.display()))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = v["prog_id"]
+            .as_u64()
+            .with_context(|| format!("no prog_id for the link {}: {v}", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         out.push((name, id));
     }
     let skl = pins.join("progs/sk_lookup");
     let v = bpftool_json(&["prog", "show", "pinned"], Some(&skl))?;
-    out.push(("sk_lookup".into(), v["id"].as_u64().with_context(|| format!("no id for {}: {v}", skl.display()))?));
+    out.push((
+        "sk_lookup".into(),
+        v["id"]
+            .as_u64()
+            .with_context(|| format!("no id for {}: {v}", skl.display()))?,
+    ));
     Ok(out)
 }
 
 /// (run_time_ns, run_cnt) of one program (bpftool leaves both out while they are 0).
 fn stats(id: u64) -> anyhow::Result<(u64, u64)> {
     let v = bpftool_json(&["prog", "show", "id", &id.to_string()], None)?;
-    Ok((v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)))
+    Ok((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
 }
 
 fn snapshot(progs: &[(String, u64)]) -> anyhow::Result<Vec<(u64, u64)>> {
@@ -106,7 +145,12 @@ fn snapshot(progs: &[(String, u64)]) -> anyhow::Result<Vec<(u64, u64)>> {
 
 /// Per-program rows of one measurement of `conns` connections: runs per connection, the
 /// average run, the time per connection; and a `total` row.
-fn rows(progs: &[(String, u64)], before: &[(u64, u64)], after: &[(u64, u64)], conns: u64) -> Vec<(String, Value, Value)> {
+fn rows(
+    progs: &[(String, u64)],
+    before: &[(u64, u64)],
+    after: &[(u64, u64)],
+    conns: u64,
+) -> Vec<(String, Value, Value)> {
     let n = conns.max(1) as f64;
     let mut out = Vec::new();
     let (mut total_ns, mut total_runs) = (0u64, 0u64);
@@ -124,7 +168,11 @@ fn rows(progs: &[(String, u64)], before: &[(u64, u64)], after: &[(u64, u64)], co
             json!({"prog_id": id, "run_cnt": runs, "run_time_ns": ns, "connections": conns}),
         ));
     }
-    let per_run = if total_runs == 0 { Value::Null } else { json!(total_ns as f64 / total_runs as f64) };
+    let per_run = if total_runs == 0 {
+        Value::Null
+    } else {
+        json!(total_ns as f64 / total_runs as f64)
+    };
     out.push((
         "total".into(),
         json!({"runs_per_conn": total_runs as f64 / n, "ns_per_run": per_run, "ns_per_conn": total_ns as f64 / n}),
@@ -149,15 +197,33 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     let _stats = BpfStats::enable()?;
     let mut runs = Vec::new();
     for round in 0..p.rounds {
-        for (case, netns, cgroup, target) in cases() {
+        let floor = ("floor", "sc", "sc", SocketAddr::from((SVC, SVC_PORT)));
+        for (case, netns, cgroup, target) in cases().into_iter().chain([floor]) {
+            let empty = if case == "floor" {
+                Some(
+                    empty::EmptyPrograms::attach(sb.pod("sc").cgroup().path())
+                        .context("attaching empty programs")?,
+                )
+            } else {
+                None
+            };
+            let progs = empty
+                .as_ref()
+                .map(|e| e.ids())
+                .unwrap_or_else(|| progs.clone());
             let before = snapshot(&progs)?;
             let raw = sb.load_count(netns, cgroup, target, n)?;
             // The proxy closes its two sockets after the client's reset: let it finish.
             std::thread::sleep(Duration::from_millis(300));
             let after = snapshot(&progs)?;
+            drop(empty);
             let done = raw["ok"].as_u64().unwrap_or(0) + raw["failed"].as_u64().unwrap_or(0);
             if raw["failed"].as_u64().unwrap_or(0) > 0 {
-                bail!("{case}: {} of {done} connections failed: {}", raw["failed"], raw["errors"]);
+                bail!(
+                    "{case}: {} of {done} connections failed: {}",
+                    raw["failed"],
+                    raw["errors"]
+                );
             }
             for (prog, metrics, detail) in rows(&progs, &before, &after, done) {
                 if prog == "total" {
@@ -180,7 +246,11 @@ mod tests {
 
     #[test]
     fn rows_are_per_connection_and_skip_idle_programs() {
-        let progs = vec![("connect4".to_string(), 1), ("sockops".to_string(), 2), ("recvmsg4".to_string(), 3)];
+        let progs = vec![
+            ("connect4".to_string(), 1),
+            ("sockops".to_string(), 2),
+            ("recvmsg4".to_string(), 3),
+        ];
         let before = [(1000, 10), (500, 5), (7, 1)];
         let after = [(3000, 20), (2500, 105), (7, 1)];
         let r = rows(&progs, &before, &after, 10);
