@@ -341,6 +341,18 @@ pub fn headlines(r: &Value) -> String {
             "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, a socket of an unmeshed process in the attached cgroup {} ns; empty programs on sockops, connect4 and getsockopt cost {} ns per captured connection.",
             f(g("captured")), f(g("passthrough")), f(g("unmeshed")), f(g("floor"))
         );
+        // The same path with istio-init's rules: their netfilter cost shows only as latency.
+        if let Some(c) = sc.get("connect").map(|v| &v["summary"]) {
+            let case = "sc-forward c=1";
+            let t = |mode: &str| med(c, case, mode, "ttfb_p50_us");
+            if let (Some(i), Some(d), Some(sd)) = (t("iptables"), t("direct"), t("sidecap")) {
+                let _ = writeln!(
+                    h,
+                    "- **Side by side ({case}, first byte p50)**: iptables {} µs, sidecap {} µs, direct {} µs: istio-init's rules add {} µs over sidecap's on the same proxied path, where sidecap's programs spend {} µs of kernel time per connection.",
+                    num(i), num(sd), num(d), num(i - sd), g("captured").map(|ns| num(ns / 1000.0)).unwrap_or_else(|| "–".into())
+                );
+            }
+        }
     }
     if let Some(v) = sc.get("controlplane") {
         let a = &v["agent"];
