@@ -15,10 +15,11 @@
 //!
 //! Scenarios: connect (outbound capture through a proxy), rules (exclusion scaling),
 //! inbound, passthrough/drop, control plane, policy micro-benchmarks, kernel time per connection
-//! (bpf_stats). See docs/benchmarks.md.
+//! (bpf_stats), keepalive (HAProxy HTTP mode to nginx, wrk). See docs/benchmarks.md.
 
 mod cluster;
 mod controlplane;
+mod keepalive;
 mod kernel;
 mod micro;
 mod report;
@@ -53,7 +54,7 @@ pub struct BenchArgs {
     /// Also (re)write docs/benchmarks.md and docs/bench/*.svg (default for a full run).
     #[arg(long)]
     pub docs: bool,
-    /// Run only these scenarios (connect, rules, inbound, passdrop, controlplane, micro, kernel).
+    /// Run only these scenarios (connect, rules, inbound, passdrop, controlplane, micro, kernel, keepalive).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Measure nothing: render the report (and with --docs, docs/) from this results.json.
@@ -235,7 +236,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(results)?).with_context(|| format!("writing {}", path.display()))
     };
 
-    let network = ["connect", "rules", "inbound", "passdrop", "controlplane", "kernel"].iter().any(|s| wanted(s));
+    let network = ["connect", "rules", "inbound", "passdrop", "controlplane", "kernel", "keepalive"].iter().any(|s| wanted(s));
     if network {
         let t = Instant::now();
         let sb = sandbox::Sandbox::start(&bins, &params).context("building the bench sandbox")?;
@@ -247,8 +248,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ("passdrop", scenarios::passdrop),
             ("rules", scenarios::rules),
             ("kernel", kernel::kernel),
+            ("keepalive", keepalive::keepalive),
         ] {
             if !wanted(name) {
+                continue;
+            }
+            // nginx and wrk are not part of the smoke test's machinery.
+            if name == "keepalive" && params.profile == "smoke" {
                 continue;
             }
             let t = Instant::now();

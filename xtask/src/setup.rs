@@ -13,6 +13,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("iptables", "iptables-restore"),
     ("iproute2", "ip"),
+    ("nginx", "nginx"),
+    ("wrk", "wrk"),
 ];
 
 pub fn is_root() -> bool {

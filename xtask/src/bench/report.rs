@@ -113,9 +113,12 @@ pub fn table_for(name: &str, v: &Value) -> String {
         "controlplane" => controlplane_table(v),
         "micro" => micro_table(v),
         "kernel" => kernel_table(s),
+        "keepalive" => format!("{}\n{}", table(s, &KEEPALIVE_METRICS), ratios(s, &KEEPALIVE_METRICS)),
         _ => String::new(),
     }
 }
+
+const KEEPALIVE_METRICS: [(&str, &str); 3] = [("rps", "req/s"), ("p50_us", "p50 µs"), ("p99_us", "p99 µs")];
 
 const KERNEL_METRICS: [(&str, &str); 3] =
     [("runs_per_conn", "runs per connection"), ("ns_per_run", "ns per run"), ("ns_per_conn", "ns per connection")];
@@ -354,6 +357,17 @@ pub fn headlines(r: &Value) -> String {
             }
         }
     }
+    if let Some(s) = sc.get("keepalive").map(|v| &v["summary"]) {
+        for case in cases(s) {
+            let g = |mode: &str, k: &str| med(s, &case, mode, k);
+            let _ = writeln!(
+                h,
+                "- **Keepalive, {case}** (HAProxy HTTP mode → nginx, wrk): sidecap {} req/s vs iptables {} (×{}), p99 {} vs {} µs; direct {} req/s.",
+                f(g("sidecap", "rps")), f(g("iptables", "rps")), x(g("sidecap", "rps"), g("iptables", "rps")),
+                f(g("sidecap", "p99_us")), f(g("iptables", "p99_us")), f(g("direct", "rps"))
+            );
+        }
+    }
     if let Some(v) = sc.get("controlplane") {
         let a = &v["agent"];
         let _ = writeln!(
@@ -476,6 +490,13 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         "kernel",
         "7. Kernel time per connection",
         "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup (as every host process is under a node-wide attach).\n*floor*: the captured case again with `r0 = 1; exit` programs attached beside sidecap's on\nsockops, connect4 and getsockopt, and only theirs counted: what running any program on those\nhooks costs here (dispatch and the accounting's own two clock reads), against which the\nrest is what sidecap's programs do. Per-run averages are much less sensitive to other load\non the machine than rates are.",
+        &[],
+    );
+    section(
+        &mut d,
+        "keepalive",
+        "8. Keepalive",
+        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B and\n4 KiB), through HAProxy in HTTP mode (`option http-keep-alive`, `http-reuse always`,\n`option transparent`) for iptables and sidecap; direct is wrk to nginx itself. Connections\nare set up once, so sidecap's programs hardly run; with iptables every packet of the\napp↔proxy leg and of the proxy's upstream leg goes through conntrack and NAT.",
         &[],
     );
     d
