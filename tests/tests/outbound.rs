@@ -273,15 +273,18 @@ fn sixty_four_concurrent_captured_connections_under_churn_each_get_their_own_ori
     let log = hp.wait_log_lines(192, Duration::from_secs(10));
     assert_eq!(log.iter().filter(|e| e.frontend_name == "outbound").count(), 192, "{log:?}");
     assert!(log.iter().all(|e| e.frontend == e.server && !e.is_unresolved_reject()), "{log:?}");
-    // Each entry moved to HAProxy's socket when it asked: the tuple map is left empty.
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(m.pins.path().join("maps/ORIG_DST"))
-        .output()
-        .expect("bpftool");
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    let left: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    assert!(left.is_empty(), "ORIG_DST entries left behind: {left:?}");
+    // Each entry goes when HAProxy's socket closes: nothing is left once all have.
+    let dump = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(m.pins.path().join("maps/ORIG_DST"))
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool json")
+    };
+    let emptied = util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || dump().is_empty().then_some(()));
+    assert!(emptied.is_some(), "ORIG_DST entries left behind: {:?}", dump());
     let v = inspect(m.pins.path());
     assert_eq!(v[0]["counters"]["captured"], 192, "{v:#}");
 }
