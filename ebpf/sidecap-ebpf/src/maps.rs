@@ -11,9 +11,6 @@ use sidecap_common::{
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
-/// Per-CPU LRU lists: an insert takes no lock shared by all CPUs (entries are still found
-/// and removed from any CPU).
-const NO_COMMON_LRU: usize = aya_ebpf::bindings::BPF_F_NO_COMMON_LRU as usize;
 
 /// netns cookie → the pod's configuration. Absent: not a meshed pod, hands off.
 #[btf_map]
@@ -37,11 +34,11 @@ pub static IN_PORTS: HashMap<InPortKey, InPortRule, 262144, NO_PREALLOC> = HashM
 
 /// Socket cookie → original destination, from connect until the connection is established.
 #[btf_map]
-pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, 65536, NO_COMMON_LRU> = LruHashMap::new();
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
 
 /// (netns, client tuple) → original destination, while the proxy's connection lives.
 #[btf_map]
-pub static ORIG_DST: LruHashMap<TupleKey, OrigDst, 65536, NO_COMMON_LRU> = LruHashMap::new();
+pub static ORIG_DST: LruHashMap<TupleKey, OrigDst, 65536> = LruHashMap::new();
 
 /// netns cookie → per-CPU counters (the agent creates the entry with the pod).
 #[btf_map]
