@@ -241,3 +241,49 @@ fn sigterm_leaves_capture_in_place_and_uninstall_removes_everything() {
     assert_eq!(hp.log_lines().len(), 1, "{:?}", hp.log_lines());
     let _ = &m.mesh;
 }
+
+#[test]
+fn sixty_four_concurrent_captured_connections_under_churn_each_get_their_own_original_destination() {
+    require_root!();
+    let m = mesh(&["a"], &[]);
+    let a = m.topo.pod("a");
+    let targets = [sa(SVC, 80), sa(SVC2, 80), sa(SVC, 8082)];
+    let _ups: Vec<Upstream> = targets.iter().map(|t| Upstream::start(m.topo.services(), *t).expect("upstream")).collect();
+    let hp = Haproxy::start(a, HaproxyConfig { maxconn: 256, ..HaproxyConfig::default() }).expect("haproxy");
+
+    // 64 connections established together (each held before it sends), three waves: the
+    // original destinations of many live connections sit side by side, and every wave's
+    // come and go (storage on sockets created and freed, tuple entries moved).
+    let opts = ConnectOpts { send: Some("x".into()), hold_ms: Some(300), timeout_ms: Some(8000), ..Default::default() };
+    let p = probe();
+    for wave in 0..3 {
+        let running: Vec<(Spawned, String)> = (0..64)
+            .map(|i| {
+                let t = targets[(i + wave) % targets.len()].to_string();
+                (p.start_connect(a, Creds::APP, &t, &opts), t)
+            })
+            .collect();
+        for (mut s, t) in running {
+            let r = p.finish_connect(&mut s, &t, &opts);
+            assert!(r.ok, "wave {wave}, {t}: {r:?}\nagent log:\n{}", m.agent.log());
+            assert_eq!(r.banner(), format!("upstream {t}"), "wave {wave}: reached another destination: {r:?}");
+        }
+    }
+    let log = hp.wait_log_lines(192, Duration::from_secs(10));
+    assert_eq!(log.iter().filter(|e| e.frontend_name == "outbound").count(), 192, "{log:?}");
+    assert!(log.iter().all(|e| e.frontend == e.server && !e.is_unresolved_reject()), "{log:?}");
+    // Each entry goes when HAProxy's socket closes: nothing is left once all have.
+    let dump = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(m.pins.path().join("maps/ORIG_DST"))
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool json")
+    };
+    let emptied = util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || dump().is_empty().then_some(()));
+    assert!(emptied.is_some(), "ORIG_DST entries left behind: {:?}", dump());
+    let v = inspect(m.pins.path());
+    assert_eq!(v[0]["counters"]["captured"], 192, "{v:#}");
+}

@@ -14,10 +14,13 @@
 //!             (`--allow-any capture`, i.e. everything in range is captured like istio-init)
 //!
 //! Scenarios: connect (outbound capture through a proxy), rules (exclusion scaling),
-//! inbound, passthrough/drop, control plane, policy micro-benchmarks. See docs/benchmarks.md.
+//! inbound, passthrough/drop, control plane, policy micro-benchmarks, kernel time per connection
+//! (bpf_stats), keepalive (HAProxy HTTP mode to nginx, wrk). See docs/benchmarks.md.
 
 mod cluster;
 mod controlplane;
+mod keepalive;
+mod kernel;
 mod micro;
 mod report;
 mod sandbox;
@@ -51,7 +54,7 @@ pub struct BenchArgs {
     /// Also (re)write docs/benchmarks.md and docs/bench/*.svg (default for a full run).
     #[arg(long)]
     pub docs: bool,
-    /// Run only these scenarios (connect, rules, inbound, passdrop, controlplane, micro).
+    /// Run only these scenarios (connect, rules, inbound, passdrop, controlplane, micro, kernel, keepalive).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Measure nothing: render the report (and with --docs, docs/) from this results.json.
@@ -158,10 +161,13 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(v["target_directory"].as_str().context("no target_directory")?))
 }
 
-fn build_release() -> anyhow::Result<()> {
+fn build_release(controlplane: bool) -> anyhow::Result<()> {
     let mut c = crate::cargo();
     c.args(["build", "--release", "-p", "sidecap", "-p", "sidecap-tests", "--bins"]);
     crate::status(c, "cargo build --release")?;
+    if !controlplane {
+        return Ok(());
+    }
     let mut c = crate::cargo();
     c.args(["build", "--release", "-p", "sidecap", "--example", "bench_controlplane"]);
     crate::status(c, "cargo build --release --example bench_controlplane")?;
@@ -191,12 +197,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Params::full()
     };
     let target = target_dir()?;
+    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let bins = match &args.bin_dir {
         Some(d) => Bins::in_dir(d),
         None => {
             let t = Instant::now();
-            build_release()?;
-            if params.criterion {
+            build_release(wanted("controlplane"))?;
+            if params.criterion && wanted("micro") {
                 micro::build()?;
             }
             eprintln!("xtask bench: built in {:.0} s", t.elapsed().as_secs_f64());
@@ -204,13 +211,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     for b in [&bins.sidecap, &bins.sc_load, &bins.sc_forward, &bins.controlplane] {
+        if *b == bins.controlplane && !wanted("controlplane") {
+            continue;
+        }
         if !b.is_file() {
             bail!("{} is missing (build it, or pass --bin-dir)", b.display());
         }
     }
     let out = args.out.clone().unwrap_or_else(|| target.join("bench"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
 
     let started = Instant::now();
     let mut results = json!({
@@ -224,7 +233,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(results)?).with_context(|| format!("writing {}", path.display()))
     };
 
-    let network = ["connect", "rules", "inbound", "passdrop", "controlplane"].iter().any(|s| wanted(s));
+    let network = ["connect", "rules", "inbound", "passdrop", "controlplane", "kernel", "keepalive"].iter().any(|s| wanted(s));
     if network {
         let t = Instant::now();
         let sb = sandbox::Sandbox::start(&bins, &params).context("building the bench sandbox")?;
@@ -235,8 +244,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ("inbound", scenarios::inbound),
             ("passdrop", scenarios::passdrop),
             ("rules", scenarios::rules),
+            ("kernel", kernel::kernel),
+            ("keepalive", keepalive::keepalive),
         ] {
             if !wanted(name) {
+                continue;
+            }
+            // nginx and wrk are not part of the smoke test's machinery.
+            if name == "keepalive" && params.profile == "smoke" {
                 continue;
             }
             let t = Instant::now();

@@ -19,6 +19,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
     // `promtool check metrics` lints a live agent's /metrics (tests/tests/operate.rs).
     ("prometheus", "promtool"),
+    // The bench's keepalive scenario: wrk → HAProxy (HTTP mode) → nginx.
+    ("nginx", "nginx"),
+    ("wrk", "wrk"),
 ];
 
 pub fn is_root() -> bool {

@@ -1,6 +1,6 @@
 //! Smoke test of `cargo xtask bench`: the whole machinery (sandbox, iptables rules from the
 //! golden, the real agent, sc-forward and HAProxy, every data-path scenario and the control
-//! plane) with tiny counts, on the debug binaries `cargo xtask test` builds. About 15 s.
+//! plane, kernel time per connection) with tiny counts, on the debug binaries `cargo xtask test` builds. About 15 s.
 //! The numbers are meaningless here; that every path carries traffic is what is checked.
 
 use std::{
@@ -28,6 +28,7 @@ fn bench_smoke_runs_every_scenario() {
         eprintln!("SKIP bench smoke: sidecap, sc-load, sc-forward or bench_controlplane not built (run `cargo xtask test`)");
         return;
     };
+    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").expect("bpf_stats_enabled");
     let out = std::env::temp_dir().join(format!("sidecap-bench-smoke-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["bench", "--smoke", "--bin-dir"])
@@ -79,4 +80,17 @@ fn bench_smoke_runs_every_scenario() {
     assert!(dm["service_ms"]["median"].as_f64().is_some(), "an added Service reached every pod: {cp:#}");
     assert_eq!(dm["rule_sets"], 1, "default-mesh pods share one rule set: {cp:#}");
     assert!(stdout.contains("sidecap/iptables"), "tables on stdout: {stdout}");
+    // Kernel cost: every case measured some program time; the sysctl is back as it was.
+    let kernel = sc["kernel"]["summary"].as_array().unwrap_or_else(|| panic!("no kernel summary: {r:#}"));
+    for case in ["captured", "passthrough", "unmeshed", "floor"] {
+        let total = kernel
+            .iter()
+            .find(|s| s["case"] == case && s["mode"] == "total")
+            .unwrap_or_else(|| panic!("no {case} total: {kernel:?}"));
+        assert!(total["metrics"]["ns_per_conn"]["median"].as_f64().unwrap_or(0.0) > 0.0, "{case}: {total}");
+    }
+    assert!(kernel.iter().any(|s| s["case"] == "captured" && s["mode"] == "getsockopt"), "the proxy's SO_ORIGINAL_DST ran: {kernel:?}");
+    assert!(kernel.iter().any(|s| s["case"] == "floor" && s["mode"] == "empty sockops"), "{kernel:?}");
+    let stats_after = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").expect("bpf_stats_enabled");
+    assert_eq!(stats_before, stats_after, "kernel.bpf_stats_enabled restored");
 }

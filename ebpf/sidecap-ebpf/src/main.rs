@@ -14,6 +14,9 @@ mod origdst;
 mod outbound;
 
 use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
@@ -28,15 +31,49 @@ pub fn sidecap_connect6(ctx: SockAddrContext) -> i32 {
     connect::connect6(&ctx)
 }
 
+/// Runs for every TCP event of every socket in the cgroup: the ops below are ours, the rest
+/// leave after one load. The only callback flag ever set is STATE_CB, on the proxy's
+/// sockets that carry a captured connection (no RTT, retransmit or header-option ops).
 #[sock_ops]
 pub fn sidecap_sockops(ctx: SockOpsContext) -> u32 {
-    inbound::on_listen(&ctx);
-    origdst::sockops(&ctx)
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => origdst::on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => origdst::on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => origdst::on_state(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => inbound::on_listen(&ctx),
+        _ => {}
+    }
+    1
 }
 
 #[sk_lookup]
 pub fn sidecap_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // Loopback is never a pod's address: the captured connect to the proxy itself (and
+    // any other loopback connection in the pod) leaves before the address lookup.
+    if to_loopback(&ctx) {
+        return SK_PASS;
+    }
     inbound::sk_lookup(&ctx)
+}
+
+const SK_PASS: u32 = 1;
+
+#[inline(always)]
+fn to_loopback(ctx: &SkLookupContext) -> bool {
+    let l = ctx.lookup;
+    // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; fields are read by value,
+    // the IPv6 words one by one, as the verifier requires.
+    unsafe {
+        match (*l).family {
+            2 => (*l).local_ip4.to_ne_bytes()[0] == 127,
+            10 => {
+                let a = &(*l).local_ip6;
+                let w = |i: usize| core::ptr::read_volatile(&a[i]);
+                addr::is_loopback(&[w(0), w(1), w(2), w(3)])
+            }
+            _ => false,
+        }
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -3,10 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
-    },
+    bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockOpsContext, SockoptContext},
 };
@@ -27,7 +24,7 @@ const PAGE_SIZE: i32 = 4096;
 
 #[inline(always)]
 unsafe fn rd(p: &u32) -> u32 {
-    // SAFETY: p is a reference: valid and aligned for reads (volatile keeps the 4-byte context load the verifier wants).
+    // SAFETY: p is a reference into the context, valid and aligned for a u32 read.
     unsafe { core::ptr::read_volatile(p) }
 }
 
@@ -37,7 +34,7 @@ fn sockops_tuple(ctx: &SockOpsContext) -> Option<(Addr, u16, Addr, u16)> {
     let ops = ctx.ops;
     let (local, remote) = match ctx.family() {
         AF_INET => (addr::from_v4(ctx.local_ip4()), addr::from_v4(ctx.remote_ip4())),
-        // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this call; the verifier checks every field access.
+        // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this run; its fields are read by value.
         AF_INET6 => unsafe {
             let l = &(*ops).local_ip6;
             let r = &(*ops).remote_ip6;
@@ -54,51 +51,61 @@ fn key(netns: u64, local: Addr, lport: u16, remote: Addr, rport: u16) -> TupleKe
     TupleKey { netns, local: addr::to_bytes(&local), remote: addr::to_bytes(&remote), local_port: lport, remote_port: rport, _pad: 0 }
 }
 
-pub fn sockops(ctx: &SockOpsContext) -> u32 {
-    let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
-        return 1;
+/// sockops ACTIVE_ESTABLISHED_CB, the app's side. Runs before its final ACK leaves, hence
+/// before the proxy can accept and ask. A captured connect always goes to localhost
+/// (127.0.0.1, ::1 or ::ffff:127.0.0.1): any other socket leaves without a lookup.
+pub fn on_active_established(ctx: &SockOpsContext) {
+    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
+    if !addr::is_localhost(&remote) {
+        return;
     }
-    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return 1 };
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(cookie) else { return };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let od: OrigDst = unsafe { *od };
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    match op {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // The app's captured socket: runs before its final ACK leaves, hence before
-            // the proxy can accept and ask.
-            // SAFETY: the helper reads this program's own context, as the kernel passed it.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(cookie) {
-                // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
-                let od: OrigDst = unsafe { *od };
-                let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
-                let _ = ORIG_DST_BY_COOKIE.remove(cookie);
-            }
-        }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // The proxy's accepted socket: its close ends the entry's use.
-            if ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)).is_some() {
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            }
-        }
-        _ => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ORIG_DST.remove(key(netns, remote, rport, local, lport));
-            }
-        }
+    let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+}
+
+/// sockops PASSIVE_ESTABLISHED_CB, the proxy's accepted socket (on localhost, as above):
+/// when it carries a captured connection, its close ends the entry's use, so it asks for
+/// state callbacks; no other socket ever does.
+pub fn on_passive_established(ctx: &SockOpsContext) {
+    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
+    if !addr::is_localhost(&local) {
+        return;
     }
-    1
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)).is_some() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+/// sockops STATE_CB: only the proxy's flagged sockets; only their close matters.
+pub fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let _ = ORIG_DST.remove(key(netns, remote, rport, local, lport));
 }
 
 pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     let so = ctx.sockopt;
-    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
-    let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
-    let ours = optname == SO_ORIGINAL_DST && (level == SOL_IP || level == SOL_IPV6);
-    if !ours {
+    // Every getsockopt of every socket in the cgroup comes here: two loads decide.
+    // SAFETY: so is the kernel's bpf_sockopt for this call; the verifier checks every field access.
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    if (level != SOL_IP && level != SOL_IPV6) || optname != SO_ORIGINAL_DST {
         // Untouched; past a page the kernel wants optlen 0 to hand back its own buffer.
-        if optlen > PAGE_SIZE {
-            // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
+        // SAFETY: so is the kernel's bpf_sockopt for this call; the verifier checks every field access.
+        if unsafe { (*so).optlen } > PAGE_SIZE {
+            // SAFETY: so is the kernel's bpf_sockopt for this call; the verifier checks every field access.
             unsafe { (*so).optlen = 0 };
         }
         return 1;
@@ -110,7 +117,7 @@ pub fn getsockopt(ctx: &SockoptContext) -> i32 {
 #[inline(always)]
 fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
     let so = ctx.sockopt;
-    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
+    // SAFETY: so is the kernel's bpf_sockopt for this call; its sk is checked for null before any field is read.
     let (local, lport, remote, rport) = unsafe {
         let sk = (*so).__bindgen_anon_1.sk;
         if sk.is_null() {
@@ -138,7 +145,7 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
         // own addresses was addressed to exactly that address.
         None => inbound_local(netns, &local, lport)?,
     };
-    // SAFETY: so is this call's bpf_sockopt, all that write_sockaddr needs.
+    // SAFETY: so is the kernel's bpf_sockopt for this call; write_sockaddr checks optval's bounds before writing.
     unsafe { write_sockaddr(so, &od, v6) }
 }
 
@@ -163,9 +170,9 @@ fn inbound_local(netns: u64, local: &Addr, lport: u16) -> Option<OrigDst> {
 /// Writes sockaddr_in (16 bytes) or sockaddr_in6 (28 bytes) into optval.
 #[inline(always)]
 unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, od: &OrigDst, v6: bool) -> Option<()> {
-    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
+    // SAFETY: so is the kernel's bpf_sockopt for this call; the verifier checks every field access.
     let start = unsafe { (*so).__bindgen_anon_2.optval } as *mut u8;
-    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
+    // SAFETY: so is the kernel's bpf_sockopt for this call; the verifier checks every field access.
     let end = unsafe { (*so).__bindgen_anon_3.optval_end } as *mut u8;
     let a = addr::from_bytes(&od.addr);
     let port_be = od.port.to_be();
@@ -173,12 +180,12 @@ unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, od: &OrigDst,
         if !addr::is_v4_mapped(&a) {
             return None;
         }
-        // SAFETY: only compared with end: the bounds check the verifier requires before the writes below.
+        // SAFETY: address arithmetic only; the result is compared with optval_end before anything is accessed.
         if unsafe { start.add(16) } > end {
             return None;
         }
         let p = start as *mut u32;
-        // SAFETY: start + 16 <= end was checked above, so every write is inside the optval buffer.
+        // SAFETY: the bounds check just above keeps these writes inside [optval, optval_end).
         unsafe {
             // sin_family (host order u16) + sin_port (network order u16)
             *p = (AF_INET & 0xffff) | ((port_be as u32) << 16);
@@ -188,12 +195,12 @@ unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, od: &OrigDst,
             (*so).optlen = 16;
         }
     } else {
-        // SAFETY: only compared with end: the bounds check the verifier requires before the writes below.
+        // SAFETY: address arithmetic only; the result is compared with optval_end before anything is accessed.
         if unsafe { start.add(28) } > end {
             return None;
         }
         let p = start as *mut u32;
-        // SAFETY: start + 28 <= end was checked above, so every write is inside the optval buffer.
+        // SAFETY: the bounds check just above keeps these writes inside [optval, optval_end).
         unsafe {
             *p = (AF_INET6 & 0xffff) | ((port_be as u32) << 16);
             *p.add(1) = 0; // sin6_flowinfo
@@ -205,7 +212,7 @@ unsafe fn write_sockaddr(so: *mut aya_ebpf::bindings::bpf_sockopt, od: &OrigDst,
             (*so).optlen = 28;
         }
     }
-    // SAFETY: so is the kernel's bpf_sockopt for this call (its sk checked for null before use); the verifier checks every field access.
+    // SAFETY: so is the kernel's bpf_sockopt for this call; the verifier checks every field access.
     unsafe { (*so).retval = 0 };
     Some(())
 }

@@ -120,8 +120,36 @@ pub fn table_for(name: &str, v: &Value) -> String {
         ),
         "controlplane" => controlplane_table(v),
         "micro" => micro_table(v),
+        "kernel" => kernel_table(s),
+        "keepalive" => format!("{}\n{}", table(s, &KEEPALIVE_METRICS), ratios(s, &KEEPALIVE_METRICS)),
         _ => String::new(),
     }
+}
+
+const KEEPALIVE_METRICS: [(&str, &str); 3] = [("rps", "req/s"), ("p50_us", "p50 µs"), ("p99_us", "p99 µs")];
+
+const KERNEL_METRICS: [(&str, &str); 3] =
+    [("runs_per_conn", "runs per connection"), ("ns_per_run", "ns per run"), ("ns_per_conn", "ns per connection")];
+
+/// Kernel cost: one row per (case, program), programs that did not run left out.
+fn kernel_table(summary: &Value) -> String {
+    let mut t = String::from("| case | program |");
+    for (_, label) in KERNEL_METRICS {
+        let _ = write!(t, " {label} |");
+    }
+    t.push_str("\n|---|---|");
+    t.push_str(&"---:|".repeat(KERNEL_METRICS.len()));
+    t.push('\n');
+    for s in summary.as_array().into_iter().flatten() {
+        let prog = s["mode"].as_str().unwrap_or("");
+        let bold = |x: String| if prog == "total" { format!("**{x}**") } else { x };
+        let _ = write!(t, "| {} | {} |", s["case"].as_str().unwrap_or(""), bold(prog.to_string()));
+        for (k, _) in KERNEL_METRICS {
+            let _ = write!(t, " {} |", bold(cell(&s["metrics"][k])));
+        }
+        t.push('\n');
+    }
+    t
 }
 
 fn ms(v: &Value) -> String {
@@ -349,6 +377,48 @@ pub fn headlines(r: &Value) -> String {
             x(g("drop", "sidecap", "ttfb_p50_us"), g("drop", "iptables", "ttfb_p50_us"))
         );
     }
+    if let Some(s) = sc.get("kernel").map(|v| &v["summary"]) {
+        let g = |case: &str| med(s, case, "total", "ns_per_conn");
+        let _ = writeln!(
+            h,
+            "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, a socket of an unmeshed process in the attached cgroup {} ns; empty programs on sockops, connect4 and getsockopt cost {} ns per captured connection.",
+            f(g("captured")),
+            f(g("passthrough")),
+            f(g("unmeshed")),
+            f(g("floor"))
+        );
+        // The same path with istio-init's rules: their netfilter cost shows only as latency.
+        if let Some(c) = sc.get("connect").map(|v| &v["summary"]) {
+            let case = "sc-forward c=1";
+            let t = |mode: &str| med(c, case, mode, "ttfb_p50_us");
+            if let (Some(i), Some(d), Some(sd)) = (t("iptables"), t("direct"), t("sidecap")) {
+                let _ = writeln!(
+                    h,
+                    "- **Side by side ({case}, first byte p50)**: iptables {} µs, sidecap {} µs, direct {} µs: istio-init's rules add {} µs over sidecap's on the same proxied path, where sidecap's programs spend {} µs of kernel time per connection.",
+                    num(i),
+                    num(sd),
+                    num(d),
+                    num(i - sd),
+                    g("captured").map(|ns| num(ns / 1000.0)).unwrap_or_else(|| "–".into())
+                );
+            }
+        }
+    }
+    if let Some(s) = sc.get("keepalive").map(|v| &v["summary"]) {
+        for case in cases(s) {
+            let g = |mode: &str, k: &str| med(s, &case, mode, k);
+            let _ = writeln!(
+                h,
+                "- **Keepalive, {case}** (HAProxy HTTP mode → nginx, wrk): sidecap {} req/s vs iptables {} (×{}), p99 {} vs {} µs; direct {} req/s.",
+                f(g("sidecap", "rps")),
+                f(g("iptables", "rps")),
+                x(g("sidecap", "rps"), g("iptables", "rps")),
+                f(g("sidecap", "p99_us")),
+                f(g("iptables", "p99_us")),
+                f(g("direct", "rps"))
+            );
+        }
+    }
     if let Some(v) = sc.get("controlplane") {
         let a = &v["agent"];
         let _ = writeln!(
@@ -486,6 +556,20 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         d.push_str(&table_for("micro", v));
         let _ = writeln!(d, "\n({:.0} s)\n", v["seconds"].as_f64().unwrap_or(0.0));
     }
+    section(
+        &mut d,
+        "kernel",
+        "7. Kernel time per connection",
+        "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup (as every host process is under a node-wide attach).\n*floor*: the captured case again with `r0 = 1; exit` programs attached beside sidecap's on\nsockops, connect4 and getsockopt, and only theirs counted: what running any program on those\nhooks costs here (dispatch and the accounting's own two clock reads), against which the\nrest is what sidecap's programs do. Per-run averages are much less sensitive to other load\non the machine than rates are.",
+        &[],
+    );
+    section(
+        &mut d,
+        "keepalive",
+        "8. Keepalive",
+        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B and\n4 KiB), through HAProxy in HTTP mode (`option http-keep-alive`, `http-reuse always`,\n`option transparent`) for iptables and sidecap; direct is wrk to nginx itself. Connections\nare set up once, so sidecap's programs hardly run; with iptables every packet of the\napp↔proxy leg and of the proxy's upstream leg goes through conntrack and NAT.",
+        &[],
+    );
     d
 }
 
@@ -517,5 +601,22 @@ mod tests {
         assert!(md.contains("| N=1 captured | 0.75 | 1.50 |"), "{md}");
         assert!(md.contains("[rules.svg]"));
         assert_eq!(plots(&r).len(), 1);
+    }
+
+    #[test]
+    fn kernel_section_lists_programs_per_case() {
+        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
+        let row = |case: &str, prog: &str, ns: f64| json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(1.0), "ns_per_run": spread(ns), "ns_per_conn": spread(ns)}});
+        let summary = json!([row("captured", "connect4", 900.0), row("captured", "total", 1500.0), row("unmeshed", "total", 80.0)]);
+        let r = json!({"command": "cargo xtask bench", "params": {}, "machine": {},
+            "scenarios": {"kernel": {"summary": summary, "seconds": 1.0}}});
+        let md = markdown(&r, &|n| format!("[{n}]\n"));
+        assert!(md.contains("## 7. Kernel time per connection"), "{md}");
+        assert!(md.contains("| captured | connect4 | 1.00 | 900 | 900 |"), "{md}");
+        assert!(md.contains("| unmeshed | **total** | **1.00** | **80.0** | **80.0** |"), "{md}");
+        assert!(
+            md.contains("captured 1500 ns, passthrough – ns, a socket of an unmeshed process in the attached cgroup 80.0 ns; empty"),
+            "{md}"
+        );
     }
 }

@@ -64,6 +64,8 @@ impl Mode {
 pub enum Proxy {
     Forward,
     Haproxy,
+    /// HAProxy in HTTP mode, keeping server connections alive (keepalive scenario).
+    HaproxyHttp,
 }
 
 impl Proxy {
@@ -71,6 +73,7 @@ impl Proxy {
         match self {
             Proxy::Forward => "sc-forward",
             Proxy::Haproxy => "haproxy",
+            Proxy::HaproxyHttp => "haproxy-http",
         }
     }
 }
@@ -251,9 +254,9 @@ impl Sandbox {
                     wait_listening(&mut p, "sc-forward")?;
                     p
                 }
-                Proxy::Haproxy => {
+                Proxy::Haproxy | Proxy::HaproxyHttp => {
                     let cfg = self.scratch.path().join("haproxy.cfg");
-                    std::fs::write(&cfg, haproxy_config())?;
+                    std::fs::write(&cfg, if proxy == Proxy::Haproxy { haproxy_config() } else { haproxy_http_config() })?;
                     let cfg = cfg.display().to_string();
                     sidecap_tests::util::run("haproxy", &["-c", "-q", "-f", &cfg]).context("haproxy -c")?;
                     let mut p = spawn_in(pod, Creds::PROXY.uid, Creds::PROXY.gid, command(Path::new("haproxy"), &["-db", "-f", &cfg]))?;
@@ -309,6 +312,58 @@ impl Sandbox {
         }
         let out = p.stdout();
         serde_json::from_str(out.lines().last().unwrap_or("")).map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
+    }
+
+    /// Exactly `count` connections, one at a time, from an `sc-load` in `netns_pod`'s netns
+    /// and `cgroup_pod`'s cgroup (the same pod, or an unmeshed process in a meshed pod's
+    /// cgroup); returns its JSON.
+    pub fn load_count(&mut self, netns_pod: &str, cgroup_pod: &str, target: SocketAddr, count: u64) -> anyhow::Result<Value> {
+        self.check_alive()?;
+        let (netns, cgroup) = (self.topo.pod(netns_pod).netns(), self.topo.pod(cgroup_pod).cgroup());
+        let args = [
+            "run".to_string(),
+            target.to_string(),
+            "--max-count".into(),
+            count.to_string(),
+            "--warmup-ms".into(),
+            "0".into(),
+            "--duration-ms".into(),
+            "120000".into(),
+            "--timeout-ms".into(),
+            "2000".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = spawn_with(netns, cgroup, Creds::APP, command(&self.bins.sc_load, &args))?;
+        let limit = Duration::from_secs(135);
+        if p.wait_timeout(limit)?.is_none() {
+            p.kill();
+            bail!("sc-load in {netns_pod} did not finish within {limit:?}");
+        }
+        let out = p.stdout();
+        serde_json::from_str(out.lines().last().unwrap_or("")).map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
+    }
+
+    /// Runs `program args` in the pod of `mode` as the app user, for at most `limit`;
+    /// returns its stdout.
+    pub fn run_in(&mut self, mode: Mode, program: &str, args: &[&str], limit: Duration) -> anyhow::Result<String> {
+        self.check_alive()?;
+        let pod = self.topo.pod(mode.pod());
+        let mut p = spawn_in(pod, Creds::APP.uid, Creds::APP.gid, command(Path::new(program), args))?;
+        if p.wait_timeout(limit)?.is_none() {
+            p.kill();
+            bail!("{program} in {} did not finish within {limit:?}", pod.name());
+        }
+        Ok(p.stdout())
+    }
+
+    /// Starts `program args` in the services netns as root (an upstream server); it is
+    /// killed when the returned handle drops.
+    pub fn spawn_upstream(&self, program: &str, args: &[&str]) -> anyhow::Result<Spawned> {
+        Ok(spawn_with(self.topo.services(), &self._svc_cgroup, Creds::ROOT, command(Path::new(program), args))?)
+    }
+
+    pub fn scratch(&self) -> &Path {
+        self.scratch.path()
     }
 
     /// Fails when a long-running process of the sandbox has died.
@@ -424,6 +479,42 @@ backend outbound_dst
 frontend inbound
     bind 0.0.0.0:15006
     tcp-request content reject if { dst_port 15006 }
+    default_backend inbound_dst
+
+backend inbound_dst
+    option transparent
+    source 127.0.0.6
+"
+    .to_string()
+}
+
+/// HAProxy as an HTTP sidecar (as Envoy is one): persistent client connections, server
+/// connections kept and reused, no per-request logging.
+fn haproxy_http_config() -> String {
+    "global
+    nbthread 1
+    maxconn 1000
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+
+frontend outbound
+    bind 127.0.0.1:15001
+    http-request reject if { dst_port 15001 }
+    default_backend outbound_dst
+
+backend outbound_dst
+    option transparent
+
+frontend inbound
+    bind 0.0.0.0:15006
+    http-request reject if { dst_port 15006 }
     default_backend inbound_dst
 
 backend inbound_dst
