@@ -18,19 +18,7 @@ fn cni(command: &str, pod: &str, netns: &str, socket: &std::path::Path, prev_ips
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=u-{pod}");
     // One container per pod, as a runtime has it.
     let id = format!("ctr-{pod}");
-    cni_call(command, &[("CNI_CONTAINERID", &id), ("CNI_NETNS", netns), ("CNI_ARGS", &args)], &conf(socket, prev_ips))
-}
-
-/// The network configuration a runtime hands the plugin (with the primary's result).
-fn conf(socket: &std::path::Path, prev_ips: &[&str]) -> serde_json::Value {
-    let ips: Vec<serde_json::Value> = prev_ips.iter().map(|ip| serde_json::json!({"address": ip})).collect();
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "type": "sidecap-cni",
-        "socketPath": socket,
-        "prevResult": {"cniVersion": "1.0.0", "ips": ips},
-    })
+    cni_call(command, &[("CNI_CONTAINERID", &id), ("CNI_NETNS", netns), ("CNI_ARGS", &args)], &cni::conf(socket, prev_ips))
 }
 
 /// One plugin call with exactly these CNI_* variables (besides CNI_COMMAND, CNI_IFNAME, CNI_PATH).
@@ -60,7 +48,8 @@ fn cni_call(command: &str, env: &[(&str, &str)], conf: &serde_json::Value) -> (i
 /// A Kubernetes runtime's call for container `id` of pod `default/<pod>`.
 fn kube_call(command: &str, pod: &str, id: &str, netns: &str, socket: &std::path::Path, prev_ips: &[&str]) -> (i32, serde_json::Value) {
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={id}");
-    let (code, out, _) = cni_call(command, &[("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_ARGS", &args)], &conf(socket, prev_ips));
+    let (code, out, _) =
+        cni_call(command, &[("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_ARGS", &args)], &cni::conf(socket, prev_ips));
     (code, out)
 }
 
@@ -139,17 +128,17 @@ fn cni_add_fails_the_pod_when_the_agent_is_unreachable() {
     // Tear-down must not be blocked by a missing agent.
     assert_eq!(cni("DEL", "a", "/run/netns/none", &socket, &[]).0, 0);
     // CNI 1.1 STATUS: "plugin not available" while the agent is unreachable; CHECK fails.
-    let (code, out, _) = cni_call("STATUS", &[], &conf(&socket, &[]));
+    let (code, out, _) = cni_call("STATUS", &[], &cni::conf(&socket, &[]));
     assert_eq!((code, out["code"].as_u64()), (1, Some(50)), "{out}");
     let (code, out, _) = cni("CHECK", "a", "/run/netns/none", &socket, &[]);
     assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
     // A configuration version the plugin does not speak: code 1 ("incompatible CNI version").
-    let mut old = conf(&socket, &[]);
+    let mut old = cni::conf(&socket, &[]);
     old["cniVersion"] = "0.2.0".into();
     let (code, out, _) = cni_call("ADD", &[("CNI_CONTAINERID", "x"), ("CNI_ARGS", "K8S_POD_NAMESPACE=d;K8S_POD_NAME=a")], &old);
     assert_eq!((code, out["code"].as_u64()), (1, Some(1)), "{out}");
     // A runtime without K8S_POD_NAMESPACE and no podNamespace configured: refused, naming the flag.
-    let (code, out, _) = cni_call("ADD", &[("CNI_CONTAINERID", "x"), ("CNI_ARGS", "K8S_POD_NAME=a")], &conf(&socket, &[]));
+    let (code, out, _) = cni_call("ADD", &[("CNI_CONTAINERID", "x"), ("CNI_ARGS", "K8S_POD_NAME=a")], &cni::conf(&socket, &[]));
     assert_eq!(code, 1, "{out}");
     assert!(out["msg"].as_str().unwrap().contains("--pod-namespace"), "{out}");
 }
@@ -230,7 +219,7 @@ fn cni_calls_are_keyed_by_container_id_as_the_spec_says() {
     assert!(out["msg"].as_str().unwrap().contains("map PODS has no entry for netns"), "{out}");
 
     // STATUS: the agent is there.
-    let (code, out, _) = cni_call("STATUS", &[], &conf(&socket, &[]));
+    let (code, out, _) = cni_call("STATUS", &[], &cni::conf(&socket, &[]));
     assert_eq!(code, 0, "{out}");
 
     // A restarted agent still knows the containers the plugin reported (kept beside the
@@ -242,7 +231,7 @@ fn cni_calls_are_keyed_by_container_id_as_the_spec_says() {
     connect(3);
 
     // GC (CNI 1.1): only ctr-a1 is still attached to this network; b's container goes.
-    let mut gc = conf(&socket, &[]);
+    let mut gc = cni::conf(&socket, &[]);
     gc["cniVersion"] = "1.1.0".into();
     gc["cni.dev/valid-attachments"] = serde_json::json!([{"containerID": "ctr-a1", "ifname": "eth0"}]);
     let (code, out, _) = cni_call("GC", &[], &gc);
@@ -252,12 +241,12 @@ fn cni_calls_are_keyed_by_container_id_as_the_spec_says() {
 
     // DEL keyed by the container id alone: CNI_ARGS without the pod fields, exit 0, capture gone.
     let (code, out, _) =
-        cni_call("DEL", &[("CNI_CONTAINERID", "ctr-a1"), ("CNI_NETNS", &a_ns), ("CNI_ARGS", "IgnoreUnknown=1")], &conf(&socket, &[]));
+        cni_call("DEL", &[("CNI_CONTAINERID", "ctr-a1"), ("CNI_NETNS", &a_ns), ("CNI_ARGS", "IgnoreUnknown=1")], &cni::conf(&socket, &[]));
     assert_eq!((code, out), (0, serde_json::Value::Null));
     wait_until("pod a's capture removed", Duration::from_secs(10), || pods_in(&pins).is_empty());
     // Nothing at all: no CNI_ARGS, no container id, no configuration. Still exit 0.
     assert_eq!(cni_call("DEL", &[], &serde_json::Value::Null).0, 0);
-    assert_eq!(cni_call("DEL", &[("CNI_CONTAINERID", "ctr-x")], &conf(&socket, &[])).0, 0);
+    assert_eq!(cni_call("DEL", &[("CNI_CONTAINERID", "ctr-x")], &cni::conf(&socket, &[])).0, 0);
     // A DEL's unknown container id is fine too; a second DEL of the same one as well.
     assert_eq!(kube_call("DEL", "a", "ctr-a1", "", &socket, &[]).0, 0);
     agent.assert_running();

@@ -3,41 +3,9 @@
 //! the agent logs it and counts it, and nothing of the pod is in the kernel. The unit tests
 //! are policy/tests/fidelity.rs; the differential test skips these golden cases for this.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{io::Write, time::Duration};
 
 use sidecap_tests::{fixture::SVC, *};
-
-/// `sidecap-cni ADD` for `pod` as a container runtime runs it; (exit code, stdout JSON).
-fn cni_add(pod: &str, netns: &str, socket: &std::path::Path, ip: &str) -> (i32, serde_json::Value) {
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "sidecap-cni", "socketPath": socket,
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": ip}]},
-    });
-    let mut child = Command::new(sidecap_bin().with_file_name("sidecap-cni"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("fidelity-{pod}"))
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=u-{pod}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sidecap-cni (built with the agent)");
-    let _ = child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes());
-    let out = child.wait_with_output().expect("sidecap-cni output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v = if text.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-    };
-    (out.status.code().unwrap_or(-1), v)
-}
 
 /// A meshed pod as the API server has it before its sandbox exists.
 fn pod_yaml(name: &str, annotations: &str, env: &str) -> String {
@@ -69,7 +37,8 @@ fn unimplemented_capture_modes_fail_the_pods_cni_add_naming_the_setting() {
     ];
     for (name, why) in cases {
         let pod = topo.pod(name);
-        let (code, out) = cni_add(name, &pod.netns().path().display().to_string(), &socket, &format!("{}/24", pod.ipv4()));
+        let ip = format!("{}/24", pod.ipv4());
+        let (code, out) = cni::kube("ADD", "default", name, &format!("fidelity-{name}"), &pod.netns().path(), &socket, &[&ip]);
         assert_eq!(code, 1, "{name}: {out}\nagent log:\n{}", agent.log());
         let msg = out["msg"].as_str().unwrap_or_default();
         assert!(msg.contains(&format!("default/{name}")) && msg.contains(why), "{name}: {out}");

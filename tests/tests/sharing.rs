@@ -5,8 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -123,29 +122,6 @@ fn default_mesh_pods_share_one_rule_set_until_the_last_one_leaves() {
     assert_eq!(policies(pins.path())[&cookie("d")], p[&cookie("d")]);
 }
 
-/// Runs `sidecap-cni ADD` as a runtime would; (exit code, stdout JSON).
-fn cni_add(pod: &str, netns: &std::path::Path, socket: &std::path::Path) -> (i32, serde_json::Value) {
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "sidecap-cni", "socketPath": socket,
-        "prevResult": {"cniVersion": "1.0.0", "ips": []},
-    });
-    let mut child = Command::new(sidecap_bin().with_file_name("sidecap-cni"))
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("ctr-{pod}"))
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=u-{pod}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sidecap-cni");
-    let _ = child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes());
-    let out = child.wait_with_output().expect("sidecap-cni output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    (out.status.code().unwrap_or(-1), serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
-}
-
 #[test]
 fn a_rule_set_that_does_not_fit_is_refused_and_fails_the_new_pods_cni_add() {
     require_root!();
@@ -175,7 +151,7 @@ fn a_rule_set_that_does_not_fit_is_refused_and_fails_the_new_pods_cni_add() {
         "pod-b.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: b\n  namespace: default\n  annotations:\n    sidecar.istio.io/status: '{\"containers\":[\"istio-proxy\"]}'\n    traffic.sidecar.istio.io/excludeOutboundPorts: \"9999\"\nspec:\n  containers:\n  - name: app\n  - name: istio-proxy\n",
     );
-    let (code, out) = cni_add("b", &b.netns().path(), &socket);
+    let (code, out) = cni::kube("ADD", "default", "b", "ctr-b", &b.netns().path(), &socket, &[]);
     assert_ne!(code, 0, "the pod must not start uncaptured: {out}\n{}", agent.log());
     let msg = out["msg"].as_str().unwrap_or_default().to_string() + out["details"].as_str().unwrap_or_default();
     for part in ["default/b", "OUT_LISTENERS", "3 entries", "1 of 4 free", "--max-listeners"] {
