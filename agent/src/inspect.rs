@@ -221,7 +221,7 @@ pub fn explain_live(bpffs: &Path, pod: &str, to: &[std::net::SocketAddr], inboun
         let a = if i.capture { "capture" } else { "passthrough" };
         decisions.push(serde_json::json!({"inbound": port, "action": a, "reason": inbound_reason(&i.step, *port)}));
     }
-    let mut listeners: Vec<&String> = g.listener_names.iter().filter(|n| !n.is_empty()).collect();
+    let mut listeners: Vec<&String> = g.listener_names.values().filter(|n| !n.is_empty()).collect();
     listeners.sort();
     listeners.dedup();
     Ok(serde_json::json!({
@@ -273,7 +273,7 @@ fn outbound_reason(g: &datapath::Generation, c: &Connect, o: &Outbound) -> Strin
         OutboundStep::ExcludedCidr => format!("{ip} is in an excluded outbound range"),
         OutboundStep::OutOfRange => format!("{ip} is outside the included outbound ranges"),
         OutboundStep::Listener { id } => {
-            let name = g.listener_names.get(id as usize).cloned().unwrap_or_else(|| format!("#{id}"));
+            let name = g.listener_names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
             let udp = c.proto == sidecap_common::proto::UDP && !matches!(o.verdict, Verdict::Drop { .. });
             if udp { format!("listener {name}, but UDP is never redirected to the proxy") } else { format!("listener {name}") }
         }

@@ -27,8 +27,9 @@ pub struct Generation {
     pub out_cidrs: BTreeMap<(u32, CidrKey), CidrRule>,
     pub listeners: BTreeMap<(u32, ListenerKey), ListenerRule>,
     pub in_ports: BTreeMap<InPortKey, InPortRule>,
-    /// listener_id → Envoy listener name (`10.96.0.10_53`).
-    pub listener_names: Vec<String>,
+    /// listener_id → Envoy listener name (`10.96.0.10_53`). Ids are derived from the name
+    /// (`listener_id`), so a Service added or removed changes only its own map entries.
+    pub listener_names: BTreeMap<u32, String>,
 }
 
 /// Entries per map of a rule set (what it needs of each map's capacity).
@@ -75,7 +76,7 @@ impl Generation {
             out_cidrs: self.out_cidrs.clone(),
             listeners: BTreeMap::new(),
             in_ports: self.in_ports.clone(),
-            listener_names: Vec::new(),
+            listener_names: BTreeMap::new(),
         }
     }
 
@@ -99,6 +100,21 @@ pub fn with_ips(template: &PodConfig, ips: &[std::net::IpAddr]) -> PodConfig {
     }
     c.n_ips = n;
     c
+}
+
+/// A listener's id: FNV-1a of its name (31 bits), the next free one on a collision. Stable
+/// across generations, unlike a position in the list: a Service added to a rule set shared by
+/// the default mesh rewrites its own entries in place, not every entry sorted after it.
+fn listener_id(name: &str, taken: &BTreeMap<u32, String>) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let mut id = h & 0x7fff_ffff;
+    while taken.contains_key(&id) {
+        id = (id + 1) & 0x7fff_ffff;
+    }
+    id
 }
 
 pub fn compile(p: &PodPolicy, policy_id: u32, generation: u32) -> Generation {
@@ -142,13 +158,14 @@ pub fn compile(p: &PodPolicy, policy_id: u32, generation: u32) -> Generation {
         g.out_cidrs.entry(cidr_key(pol, &space)).or_default();
     }
 
-    for (id, l) in p.listeners.iter().enumerate() {
-        g.listener_names.push(l.name.clone());
+    for l in &p.listeners {
+        let id = listener_id(&l.name, &g.listener_names);
+        g.listener_names.insert(id, l.name.clone());
         let act = match l.action {
             ListenerAction::Capture => action::CAPTURE,
             ListenerAction::Passthrough => action::PASSTHROUGH,
         };
-        let rule = ListenerRule { action: act, _pad: [0; 3], listener_id: u32::try_from(id).unwrap_or(u32::MAX) };
+        let rule = ListenerRule { action: act, _pad: [0; 3], listener_id: id };
         let mut put = |len: u32, addr: [u8; 16]| {
             let key = ListenerKey { policy: pol, port: l.port.to_be_bytes(), proto: proto::TCP, _pad: 0, addr };
             match g.listeners.get(&(len, key)) {

@@ -26,14 +26,15 @@ fn registry_only_generation() {
     assert_eq!((g.pod.proxy_uid, g.pod.proxy_gid, g.pod.outbound_port, g.pod.inbound_port), (1337, 1337, 15001, 15006));
     assert_eq!(g.pod.n_ips, 1);
     assert_eq!(g.pod.ips[0], sidecap_common::addr::v4_mapped([10, 244, 1, 10]));
-    assert_eq!(g.listener_names, vec!["0.0.0.0_8080".to_string()]);
+    assert_eq!(g.listener_names.values().cloned().collect::<Vec<_>>(), vec!["0.0.0.0_8080".to_string()]);
     let ((len, key), rule) = g.listeners.iter().next().unwrap_or_else(|| panic!("one listener entry"));
     assert_eq!(*len, LISTENER_FIXED_BITS, "wildcard listener: only the fixed part");
     assert_eq!(key.policy, [1, 2, 3, 4], "policy big-endian");
     assert_eq!(key.port, [0x1f, 0x90], "8080 big-endian");
     assert_eq!(key.proto, proto::TCP);
     assert_eq!(key.addr, [0; 16]);
-    assert_eq!((rule.action, rule.listener_id), (action::CAPTURE, 0));
+    assert_eq!(rule.action, action::CAPTURE);
+    assert_eq!(g.listener_names.get(&rule.listener_id).map(String::as_str), Some("0.0.0.0_8080"), "the entry names its listener");
     // 15020 excluded outbound for TCP and UDP (istio-cni default).
     assert_eq!(g.out_ports.len(), 2);
     assert!(g.out_ports.iter().all(|(k, r)| k.port == 15020 && r.flags == port_flags::EXCLUDED));
@@ -49,8 +50,13 @@ fn vip_listener_key_is_a_v4_mapped_host_prefix() {
     let c = load(&[testdata("seed-cluster")]);
     let p = policy(&c, "default/client");
     let g = compile(&p, 1, 1);
-    let id = g.listener_names.iter().position(|n| n == "10.96.0.10_53").unwrap_or_else(|| panic!("kube-dns listener"));
-    let entry = g.listeners.iter().find(|(_, r)| r.listener_id as usize == id).unwrap_or_else(|| panic!("entry for {id}"));
+    let id = g
+        .listener_names
+        .iter()
+        .find(|(_, n)| *n == "10.96.0.10_53")
+        .map(|(id, _)| *id)
+        .unwrap_or_else(|| panic!("kube-dns listener"));
+    let entry = g.listeners.iter().find(|(_, r)| r.listener_id == id).unwrap_or_else(|| panic!("entry for {id}"));
     let ((len, key), _) = entry;
     assert_eq!(*len, LISTENER_FIXED_BITS + 96 + 32);
     assert_eq!(key.port, 53u16.to_be_bytes());

@@ -214,3 +214,28 @@ spec: {hosts: [api.example.com], ports: [{number: 8443, name: tls, protocol: TLS
     assert_eq!(rules("dup1"), rules("shop"));
     assert_ne!(key("locked"), key("shop"), "a Sidecar keeps the namespace in the key");
 }
+
+#[test]
+fn an_added_service_changes_only_its_own_listener_entries() {
+    // Listener ids come from listener names, not positions: in a shared default-mesh set, a
+    // new Service is written in place as its own entries, not as every entry sorted after it.
+    let pods = pod("shop", "a", "app: web", "", &["10.244.0.1"]);
+    let added = "
+---
+apiVersion: v1
+kind: Service
+metadata: {name: aaa-first, namespace: other}
+spec: {clusterIP: 10.96.0.1, ports: [{name: tcp-x, port: 7000}]}
+";
+    let g = |extra: &str| {
+        let c = load_with(&[], &format!("{pods}{REST}{extra}"));
+        let reg = registry::build(&c);
+        compile(&evaluate_in(&c, &reg, &"shop/a".parse().unwrap(), &EngineOptions::default()).unwrap(), 0, 0)
+    };
+    let (before, after) = (g(""), g(added));
+    let changed: Vec<_> = after.listeners.iter().filter(|(k, v)| before.listeners.get(k) != Some(v)).collect();
+    let removed = before.listeners.keys().filter(|k| !after.listeners.contains_key(k)).count();
+    assert_eq!((changed.len(), removed), (1, 0), "one new entry, nothing else rewritten: {changed:?}");
+    assert_eq!(after.listener_names.get(&changed[0].1.listener_id).map(String::as_str), Some("10.96.0.1_7000"));
+    assert!(before.differs_in_listeners_only(&after));
+}

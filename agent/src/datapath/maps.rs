@@ -247,11 +247,8 @@ impl Maps {
             let (k, v) = kv.map_err(e(abi::OUT_LISTENERS.name))?;
             let d = k.data();
             let g = out.entry(u32::from_be_bytes(d.policy)).or_default();
-            let i = v.listener_id as usize;
-            if g.listener_names.len() <= i {
-                g.listener_names.resize(i + 1, String::new());
-            }
-            g.listener_names[i] = crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr);
+            g.listener_names
+                .insert(v.listener_id, crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr));
             g.listeners.insert((k.prefix_len(), ListenerKey { policy: [0; 4], ..d }), v);
         }
         Ok(out)
@@ -392,11 +389,8 @@ impl Maps {
             if u32::from_be_bytes(d.policy) != id {
                 continue;
             }
-            let i = v.listener_id as usize;
-            if g.listener_names.len() <= i {
-                g.listener_names.resize(i + 1, String::new());
-            }
-            g.listener_names[i] = crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr);
+            g.listener_names
+                .insert(v.listener_id, crate::inspect::listener_short_name(k.prefix_len(), u16::from_be_bytes(d.port), d.addr));
             g.listeners.insert((k.prefix_len(), d), v);
         }
         Ok(Some(g))
