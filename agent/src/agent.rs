@@ -3,6 +3,7 @@
 
 mod inputs;
 mod order;
+mod pod_error;
 mod rulesets;
 mod sync;
 
@@ -94,18 +95,19 @@ fn with_cni_pods(
 
 /// Replies to plugin calls whose pod is now set up (or can't be).
 fn answer_cni(state: &mut LoopState, cluster: &sidecap_policy::Cluster, syncer: &Syncer, wait: Duration) {
-    let meshed: std::collections::HashSet<String> = cluster.meshed_pods().iter().map(ToString::to_string).collect();
+    let meshed: std::collections::HashSet<sidecap_policy::PodRef> = cluster.meshed_pods().into_iter().collect();
     state.cni_waiting.retain(|(req, reply, since)| {
         let pod = req.pod();
-        let known = cluster.pods.iter().any(|p| format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name) == pod);
-        let answer = if known && !meshed.contains(&pod) {
+        // The plugin sends `namespace/name`; a pod the source does not have is not known.
+        let known = pod.parse::<sidecap_policy::PodRef>().ok().filter(|r| cluster.pod(r).is_some());
+        let answer = if known.as_ref().is_some_and(|r| !meshed.contains(r)) {
             Some(cni::Reply { ok: true, message: format!("{pod} is not meshed; nothing to capture") })
-        } else if let Some(e) = syncer.capacity_error(&pod).filter(|_| known) {
+        } else if let Some(e) = known.as_ref().and_then(|r| syncer.capacity_error(r)) {
             // Refused even when captured whole meanwhile: the pod must not start without its rules.
             Some(cni::Reply { ok: false, message: format!("{pod}: {e}") })
-        } else if known && syncer.is_managed(&pod) {
+        } else if known.as_ref().is_some_and(|r| syncer.is_managed(r)) {
             Some(cni::Reply { ok: true, message: format!("{pod} captured") })
-        } else if let Some(e) = syncer.pod_error(&pod).filter(|_| known) {
+        } else if let Some(e) = known.as_ref().and_then(|r| syncer.pod_error(r)) {
             Some(cni::Reply { ok: false, message: format!("{pod}: {e}") })
         } else if since.elapsed() >= wait {
             Some(cni::Reply { ok: false, message: format!("{pod} not known to the agent's source after {}s", wait.as_secs()) })
@@ -144,7 +146,8 @@ fn check_cni(state: &LoopState, syncer: &mut Syncer, req: &cni::Request) -> Resu
     if !cluster.meshed_pods().iter().any(|p| p.to_string() == *pod) {
         return Ok(format!("{pod} is not meshed; nothing to capture"));
     }
-    syncer.check_capture(pod, &a.netns)?;
+    let pod_ref: sidecap_policy::PodRef = pod.parse().map_err(|e| format!("{pod}: {e}"))?;
+    syncer.check_capture(&pod_ref, &a.netns)?;
     Ok(format!("{pod} captured"))
 }
 

@@ -12,7 +12,11 @@ use aya::maps::{Map, MapData, RingBuf};
 use sidecap_common::{DropEvent, PodConfig, abi, drop_reason};
 use sidecap_policy::{Cluster, EntryCounts, Generation, PodRef, ScopeKey, Scopes};
 
-use super::{Config, Error, rulesets::RuleSets};
+use super::{
+    Config, Error,
+    pod_error::{Meanwhile, PodError, Shortfall},
+    rulesets::RuleSets,
+};
 use crate::{
     datapath,
     metrics::{ErrorLabels, MapLabels, Metrics, PodNames},
@@ -43,7 +47,7 @@ struct Want {
 }
 
 /// One scope's evaluation, shared by its pods within a pass.
-type Evaluated = Result<(Arc<Generation>, u64, Option<String>), String>;
+type Evaluated = Result<(Arc<Generation>, u64, Option<String>), PodError>;
 
 pub struct Syncer {
     cfg: Config,
@@ -52,9 +56,9 @@ pub struct Syncer {
     managed: BTreeMap<u64, Managed>,
     sets: RuleSets,
     /// Last message logged per pod, so a persistent problem is logged once, not every pass.
-    pod_errors: BTreeMap<String, String>,
+    pod_errors: BTreeMap<PodRef, PodError>,
     /// Pods refused because their rule set does not fit (also in `pod_errors`).
-    capacity_errors: BTreeMap<String, String>,
+    capacity_errors: BTreeMap<PodRef, PodError>,
     drop_log: RateLimit,
     metrics: Metrics,
     names: PodNames,
@@ -90,20 +94,17 @@ fn same_config(a: &PodConfig, b: &PodConfig) -> bool {
     PodConfig { generation: 0, ..*a } == PodConfig { generation: 0, ..*b }
 }
 
-/// "needs N entries of MAP; F of M free" when `need` does not fit, per map.
-fn does_not_fit(need: EntryCounts, used: EntryCounts, cap: &datapath::Capacity) -> Option<String> {
+/// The first map `need` does not fit in, given what is `used` of its capacity.
+fn does_not_fit(need: EntryCounts, used: EntryCounts, cap: &datapath::Capacity) -> Option<Shortfall> {
     let maps = [
         (abi::OUT_LISTENERS.name, "--max-listeners", need.listeners, used.listeners, cap.listeners),
         (abi::OUT_PORTS.name, "--max-rules", need.out_ports, used.out_ports, cap.out_ports),
         (abi::OUT_CIDRS.name, "--max-rules", need.out_cidrs, used.out_cidrs, cap.out_cidrs),
         (abi::IN_PORTS.name, "--max-rules", need.in_ports, used.in_ports, cap.in_ports),
     ];
-    maps.into_iter().find(|(_, _, need, used, max)| used + need > *max).map(|(map, flag, need, used, max)| {
-        format!(
-            "rule set needs {need} entries of map {map}, which has {} of {max} free ({flag}); never written in part",
-            max.saturating_sub(used)
-        )
-    })
+    maps.into_iter()
+        .find(|(_, _, need, used, max)| used + need > *max)
+        .map(|(map, flag, need, used, max)| Shortfall { map, flag, need, free: max.saturating_sub(used), max })
 }
 
 impl Syncer {
@@ -174,7 +175,8 @@ impl Syncer {
             let cookie = match self.cookies.cookie(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    if self.note_pod_error(&pod_ref, &e.to_string()) {
+                    let e = PodError::from(e);
+                    if self.note_pod_error(&pod_ref, &e) {
                         tracing::warn!(pod = %pod_ref, error = %e, "pod netns not usable yet");
                     }
                     report.errors += 1;
@@ -189,7 +191,7 @@ impl Syncer {
             let registry = registry.get_or_init(|| sidecap_policy::registry::build(cluster));
             let scopes = scopes.get_or_init(|| Scopes::new(registry));
             let evaluate = || -> Evaluated {
-                let policy = sidecap_policy::evaluate_in(cluster, registry, &pod_ref, &self.cfg.engine).map_err(|e| e.to_string())?;
+                let policy = sidecap_policy::evaluate_in(cluster, registry, &pod_ref, &self.cfg.engine)?;
                 let rules = sidecap_policy::compile(&policy, 0, 0);
                 let hash = rules.rules_hash();
                 Ok((Arc::new(rules), hash, policy.sidecar))
@@ -217,8 +219,8 @@ impl Syncer {
             let pod = w.pod.clone();
             match self.switch_pod(w, &mut report) {
                 Ok(()) => {
-                    self.pod_errors.remove(&pod.to_string());
-                    self.capacity_errors.remove(&pod.to_string());
+                    self.pod_errors.remove(&pod);
+                    self.capacity_errors.remove(&pod);
                 }
                 Err(e) => {
                     if self.note_pod_error(&pod, &e) {
@@ -230,7 +232,7 @@ impl Syncer {
         }
         self.remove_gone(&seen, &mut report);
         self.cookies.retain(&seen);
-        let live: HashSet<String> = cluster.meshed_pods().iter().map(ToString::to_string).collect();
+        let live: HashSet<PodRef> = cluster.meshed_pods().into_iter().collect();
         self.capacity_errors.retain(|p, _| live.contains(p));
         self.pod_errors.retain(|p, _| live.contains(p));
         self.publish(&report);
@@ -267,9 +269,10 @@ impl Syncer {
             let new = first.rules.clone();
             let added = new.listeners.keys().filter(|k| !old.listeners.contains_key(k)).count();
             let need = EntryCounts { listeners: added, ..EntryCounts::default() };
-            if let Some(why) = does_not_fit(need, self.sets.used(), self.maps.capacity()) {
+            if let Some(shortfall) = does_not_fit(need, self.sets.used(), self.maps.capacity()) {
                 for i in &idx {
-                    self.refuse_for_capacity(&wants[*i].pod, &why, abi::OUT_LISTENERS.name);
+                    let e = PodError::Capacity { shortfall: shortfall.clone(), meanwhile: Meanwhile::PreviousPolicy };
+                    self.refuse_for_capacity(&wants[*i].pod, &e, abi::OUT_LISTENERS.name);
                     done[*i] = true;
                     report.errors += 1;
                 }
@@ -283,8 +286,8 @@ impl Syncer {
                         if let Some(m) = self.managed.get_mut(&wants[*i].netns) {
                             m.inputs = wants[*i].inputs;
                         }
-                        self.pod_errors.remove(&wants[*i].pod.to_string());
-                        self.capacity_errors.remove(&wants[*i].pod.to_string());
+                        self.pod_errors.remove(&wants[*i].pod);
+                        self.capacity_errors.remove(&wants[*i].pod);
                     }
                     report.updated_in_place += 1;
                     tracing::info!(policy = id, pods = idx.len(), entries = changed, "rule set updated in place");
@@ -305,22 +308,22 @@ impl Syncer {
 
     /// Points the pod at the rule set with its content, writing the set first when the kernel
     /// has none like it. The pod's previous set stays in force on any error.
-    fn switch_pod(&mut self, w: Want, report: &mut SyncReport) -> Result<(), String> {
+    fn switch_pod(&mut self, w: Want, report: &mut SyncReport) -> Result<(), PodError> {
         let current = self.managed.get(&w.netns).filter(|m| m.pod == w.pod).map(|m| m.config);
         let (target, written) = match self.sets.find(w.hash) {
             Some(id) => (id, false),
             None => {
-                if let Some(why) = does_not_fit(w.rules.entry_counts(), self.sets.used(), self.maps.capacity()) {
-                    self.refuse_for_capacity(&w.pod, &why, "rules");
-                    if current.is_none() {
-                        return Err(self.capture_whole(w, why, report));
-                    }
-                    return Err(format!("{why}; the previous policy stays in force"));
+                if let Some(shortfall) = does_not_fit(w.rules.entry_counts(), self.sets.used(), self.maps.capacity()) {
+                    let pod = w.pod.clone();
+                    let meanwhile = if current.is_none() { self.capture_whole(w, report) } else { Meanwhile::PreviousPolicy };
+                    let e = PodError::Capacity { shortfall, meanwhile };
+                    self.refuse_for_capacity(&pod, &e, "rules");
+                    return Err(e);
                 }
                 let id = self.sets.fresh_id();
                 if let Err(e) = self.maps.write_set(id, &w.rules) {
                     self.maps.remove_set(id, &w.rules);
-                    return Err(e.to_string());
+                    return Err(e.into());
                 }
                 self.sets.insert(id, w.hash, w.rules.clone());
                 report.sets_written += 1;
@@ -337,10 +340,10 @@ impl Syncer {
             }
         }
         if current.is_none() && !self.managed.contains_key(&w.netns) && self.managed.len() >= self.maps.capacity().pods {
-            let why = format!("the node already has {} meshed pods, the size of map PODS (--max-pods); not captured", self.managed.len());
-            self.refuse_for_capacity(&w.pod, &why, abi::PODS.name);
+            let e = PodError::PodsFull { managed: self.managed.len() };
+            self.refuse_for_capacity(&w.pod, &e, abi::PODS.name);
             self.drop_if_unheld(target);
-            return Err(why);
+            return Err(e);
         }
         // Generations continue across agent restarts: the kernel remembers the last one.
         let last = current.map(|c| c.generation).or_else(|| self.maps.pod(w.netns).map(|c| c.generation));
@@ -349,7 +352,7 @@ impl Syncer {
             .maps
             .set_name(w.netns, &w.pod.to_string())
             .and_then(|()| self.maps.write_pod(w.netns, &config))
-            .map_err(|e| e.to_string());
+            .map_err(PodError::from);
         if let Err(e) = result {
             self.drop_if_unheld(target);
             return Err(e);
@@ -361,10 +364,10 @@ impl Syncer {
         report.written += 1;
         // Inbound capture needs the sk_lookup program linked into the pod's own netns, and an
         // IPv6 pod needs Envoy's inbound passthrough source ::6 on lo, as istio-iptables adds.
-        let linked = datapath::attach_pod_netns(&self.cfg.bpffs, w.netns, &w.path).map_err(|e| e.to_string())?;
+        let linked = datapath::attach_pod_netns(&self.cfg.bpffs, w.netns, &w.path)?;
         let v6 = config.ips[..usize::from(config.n_ips)].iter().any(|ip| !sidecap_common::addr::is_v4_mapped(ip));
         if linked && v6 {
-            netns::add_inbound_passthrough_v6(&w.path).map_err(|e| e.to_string())?;
+            netns::add_inbound_passthrough_v6(&w.path)?;
         }
         // A proxy that listened before this pod was written was never seen by sockops.
         if current.is_none() && config.inbound_port != 0 {
@@ -408,10 +411,10 @@ impl Syncer {
     /// it the set without listener entries and capture every other outbound connection
     /// (`Generation::capture_all`). The pod is still reported (its CNI ADD fails) and is
     /// re-evaluated every pass, so it gets its own rules as soon as they fit.
-    fn capture_whole(&mut self, w: Want, why: String, report: &mut SyncReport) -> String {
+    fn capture_whole(&mut self, w: Want, report: &mut SyncReport) -> Meanwhile {
         let rules = w.rules.capture_all();
         if does_not_fit(rules.entry_counts(), self.sets.used(), self.maps.capacity()).is_some() {
-            return format!("{why}; not captured at all: even its rules without listeners do not fit");
+            return Meanwhile::NotCaptured(None);
         }
         let hash = rules.rules_hash();
         let config = PodConfig { default_action: sidecap_common::action::CAPTURE, ..w.config };
@@ -420,11 +423,9 @@ impl Syncer {
         match self.switch_pod(degraded, report) {
             Ok(()) => {
                 tracing::warn!(pod = %pod, "rule set does not fit: every outbound connection of the pod goes to its proxy until it does");
-                format!(
-                    "{why}; meanwhile every outbound connection of the pod goes to its proxy (no direct passthrough, no immediate drop)"
-                )
+                Meanwhile::CapturedWhole
             }
-            Err(e) => format!("{why}; not captured at all: {e}"),
+            Err(e) => Meanwhile::NotCaptured(Some(Box::new(e))),
         }
     }
 
@@ -443,12 +444,12 @@ impl Syncer {
         }
     }
 
-    fn refuse_for_capacity(&mut self, pod: &PodRef, why: &str, map: &str) {
-        let key = pod.to_string();
-        if self.capacity_errors.get(&key).map(String::as_str) != Some(why) {
+    fn refuse_for_capacity(&mut self, pod: &PodRef, e: &PodError, map: &str) {
+        let new = self.capacity_errors.get(pod).is_none_or(|old| old.to_string() != e.to_string());
+        if new {
             self.metrics.capacity_refusals.get_or_create(&MapLabels { map: map.to_string() }).inc();
         }
-        self.capacity_errors.insert(key, why.to_string());
+        self.capacity_errors.insert(pod.clone(), e.clone());
     }
 
     /// Pods that left the source: stop capturing them. Also those a previous agent wrote.
@@ -514,13 +515,13 @@ impl Syncer {
     }
 
     /// True when `pod` (`namespace/name`) has its policy in the kernel.
-    pub fn is_managed(&self, pod: &str) -> bool {
-        self.managed.values().any(|m| m.pod.to_string() == pod)
+    pub fn is_managed(&self, pod: &PodRef) -> bool {
+        self.managed.values().any(|m| m.pod == *pod)
     }
 
     /// Whether `pod`'s capture at `netns` is what the agent wrote, read back from the kernel
     /// (not from memory: an entry deleted behind the agent's back is reported).
-    pub fn check_capture(&mut self, pod: &str, netns: &std::path::Path) -> Result<(), String> {
+    pub fn check_capture(&mut self, pod: &PodRef, netns: &std::path::Path) -> Result<(), String> {
         if let Some(e) = self.pod_errors.get(pod) {
             return Err(format!("{pod} not captured: {e}"));
         }
@@ -528,7 +529,7 @@ impl Syncer {
         let managed = self
             .managed
             .get(&cookie)
-            .filter(|m| m.pod.to_string() == pod)
+            .filter(|m| m.pod == *pod)
             .ok_or_else(|| format!("{pod}: the agent has no capture for netns {}", netns.display()))?;
         match self.maps.pod(cookie) {
             Some(c) if same_config(&c, &managed.config) => Ok(()),
@@ -538,13 +539,13 @@ impl Syncer {
     }
 
     /// The pod's current problem, if any (the reason its policy is not in the kernel).
-    pub fn pod_error(&self, pod: &str) -> Option<&str> {
-        self.pod_errors.get(pod).map(String::as_str)
+    pub fn pod_error(&self, pod: &PodRef) -> Option<&PodError> {
+        self.pod_errors.get(pod)
     }
 
     /// Why the pod's own rule set is not in force for lack of map capacity, if it is not.
-    pub fn capacity_error(&self, pod: &str) -> Option<&str> {
-        self.capacity_errors.get(pod).and(self.pod_errors.get(pod)).map(String::as_str)
+    pub fn capacity_error(&self, pod: &PodRef) -> Option<&PodError> {
+        self.capacity_errors.get(pod).and(self.pod_errors.get(pod))
     }
 
     /// Why the node is not ready for capture: pods refused because their rules do not fit.
@@ -555,8 +556,8 @@ impl Syncer {
     }
 
     /// Records a pod's problem; true when it is new (worth logging).
-    fn note_pod_error(&mut self, pod: &PodRef, msg: &str) -> bool {
-        self.pod_errors.insert(pod.to_string(), msg.to_string()).as_deref() != Some(msg)
+    fn note_pod_error(&mut self, pod: &PodRef, e: &PodError) -> bool {
+        self.pod_errors.insert(pod.clone(), e.clone()).is_none_or(|old| old.to_string() != e.to_string())
     }
 
     /// Deletes rules no pod references (left by a previous agent process).
