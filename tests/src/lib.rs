@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod rawprog;
 pub mod sockaddr;
 pub mod socklb;
 pub mod topology;

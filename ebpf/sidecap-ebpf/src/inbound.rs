@@ -73,6 +73,11 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
             _ => return None,
         }
     };
+    // Loopback is never a pod's address: the captured connect to the proxy itself (and any
+    // other loopback connection in the pod) leaves before the address lookup.
+    if addr::is_loopback(&local) {
+        return None;
+    }
     // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
     let netns = unsafe { *POD_ADDRS.get_ptr(addr::to_bytes(&local))? };
     // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.

@@ -48,32 +48,7 @@ pub fn sidecap_sockops(ctx: SockOpsContext) -> u32 {
 
 #[sk_lookup]
 pub fn sidecap_sk_lookup(ctx: SkLookupContext) -> u32 {
-    // Loopback is never a pod's address: the captured connect to the proxy itself (and
-    // any other loopback connection in the pod) leaves before the address lookup.
-    if to_loopback(&ctx) {
-        return SK_PASS;
-    }
     inbound::sk_lookup(&ctx)
-}
-
-const SK_PASS: u32 = 1;
-
-#[inline(always)]
-fn to_loopback(ctx: &SkLookupContext) -> bool {
-    let l = ctx.lookup;
-    // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; fields are read by value,
-    // the IPv6 words one by one, as the verifier requires.
-    unsafe {
-        match (*l).family {
-            2 => (*l).local_ip4.to_ne_bytes()[0] == 127,
-            10 => {
-                let a = &(*l).local_ip6;
-                let w = |i: usize| core::ptr::read_volatile(&a[i]);
-                addr::is_loopback(&[w(0), w(1), w(2), w(3)])
-            }
-            _ => false,
-        }
-    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
