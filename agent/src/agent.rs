@@ -73,9 +73,9 @@ fn spawn_source(mut source: Box<dyn Source>, poll: Duration, tx: mpsc::Sender<Ev
 /// `sidecap.io/netns` annotation) and, when the object has none yet, its IPs; None when the
 /// plugin told us nothing. A pod recreated under the same name is the newer container's.
 fn with_cni_pods(
-    pods: &[sidecap_policy::cluster::Loaded<sidecap_policy::model::Pod>],
+    pods: &[sidecap_policy::cluster::Shared<sidecap_policy::model::Pod>],
     cni: &cni::state::CniState,
-) -> Option<Vec<sidecap_policy::cluster::Loaded<sidecap_policy::model::Pod>>> {
+) -> Option<Vec<sidecap_policy::cluster::Shared<sidecap_policy::model::Pod>>> {
     if cni.is_empty() {
         return None;
     }
@@ -84,11 +84,14 @@ fn with_cni_pods(
     for p in &mut pods {
         let key = format!("{}/{}", p.obj.metadata.ns(), p.obj.metadata.name);
         let Some(cni::state::Attachment { netns, ips, .. }) = by_pod.get(key.as_str()) else { continue };
-        p.obj.metadata.annotations.insert(sidecap_policy::knobs::ANN_NETNS.to_string(), netns.display().to_string());
-        if p.obj.status.pod_ip.is_none() && p.obj.status.pod_ips.is_empty() {
-            p.obj.status.pod_ip = ips.first().map(ToString::to_string);
-            p.obj.status.pod_ips = ips.iter().map(|ip| sidecap_policy::model::pod::PodIp { ip: ip.to_string() }).collect();
-        }
+        p.modify(|pod| {
+            let pod = std::sync::Arc::make_mut(pod);
+            pod.metadata.annotations.insert(sidecap_policy::knobs::ANN_NETNS.to_string(), netns.display().to_string());
+            if pod.status.pod_ip.is_none() && pod.status.pod_ips.is_empty() {
+                pod.status.pod_ip = ips.first().map(ToString::to_string);
+                pod.status.pod_ips = ips.iter().map(|ip| sidecap_policy::model::pod::PodIp { ip: ip.to_string() }).collect();
+            }
+        });
     }
     Some(pods)
 }
@@ -463,6 +466,9 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 cluster.pods = p;
             }
             state.last_good = Some(cluster);
+            if fresh || report.changed() {
+                crate::memory::release_free();
+            }
         } else if !state.cni_waiting.is_empty() {
             // No snapshot yet: time out waiters that waited too long.
             let empty = sidecap_policy::Cluster::default();

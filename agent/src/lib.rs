@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cni;
 pub mod datapath;
 pub mod inspect;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod source;

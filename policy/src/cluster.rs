@@ -1,10 +1,12 @@
 //! Every object loaded from files, indexed for the policy engine.
 
+pub mod fingerprint;
 pub mod load;
 mod pod_ref;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use load::{LoadError, Loaded, Object, Source, load_documents, load_json, load_text};
 pub use pod_ref::{PodRef, PodRefError};
@@ -12,16 +14,19 @@ pub use pod_ref::{PodRef, PodRefError};
 use crate::model::mesh::ConfigMap;
 use crate::model::{EndpointSlice, MeshConfig, Namespace, Pod, Service, ServiceEntry, Sidecar};
 
+/// An object of a snapshot, shared with the source that read it.
+pub type Shared<T> = Loaded<Arc<T>>;
+
 /// The cluster as files describe it. Later definitions of the same kind/namespace/name replace
 /// earlier ones, as repeated `kubectl apply` would.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    pub sidecars: Vec<Loaded<Sidecar>>,
-    pub services: Vec<Loaded<Service>>,
-    pub endpoint_slices: Vec<Loaded<EndpointSlice>>,
-    pub service_entries: Vec<Loaded<ServiceEntry>>,
-    pub pods: Vec<Loaded<Pod>>,
-    pub namespaces: Vec<Loaded<Namespace>>,
+    pub sidecars: Vec<Shared<Sidecar>>,
+    pub services: Vec<Shared<Service>>,
+    pub endpoint_slices: Vec<Shared<EndpointSlice>>,
+    pub service_entries: Vec<Shared<ServiceEntry>>,
+    pub pods: Vec<Shared<Pod>>,
+    pub namespaces: Vec<Shared<Namespace>>,
     pub mesh: MeshConfig,
     /// Where the mesh config came from (None: Istio's defaults).
     pub mesh_source: Option<Source>,
@@ -71,33 +76,34 @@ impl Cluster {
         // (kind, key) → where it was first seen and its index in its list: replacing a
         // repeated object is a lookup, not a scan (10,000 Services must not be quadratic).
         let mut seen: HashMap<(&'static str, String), (Source, usize)> = HashMap::new();
-        for Loaded { obj, source } in objects {
+        for loaded in objects {
+            let (obj, loaded) = loaded.split();
             match obj {
                 Object::Sidecar(s) => {
                     let k = ("Sidecar", s.metadata.key());
-                    c.replaced.extend(upsert(&mut c.sidecars, &mut seen, k, Loaded { obj: s, source }));
+                    c.replaced.extend(upsert(&mut c.sidecars, &mut seen, k, loaded.with(s)));
                 }
                 Object::Service(s) => {
                     let k = ("Service", s.metadata.key());
-                    c.replaced.extend(upsert(&mut c.services, &mut seen, k, Loaded { obj: s, source }));
+                    c.replaced.extend(upsert(&mut c.services, &mut seen, k, loaded.with(s)));
                 }
                 Object::EndpointSlice(s) => {
                     let k = ("EndpointSlice", s.metadata.key());
-                    c.replaced.extend(upsert(&mut c.endpoint_slices, &mut seen, k, Loaded { obj: s, source }));
+                    c.replaced.extend(upsert(&mut c.endpoint_slices, &mut seen, k, loaded.with(s)));
                 }
                 Object::ServiceEntry(s) => {
                     let k = ("ServiceEntry", s.metadata.key());
-                    c.replaced.extend(upsert(&mut c.service_entries, &mut seen, k, Loaded { obj: s, source }));
+                    c.replaced.extend(upsert(&mut c.service_entries, &mut seen, k, loaded.with(s)));
                 }
                 Object::Pod(p) => {
                     let k = ("Pod", p.metadata.key());
-                    c.replaced.extend(upsert(&mut c.pods, &mut seen, k, Loaded { obj: p, source }));
+                    c.replaced.extend(upsert(&mut c.pods, &mut seen, k, loaded.with(p)));
                 }
                 Object::Namespace(n) => {
                     let k = ("Namespace", n.metadata.name.clone());
-                    c.replaced.extend(upsert(&mut c.namespaces, &mut seen, k, Loaded { obj: n, source }));
+                    c.replaced.extend(upsert(&mut c.namespaces, &mut seen, k, loaded.with(n)));
                 }
-                Object::ConfigMap(cm) => c.take_mesh_config(cm, source)?,
+                Object::ConfigMap(cm) => c.take_mesh_config(&cm, loaded.source)?,
                 Object::Other { .. } => {}
             }
         }
@@ -105,7 +111,7 @@ impl Cluster {
     }
 
     /// ConfigMap `istio` with a `mesh` key: the one in `istio-system` wins over others.
-    fn take_mesh_config(&mut self, cm: ConfigMap, source: Source) -> Result<(), LoadError> {
+    fn take_mesh_config(&mut self, cm: &ConfigMap, source: Source) -> Result<(), LoadError> {
         if cm.metadata.name != "istio" {
             return Ok(());
         }
@@ -129,11 +135,11 @@ impl Cluster {
     }
 
     pub fn pod(&self, r: &PodRef) -> Option<&Pod> {
-        self.pods.iter().map(|p| &p.obj).find(|p| p.metadata.ns() == r.namespace && p.metadata.name == r.name)
+        self.pods.iter().map(|p| &*p.obj).find(|p| p.metadata.ns() == r.namespace && p.metadata.name == r.name)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.iter().map(|n| &n.obj).find(|n| n.metadata.name == name)
+        self.namespaces.iter().map(|n| &*n.obj).find(|n| n.metadata.name == name)
     }
 }
 

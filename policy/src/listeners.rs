@@ -4,7 +4,7 @@
 //! follow the pod's IP family (pilot/pkg/model/service.go `GetAddressForProxy`,
 //! `GetExtraAddressesForProxy`; listener_address.go `wildCards`, `localHosts`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use serde::Serialize;
@@ -63,9 +63,38 @@ struct Entry {
     listener: OutboundListener,
     /// Entries from port-specific egress listeners can't be changed by the catch-all.
     locked: bool,
-    /// `listener.services` as a set: a wildcard listener (`0.0.0.0_80` for every HTTP
-    /// service on port 80) can collect thousands, and a linear search each time was quadratic.
-    services: HashSet<String>,
+    /// `listener.services` as a set once it has more than a few: a wildcard listener
+    /// (`0.0.0.0_80` for every HTTP service on port 80) can collect thousands, and a linear
+    /// search each time was quadratic; most listeners (a VIP's) have one service.
+    services: Option<HashSet<String>>,
+}
+
+/// Past this many services a listener's are looked up in a set, not searched.
+const SERVICES_SEARCHED: usize = 8;
+
+impl Entry {
+    /// Adds `origin` to the listener's services unless it is there.
+    fn add_service(&mut self, origin: &str) {
+        let l = &mut self.listener;
+        let new = match &mut self.services {
+            Some(set) => set.insert(origin.to_string()),
+            None => !l.services.iter().any(|s| s == origin),
+        };
+        if !new {
+            return;
+        }
+        l.services.push(origin.to_string());
+        if self.services.is_none() && l.services.len() > SERVICES_SEARCHED {
+            self.services = Some(l.services.iter().cloned().collect());
+        }
+    }
+}
+
+/// Listeners by (address, port), in the order they were first added.
+#[derive(Default)]
+struct Listeners {
+    index: HashMap<(String, u16), usize>,
+    entries: Vec<Entry>,
 }
 
 /// The pod's IP families (pkg/model/proxy.go `DiscoverIPMode`: all v4, all v6, else dual).
@@ -167,8 +196,7 @@ const LOCALHOST_V6: &str = "::1";
 const RESERVED_PORTS: [u16; 4] = [15001, 15006, 15021, 15090];
 
 pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
-    let mut map: BTreeMap<(String, u16), Entry> = BTreeMap::new();
-    let mut order: Vec<(String, u16)> = Vec::new();
+    let mut map = Listeners::default();
     for (egress, services) in &ctx.egress {
         let mut bind_to_port = ctx.interception_none;
         if let Some(e) = egress {
@@ -187,7 +215,7 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
         let action = if bind_to_port { ListenerAction::Passthrough } else { ListenerAction::Capture };
         let mode = ctx.ip_mode;
         let mut add = |bind: Option<&str>, port: &SvcPort, svc: &Imported<'_>, lock: bool| {
-            add_listener(&mut map, &mut order, mode, bind, port, svc, action, lock);
+            add_listener(&mut map, mode, bind, port, svc, action, lock);
         };
         match egress.and_then(|e| e.port.as_ref()) {
             Some(p) => {
@@ -204,11 +232,11 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
                 }
             }
             None => {
-                for e in map.values_mut() {
+                for e in &mut map.entries {
                     e.locked = true;
                 }
                 let mut add = |bind: Option<&str>, port: &SvcPort, svc: &Imported<'_>| {
-                    add_listener(&mut map, &mut order, mode, bind, port, svc, action, false);
+                    add_listener(&mut map, mode, bind, port, svc, action, false);
                 };
                 for s in services {
                     let saddress = service_addresses(s.svc, mode).0;
@@ -241,7 +269,7 @@ pub fn build(ctx: &BuildContext<'_>) -> Vec<OutboundListener> {
             }
         }
     }
-    order.into_iter().filter_map(|k| map.remove(&k)).map(|e| e.listener).collect()
+    map.entries.into_iter().map(|e| e.listener).collect()
 }
 
 /// context.go `conflictWithReservedListener`, against the pod's wildcard.
@@ -255,8 +283,7 @@ fn conflicts_with_reserved(mode: IpMode, bind: Option<&str>, port: &SvcPort) -> 
 
 #[allow(clippy::too_many_arguments)]
 fn add_listener(
-    map: &mut BTreeMap<(String, u16), Entry>,
-    order: &mut Vec<(String, u16)>,
+    map: &mut Listeners,
     mode: IpMode,
     bind: Option<&str>,
     port: &SvcPort,
@@ -291,10 +318,11 @@ fn add_listener(
     };
     // A passthrough (bound) listener owns its port for every destination.
     let any = any || action == ListenerAction::Passthrough;
-    let key = (address.clone(), port.port);
-    let origin = svc.svc.origin.clone();
-    match map.get_mut(&key) {
-        Some(e) => {
+    let origin = svc.svc.origin.as_str();
+    let key = (address, port.port);
+    match map.index.get(&key) {
+        Some(&i) => {
+            let e = &mut map.entries[i];
             if e.locked && !lock {
                 return;
             }
@@ -305,28 +333,24 @@ fn add_listener(
                     l.prefixes.push(p);
                 }
             }
-            if e.services.insert(origin.clone()) {
-                l.services.push(origin);
-            }
+            e.add_service(origin);
         }
         None => {
-            order.push(key.clone());
-            map.insert(
-                key,
-                Entry {
-                    listener: OutboundListener {
-                        name: format!("{address}_{}", port.port),
-                        address,
-                        port: port.port,
-                        any,
-                        prefixes,
-                        action,
-                        services: vec![origin.clone()],
-                    },
-                    locked: false,
-                    services: HashSet::from([origin]),
+            let address = key.0.clone();
+            map.index.insert(key, map.entries.len());
+            map.entries.push(Entry {
+                listener: OutboundListener {
+                    name: format!("{address}_{}", port.port),
+                    address,
+                    port: port.port,
+                    any,
+                    prefixes,
+                    action,
+                    services: vec![origin.to_string()],
                 },
-            );
+                locked: false,
+                services: None,
+            });
         }
     }
 }

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::cluster::{Cluster, HeldSidecar, Loaded};
+use crate::cluster::{Cluster, HeldSidecar, Shared};
 use crate::model::Sidecar;
 
 /// The governing Sidecar and the namespace its `.` means (the pod's, also for a root default).
 #[derive(Clone, Debug)]
 pub struct Selected<'a> {
-    pub sidecar: Option<&'a Loaded<Sidecar>>,
+    pub sidecar: Option<&'a Shared<Sidecar>>,
     pub config_namespace: String,
     /// True when the Sidecar is the root namespace's mesh-wide default.
     pub from_root: bool,
@@ -17,8 +17,8 @@ pub struct Selected<'a> {
 
 /// Sidecars in Istio's order: oldest first (then name, then namespace), and every Sidecar with
 /// a `workloadSelector` (even `{}`) before every Sidecar without one.
-pub fn ordered(cluster: &Cluster) -> Vec<&Loaded<Sidecar>> {
-    let mut all: Vec<&Loaded<Sidecar>> = cluster.sidecars.iter().collect();
+pub fn ordered(cluster: &Cluster) -> Vec<&Shared<Sidecar>> {
+    let mut all: Vec<&Shared<Sidecar>> = cluster.sidecars.iter().collect();
     all.sort_by(|a, b| {
         let (a, b) = (&a.obj.metadata, &b.obj.metadata);
         (a.created(), &a.name, a.ns()).cmp(&(b.created(), &b.name, b.ns()))

@@ -5,29 +5,27 @@
 
 use std::{
     collections::HashMap,
-    fmt::{self, Write as _},
     hash::{DefaultHasher, Hasher},
 };
 
-use sidecap_policy::{Cluster, model::Pod};
+use sidecap_policy::{
+    Cluster,
+    cluster::{Shared, fingerprint},
+    model::Pod,
+};
 
-/// A `Hasher` fed by `Debug` output, without building the string.
-struct HashWriter(DefaultHasher);
-
-impl fmt::Write for HashWriter {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.write(s.as_bytes());
-        Ok(())
+/// The objects' fingerprints (computed once, when each was read), in order.
+fn combine<'a, T: 'a>(h: &mut DefaultHasher, objs: impl IntoIterator<Item = &'a Shared<T>>) {
+    let mut n = 0u64;
+    for o in objs {
+        h.write_u64(o.fingerprint());
+        n += 1;
     }
+    h.write_u64(n);
 }
 
-fn hash_debug<T: fmt::Debug + ?Sized>(t: &T) -> u64 {
-    let mut w = HashWriter(DefaultHasher::new());
-    let _ = write!(w, "{t:?}");
-    w.0.finish()
-}
-
-/// Fingerprints of one snapshot, computed once per pass.
+/// Fingerprints of one snapshot, computed once per pass from the objects' own fingerprints
+/// (thousands of u64s, not thousands of objects formatted).
 pub struct Inputs {
     registry: u64,
     sidecars: HashMap<String, u64>,
@@ -36,39 +34,34 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn of(c: &Cluster) -> Inputs {
-        let registry = hash_debug(&(&c.services, &c.service_entries, &c.endpoint_slices, &c.namespaces, &c.mesh));
-        let mut by_ns: HashMap<String, Vec<&_>> = HashMap::new();
+        let mut h = DefaultHasher::new();
+        combine(&mut h, &c.services);
+        combine(&mut h, &c.service_entries);
+        combine(&mut h, &c.endpoint_slices);
+        combine(&mut h, &c.namespaces);
+        h.write_u64(fingerprint::of(&c.mesh));
+        let registry = h.finish();
+        let mut by_ns: HashMap<&str, DefaultHasher> = HashMap::new();
         for s in &c.sidecars {
-            by_ns.entry(s.obj.metadata.ns().to_string()).or_default().push(s);
+            by_ns.entry(s.obj.metadata.ns()).or_default().write_u64(s.fingerprint());
         }
-        let mut held: HashMap<&str, Vec<&_>> = HashMap::new();
+        // Held Sidecars count too, also in a namespace that has no other.
         for h in &c.held_sidecars {
-            held.entry(h.namespace.as_str()).or_default().push(h);
+            by_ns.entry(h.namespace.as_str()).or_default().write_u64(fingerprint::of(h));
         }
-        let sidecars = by_ns
-            .into_iter()
-            .map(|(ns, v)| {
-                let h = held.get(ns.as_str()).map(hash_debug).unwrap_or(0);
-                (ns, hash_debug(&v) ^ h)
-            })
-            .collect::<HashMap<_, _>>();
-        // Namespaces with only held Sidecars count too.
-        let mut sidecars = sidecars;
-        for (ns, h) in held {
-            sidecars.entry(ns.to_string()).or_insert_with(|| hash_debug(&h));
-        }
+        let sidecars = by_ns.into_iter().map(|(ns, h)| (ns.to_string(), h.finish())).collect();
         Inputs { registry, sidecars, root: c.mesh.root_namespace.clone() }
     }
 
-    /// Everything `pod`'s policy is computed from.
-    pub fn for_pod(&self, pod: &Pod) -> u64 {
+    /// Everything the policy of `pod` (with this fingerprint) is computed from.
+    pub fn for_pod(&self, pod: &Pod, pod_fingerprint: u64) -> u64 {
         let ns = pod.metadata.ns();
         let side = |n: &str| self.sidecars.get(n).copied().unwrap_or(0);
         let mut h = DefaultHasher::new();
         h.write_u64(self.registry);
         h.write_u64(side(ns));
         h.write_u64(side(&self.root));
-        h.write_u64(hash_debug(pod));
+        h.write_u64(pod_fingerprint);
         h.finish()
     }
 }
@@ -93,7 +86,7 @@ mod tests {
 
     fn keys(c: &Cluster) -> (u64, u64) {
         let i = Inputs::of(c);
-        (i.for_pod(&c.pods[0].obj), i.for_pod(&c.pods[1].obj))
+        (i.for_pod(&c.pods[0].obj, c.pods[0].fingerprint()), i.for_pod(&c.pods[1].obj, c.pods[1].fingerprint()))
     }
 
     #[test]

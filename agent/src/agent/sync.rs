@@ -165,8 +165,9 @@ impl Syncer {
         let inputs = super::inputs::Inputs::of(cluster);
         let mut seen = HashSet::new();
         let mut wants = Vec::new();
-        for pod_ref in cluster.meshed_pods() {
-            let Some(pod) = cluster.pod(&pod_ref) else { continue };
+        for loaded in cluster.pods.iter().filter(|p| sidecap_policy::knobs::is_meshed(&p.obj)) {
+            let pod = &*loaded.obj;
+            let pod_ref = PodRef::new(pod.metadata.ns(), &pod.metadata.name);
             let Some(netns_path) = pod.metadata.annotations.get(sidecap_policy::knobs::ANN_NETNS) else {
                 continue;
             };
@@ -184,7 +185,7 @@ impl Syncer {
                 }
             };
             seen.insert(cookie);
-            let key = inputs.for_pod(pod);
+            let key = inputs.for_pod(pod, loaded.fingerprint());
             if !full && self.managed.get(&cookie).is_some_and(|m| m.inputs == key && m.pod == pod_ref) {
                 continue;
             }

@@ -191,6 +191,11 @@ mod tests {
         std::fs::write(dir.join("sub/b.yaml"), svc("b", "10.0.0.222")).unwrap();
         let c = src.next(Duration::from_millis(100)).expect("changed").expect("loads");
         assert_eq!(names(&c), ["a=10.0.0.1", "b=10.0.0.222"]);
+        // The file that did not change is not re-read: both snapshots hold the same object
+        // (one copy in memory), with the same fingerprint; the edited one differs.
+        assert!(std::sync::Arc::ptr_eq(&first.services[0].obj, &c.services[0].obj), "a.yaml's Service is shared");
+        assert_eq!(first.services[0].fingerprint(), c.services[0].fingerprint());
+        assert_ne!(first.services[1].fingerprint(), c.services[1].fingerprint(), "b.yaml's edit changes its fingerprint");
 
         // A broken file rejects the snapshot, naming the file; fixing it recovers.
         std::fs::write(dir.join("c.yaml"), "apiVersion: v1\nkind: Service\nmetadata: [\n").unwrap();

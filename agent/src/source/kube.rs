@@ -297,7 +297,7 @@ impl KubeSource {
         let mut pending = false;
         let mut loaded = Vec::with_capacity(objects.len());
         for (uid, mut o) in objects {
-            if let (Object::Pod(pod), Some(uid)) = (&mut o.obj, uid) {
+            if let (Object::Pod(pod), Some(uid)) = (&o.obj, uid) {
                 let ann = sidecap_policy::knobs::ANN_NETNS;
                 if !pod.metadata.annotations.contains_key(ann) && sidecap_policy::knobs::is_meshed(pod) {
                     // One scan of /proc per snapshot, and only when some pod needs it.
@@ -306,7 +306,12 @@ impl KubeSource {
                     match found {
                         Some(path) => {
                             netns_map.insert(pod.metadata.key(), path.clone());
-                            pod.metadata.annotations.insert(ann.to_string(), path.to_string_lossy().into_owned());
+                            let value = path.to_string_lossy().into_owned();
+                            o.modify(|obj| {
+                                if let Object::Pod(pod) = obj {
+                                    Arc::make_mut(pod).metadata.annotations.insert(ann.to_string(), value);
+                                }
+                            });
                         }
                         None => pending = true,
                     }
@@ -409,7 +414,7 @@ mod tests {
         .expect("object");
         let (e, out) = store::entry_of(Kind::Pod, "v1", "Pod", serde_json::to_value(obj).expect("json"), &|_| None);
         assert!(out.newly_untyped.is_none() && e.untyped.is_none(), "{e:?}");
-        let Some([Loaded { obj: Object::Pod(p), source }]) = e.typed.as_deref() else { panic!("{e:?}") };
+        let Some([Loaded { obj: Object::Pod(p), source, .. }]) = e.typed.as_deref() else { panic!("{e:?}") };
         assert_eq!(p.metadata.key(), "ns/p");
         assert_eq!(p.status.pod_ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(source.file, PathBuf::from("kubernetes:Pod/ns/p"));

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_norway::Value;
@@ -23,22 +24,63 @@ impl fmt::Display for Source {
     }
 }
 
+/// One object and where it came from. Objects are shared (`Arc`): a source's cache and every
+/// snapshot built from it hold the same copy, so a snapshot of 10,000 Services costs pointers,
+/// not a deep copy, and the agent keeps one copy of each object however many snapshots exist.
 #[derive(Clone, Debug)]
 pub struct Loaded<T> {
     pub obj: T,
     pub source: Source,
+    /// A hash of the object's content, computed once when it is read (and after
+    /// [`Loaded::modify`]), so that what a pod's policy depends on is fingerprinted per pass
+    /// from these, never by re-reading every object.
+    fingerprint: u64,
+}
+
+impl<T: fmt::Debug> Loaded<T> {
+    pub fn new(obj: T, source: Source) -> Loaded<T> {
+        let fingerprint = super::fingerprint::of(&obj);
+        Loaded { obj, source, fingerprint }
+    }
+
+    /// Changes the object (copying it first when it is shared) and its fingerprint with it.
+    pub fn modify<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        let r = f(&mut self.obj);
+        self.fingerprint = super::fingerprint::of(&self.obj);
+        r
+    }
+}
+
+impl<T> Loaded<T> {
+    /// The content hash of `obj` (equal objects, equal fingerprints, within one process).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The object apart from where it came from and its fingerprint, to be put back with
+    /// [`Loaded::with`] under another type (`Object::Service(s)` → `Loaded<Arc<Service>>`).
+    pub fn split(self) -> (T, Loaded<()>) {
+        (self.obj, Loaded { obj: (), source: self.source, fingerprint: self.fingerprint })
+    }
+}
+
+impl Loaded<()> {
+    /// `obj` with the source and fingerprint of what [`Loaded::split`] took it from.
+    pub fn with<U>(self, obj: U) -> Loaded<U> {
+        Loaded { obj, source: self.source, fingerprint: self.fingerprint }
+    }
 }
 
 /// A document of a kind sidecap understands; anything else is kept as `Other` and ignored.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Sidecar(Sidecar),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    ServiceEntry(ServiceEntry),
-    Pod(Pod),
-    Namespace(Namespace),
-    ConfigMap(ConfigMap),
+    Sidecar(Arc<Sidecar>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    ServiceEntry(Arc<ServiceEntry>),
+    Pod(Arc<Pod>),
+    Namespace(Arc<Namespace>),
+    ConfigMap(Arc<ConfigMap>),
     Other { kind: String },
 }
 
@@ -204,7 +246,7 @@ fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, err
     };
     let known = matches!(kind.as_str(), "Sidecar" | "Service" | "EndpointSlice" | "ServiceEntry" | "Pod" | "Namespace" | "ConfigMap");
     if !known {
-        objs.push(Loaded { obj: Object::Other { kind }, source: src.clone() });
+        objs.push(Loaded::new(Object::Other { kind }, src.clone()));
         return;
     }
     if name.is_empty() {
@@ -219,16 +261,16 @@ fn collect_value(value: Value, src: &Source, objs: &mut Vec<Loaded<Object>>, err
         })));
     }
     let obj = match kind.as_str() {
-        "Sidecar" => typed(value, src, &kind, &object).map(Object::Sidecar),
-        "Service" => typed(value, src, &kind, &object).map(Object::Service),
-        "EndpointSlice" => typed(value, src, &kind, &object).map(Object::EndpointSlice),
-        "ServiceEntry" => typed(value, src, &kind, &object).map(Object::ServiceEntry),
-        "Pod" => typed(value, src, &kind, &object).map(Object::Pod),
-        "Namespace" => typed(value, src, &kind, &object).map(Object::Namespace),
-        _ => typed(value, src, &kind, &object).map(Object::ConfigMap),
+        "Sidecar" => typed(value, src, &kind, &object).map(|o| Object::Sidecar(Arc::new(o))),
+        "Service" => typed(value, src, &kind, &object).map(|o| Object::Service(Arc::new(o))),
+        "EndpointSlice" => typed(value, src, &kind, &object).map(|o| Object::EndpointSlice(Arc::new(o))),
+        "ServiceEntry" => typed(value, src, &kind, &object).map(|o| Object::ServiceEntry(Arc::new(o))),
+        "Pod" => typed(value, src, &kind, &object).map(|o| Object::Pod(Arc::new(o))),
+        "Namespace" => typed(value, src, &kind, &object).map(|o| Object::Namespace(Arc::new(o))),
+        _ => typed(value, src, &kind, &object).map(|o| Object::ConfigMap(Arc::new(o))),
     };
     match obj {
-        Ok(obj) => objs.push(Loaded { obj, source: src.clone() }),
+        Ok(obj) => objs.push(Loaded::new(obj, src.clone())),
         Err(e) => errs.push(e),
     }
 }
@@ -359,5 +401,22 @@ mod tests {
         assert_eq!(m.root_namespace, "istio-config");
         let e = parse_mesh("rootNamespace: [x]\n", &src, "istio-system/istio").expect_err("bad type");
         assert!(e.to_string().contains("field data.mesh.rootNamespace"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_follow_content_and_modify() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n";
+        let (a, _) = load(text);
+        let (b, _) = load(text);
+        assert_eq!(a[0].fingerprint(), b[0].fingerprint(), "equal content, equal fingerprint");
+        let mut m = a[0].clone();
+        m.modify(|o| {
+            if let Object::Namespace(n) = o {
+                Arc::make_mut(n).metadata.labels.insert("k".into(), "v".into());
+            }
+        });
+        assert_ne!(m.fingerprint(), a[0].fingerprint(), "a change made through modify is seen");
+        let Object::Namespace(orig) = &a[0].obj else { panic!("{a:?}") };
+        assert!(orig.metadata.labels.is_empty(), "the shared original is untouched");
     }
 }
