@@ -234,7 +234,7 @@ fn seed_cluster_compiles_to_the_same_decisions() {
         }
         let c = common::load(&paths);
         for mode in [AllowAnyMode::Passthrough, AllowAnyMode::Capture] {
-            let p = common::policy_with(&c, "default/client", &sidecap_policy::EngineOptions { allow_any: mode });
+            let p = common::policy_with(&c, "default/client", &sidecap_policy::EngineOptions { allow_any: mode, ..Default::default() });
             let g = compile(&p, 42, 1);
             let mut known: Vec<SocketAddr> =
                 p.listeners.iter().flat_map(|l| l.prefixes.iter().map(move |c| SocketAddr::new(c.addr, l.port))).collect();

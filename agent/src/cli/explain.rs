@@ -59,7 +59,7 @@ pub enum ExplainError {
 
 pub fn explain(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), ExplainError> {
     let cluster = Cluster::load_paths(&args.config)?;
-    let policy = evaluate(&cluster, &args.pod, &EngineOptions { allow_any: args.allow_any })?;
+    let policy = evaluate(&cluster, &args.pod, &EngineOptions { allow_any: args.allow_any, ..Default::default() })?;
     let mut decisions = Vec::new();
     for to in &args.to {
         let d = policy.decide_outbound(*to);
