@@ -68,6 +68,12 @@ enum Cmd {
         /// balancers attached at the root].
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// The host's cgroup v2 mount as this process sees it (in the DaemonSet:
+        /// /host/sys/fs/cgroup): searched for proxy containers' cgroups, and the base of
+        /// relative `sidecap.io/proxy-cgroup` paths [default: the cgroup2 mount in
+        /// /proc/self/mountinfo].
+        #[arg(long, value_name = "PATH")]
+        cgroup_root: Option<PathBuf>,
         /// bpffs directory holding sidecap's pinned maps and links.
         #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
         bpffs: PathBuf,
@@ -250,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kubeconfig,
             node_name,
             cgroup,
+            cgroup_root,
             bpffs,
             allow_any,
             proxy_identity,
@@ -265,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             order_check_secs,
             kube_stale_after_secs,
         } => {
+            let cgroup_root = cgroup_root.or_else(|| cgroup::v2_root().ok());
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -275,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--kubernetes needs the node's name: --node-name or NODE_NAME")?;
                     let mut opts = sidecap::source::kube::KubeOptions::new(node);
                     opts.kubeconfig = kubeconfig;
-                    opts.cgroup_root = cgroup::v2_root().ok();
+                    opts.cgroup_root = cgroup_root.clone();
                     opts.stale_after = Duration::from_secs(kube_stale_after_secs);
                     agent::SourceConfig::Kubernetes(opts)
                 }
@@ -305,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 mprog: !no_mprog,
                 order_check: Duration::from_secs(order_check_secs),
+                cgroup_root,
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -152,7 +152,7 @@ impl Syncer {
             names,
             cookies: netns::CookieCache::default(),
             procs: None,
-            cgroup_root: crate::cgroup::v2_root().ok(),
+            cgroup_root: cfg.cgroup_root.clone(),
             proxy_cgroups: BTreeMap::new(),
         })
     }
