@@ -218,7 +218,9 @@ impl Syncer {
                 Ok((rules, hash, sidecar)) => {
                     let mut config = sidecap_policy::with_ips(&rules.pod, &sidecap_policy::knobs::pod_ips(pod));
                     config.proxy_cgroup = proxy_cgroup;
-                    if config.flags & sidecap_common::pod_flags::PROXY_CGROUP != 0 && proxy_cgroup == 0 {
+                    // (A named path that does not resolve was logged with its error above.)
+                    let named = pod.metadata.annotations.contains_key(sidecap_policy::knobs::ANN_PROXY_CGROUP);
+                    if config.flags & sidecap_common::pod_flags::PROXY_CGROUP != 0 && proxy_cgroup == 0 && !named {
                         self.note_proxy_cgroup(&pod_ref, Err("not known yet".into()));
                     }
                     wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar });
