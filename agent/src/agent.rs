@@ -257,6 +257,9 @@ pub struct Config {
     pub mprog: bool,
     /// How often the programs ahead of sidecap's are looked for.
     pub order_check: Duration,
+    /// The host's cgroup2 mount as the agent sees it: where proxy containers' cgroups are
+    /// looked for, and what relative `sidecap.io/proxy-cgroup` paths start from.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

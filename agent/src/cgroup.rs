@@ -1,10 +1,16 @@
 //! Finding the cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified host,
 //! `/sys/fs/cgroup/unified` on a hybrid one — read from mountinfo, never assumed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{path}: relative cgroup path, but no cgroup2 mount was found")]
+    NoRoot { path: String },
+    #[error("{}: {source}", path.display())]
+    Stat { path: PathBuf, source: std::io::Error },
+    #[error("{}: not a directory", path.display())]
+    NotDir { path: PathBuf },
     #[error("reading /proc/self/mountinfo: {0}")]
     Mountinfo(#[source] std::io::Error),
     #[error("no cgroup v2 (cgroup2) filesystem is mounted; sidecap needs cgroup v2")]
@@ -15,6 +21,20 @@ pub enum Error {
 pub fn v2_root() -> Result<PathBuf, Error> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(Error::Mountinfo)?;
     parse_mountinfo(&text).ok_or(Error::NotMounted)
+}
+
+/// The cgroup v2 id of directory `path` (absolute, or relative to the cgroup2 mount
+/// `root`): its inode number, which is what `bpf_get_current_cgroup_id` returns for a task
+/// in it (kernfs node ids are inode numbers on 64-bit kernels).
+pub fn id_of(root: Option<&Path>, path: &str) -> Result<u64, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let p = Path::new(path.trim());
+    let full = if p.is_absolute() { p.to_path_buf() } else { root.ok_or_else(|| Error::NoRoot { path: path.into() })?.join(p) };
+    let md = std::fs::metadata(&full).map_err(|source| Error::Stat { path: full.clone(), source })?;
+    if !md.is_dir() {
+        return Err(Error::NotDir { path: full });
+    }
+    Ok(md.ino())
 }
 
 /// The first cgroup2 mount point in mountinfo text (`ID PARENT MAJ:MIN ROOT MOUNT OPTS... - FSTYPE ...`).
@@ -61,6 +81,21 @@ mod tests {
         let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
         assert_eq!(parse_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn ids_are_directory_inodes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("sidecap-cgid-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).expect("mkdir");
+        let ino = std::fs::metadata(dir.join("a/b")).expect("stat").ino();
+        assert_eq!(id_of(Some(&dir), "a/b").expect("relative"), ino);
+        assert_eq!(id_of(None, dir.join("a/b").to_str().expect("utf-8")).expect("absolute"), ino);
+        assert!(matches!(id_of(None, "a/b"), Err(Error::NoRoot { .. })));
+        assert!(matches!(id_of(Some(&dir), "missing"), Err(Error::Stat { .. })));
+        std::fs::write(dir.join("f"), "").expect("write");
+        assert!(matches!(id_of(Some(&dir), "f"), Err(Error::NotDir { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde::Serialize;
-use sidecap_common::decide::{Connect, InboundStep, Outbound, OutboundStep, RedirectKind, Verdict};
+use sidecap_common::decide::{Caller, Connect, InboundStep, Outbound, OutboundStep, RedirectKind, Verdict};
 use sidecap_common::{LISTENER_FIXED_BITS, PodConfig, action, pod_flags};
 
 use crate::{datapath, netns};
@@ -25,6 +25,9 @@ pub struct PodView {
     pub flags: Vec<&'static str>,
     pub proxy_uid: u32,
     pub proxy_gid: u32,
+    /// How the proxy is recognised: `uid` (uid/gid alone), `cgroup <id>` (uid/gid in that
+    /// cgroup), `cgroup unknown` (cgroup-bound, cgroup not found yet: nothing is the proxy).
+    pub proxy_identity: String,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub no_listener: &'static str,
@@ -59,11 +62,22 @@ fn flag_names(f: u32) -> Vec<&'static str> {
         (pod_flags::INBOUND_CAPTURE, "inbound"),
         (pod_flags::INBOUND_ALL_PORTS, "all-inbound-ports"),
         (pod_flags::DNS_CAPTURE, "dns"),
+        (pod_flags::LOOPBACK_IN_RANGE, "loopback-in-range"),
+        (pod_flags::PROXY_CGROUP, "proxy-cgroup"),
     ]
     .into_iter()
     .filter(|(b, _)| f & b != 0)
     .map(|(_, n)| n)
     .collect()
+}
+
+/// `PodView::proxy_identity`.
+pub fn identity_name(c: &PodConfig) -> String {
+    match (c.flags & pod_flags::PROXY_CGROUP != 0, c.proxy_cgroup) {
+        (false, _) => "uid".into(),
+        (true, 0) => "cgroup unknown".into(),
+        (true, id) => format!("cgroup {id}"),
+    }
 }
 
 pub fn ip_of(bytes: [u8; 16]) -> IpAddr {
@@ -141,6 +155,7 @@ pub fn collect(bpffs: &Path, only: Option<&str>) -> Result<Vec<PodView>, datapat
             flags: flag_names(c.flags),
             proxy_uid: c.proxy_uid,
             proxy_gid: c.proxy_gid,
+            proxy_identity: identity_name(&c),
             outbound_port: c.outbound_port,
             inbound_port: c.inbound_port,
             no_listener: action_name(c.default_action),
@@ -168,7 +183,7 @@ pub fn render_text(pods: &[PodView]) -> String {
         let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             s,
-            "pod {} (netns {}, {})\n  ips: {}\n  policy {} generation {}  flags: {}  no-listener: {}\n  proxy uid/gid {}/{}  outbound :{}  inbound :{}\n  counters: captured {} passthrough {} dropped {} inbound {} dns {}",
+            "pod {} (netns {}, {})\n  ips: {}\n  policy {} generation {}  flags: {}  no-listener: {}\n  proxy uid/gid {}/{} ({})  outbound :{}  inbound :{}\n  counters: captured {} passthrough {} dropped {} inbound {} dns {}",
             p.pod.as_deref().unwrap_or("(name unknown)"),
             p.netns_cookie,
             p.netns.as_deref().unwrap_or("netns path unknown"),
@@ -179,6 +194,7 @@ pub fn render_text(pods: &[PodView]) -> String {
             p.no_listener,
             p.proxy_uid,
             p.proxy_gid,
+            p.proxy_identity,
             p.outbound_port,
             p.inbound_port,
             p.counters.captured,
@@ -204,17 +220,27 @@ pub fn explain_live(bpffs: &Path, pod: &str, to: &[std::net::SocketAddr], inboun
     let mut decisions = Vec::new();
     for dst in to {
         // The programs' own decision code, over the maps as they are now: once for an
-        // application socket, once for the proxy's (its owner rules).
+        // application socket, once for the proxy's (its owner rules, in its cgroup), and
+        // under cgroup-bound identity once for the proxy's ids outside its cgroup.
         let app = simulate::app_connect(&g.pod, *dst, sidecap_common::proto::TCP);
-        let proxy = Connect { uid: g.pod.proxy_uid, gid: g.pod.proxy_gid, ..app };
+        let proxy = simulate::proxy_connect(&g.pod, *dst, sidecap_common::proto::TCP);
         let o = simulate::outbound_connect(&g, &app);
         let p = simulate::outbound_connect(&g, &proxy);
-        decisions.push(serde_json::json!({
+        let mut d = serde_json::json!({
             "to": dst.to_string(),
             "action": simulate::action_of(&o.verdict).as_str(),
             "reason": outbound_reason(&g, &app, &o),
             "proxy": {"verdict": verdict_name(&p.verdict), "reason": outbound_reason(&g, &proxy, &p)},
-        }));
+        });
+        if g.pod.flags & pod_flags::PROXY_CGROUP != 0 {
+            let other = Connect { cgroup: simulate::other_cgroup(&g.pod), ..proxy };
+            let b = simulate::outbound_connect(&g, &other);
+            d["proxy_ids_outside_its_cgroup"] = serde_json::json!({
+                "action": simulate::action_of(&b.verdict).as_str(),
+                "reason": outbound_reason(&g, &other, &b),
+            });
+        }
+        decisions.push(d);
     }
     for port in inbound {
         let i = simulate::inbound_from(&g, &simulate::outside_addr(&g.pod), *port);
@@ -231,6 +257,7 @@ pub fn explain_live(bpffs: &Path, pod: &str, to: &[std::net::SocketAddr], inboun
         "policy": g.pod.policy,
         "generation": g.pod.generation,
         "noListener": action_name(g.pod.default_action),
+        "proxyIdentity": identity_name(&g.pod),
         "listeners": listeners,
         "decisions": decisions,
     }))
@@ -258,6 +285,14 @@ fn verdict_name(v: &Verdict) -> String {
 
 /// The kernel step that decided an outbound connect, for `sidecap explain`.
 fn outbound_reason(g: &datapath::Generation, c: &Connect, o: &Outbound) -> String {
+    let why = step_reason(g, c, o);
+    if o.caller == Caller::OutsideProxyCgroup {
+        return format!("{why} (the proxy's uid/gid outside the proxy's cgroup: an app)");
+    }
+    why
+}
+
+fn step_reason(g: &datapath::Generation, c: &Connect, o: &Outbound) -> String {
     let ip = std::net::IpAddr::from(sidecap_common::ip::to_bytes(&c.dst)).to_canonical();
     let port = c.port;
     match o.step {

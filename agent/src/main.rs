@@ -26,6 +26,16 @@ enum AllowAny {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ProxyIdentity {
+    /// The proxy is its uid/gid (1337), as with istio-init: any process of the pod running
+    /// as that uid or gid is exempt from capture.
+    Uid,
+    /// The proxy is its uid/gid *in the proxy container's cgroup*; the same ids elsewhere in
+    /// the pod are an app's (captured; dropped under REGISTRY_ONLY).
+    Cgroup,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Text,
     Json,
@@ -58,12 +68,22 @@ enum Cmd {
         /// balancers attached at the root].
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// The host's cgroup v2 mount as this process sees it (in the DaemonSet:
+        /// /host/sys/fs/cgroup): searched for proxy containers' cgroups, and the base of
+        /// relative `sidecap.io/proxy-cgroup` paths [default: the cgroup2 mount in
+        /// /proc/self/mountinfo].
+        #[arg(long, value_name = "PATH")]
+        cgroup_root: Option<PathBuf>,
         /// bpffs directory holding sidecap's pinned maps and links.
         #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/sidecap")]
         bpffs: PathBuf,
         /// What ALLOW_ANY does with a destination that no outbound listener matches.
         #[arg(long, value_enum, default_value = "passthrough")]
         allow_any: AllowAny,
+        /// How the kernel recognises a pod's proxy; a pod's `sidecap.io/proxy-identity:
+        /// uid|cgroup` annotation overrides it.
+        #[arg(long, value_enum, default_value = "uid")]
+        proxy_identity: ProxyIdentity,
         /// Longest wait for a configuration change before checking again, in milliseconds
         /// (changes to the directory wake the agent at once through inotify).
         #[arg(long, value_name = "MS", default_value_t = 500)]
@@ -182,11 +202,15 @@ enum Cmd {
     },
 }
 
-fn engine(allow_any: AllowAny) -> sidecap_policy::EngineOptions {
+fn engine(allow_any: AllowAny, identity: ProxyIdentity) -> sidecap_policy::EngineOptions {
     sidecap_policy::EngineOptions {
         allow_any: match allow_any {
             AllowAny::Passthrough => sidecap_policy::AllowAnyMode::Passthrough,
             AllowAny::Capture => sidecap_policy::AllowAnyMode::Capture,
+        },
+        proxy_identity: match identity {
+            ProxyIdentity::Uid => sidecap_policy::knobs::ProxyIdentity::Uid,
+            ProxyIdentity::Cgroup => sidecap_policy::knobs::ProxyIdentity::Cgroup,
         },
     }
 }
@@ -232,8 +256,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kubeconfig,
             node_name,
             cgroup,
+            cgroup_root,
             bpffs,
             allow_any,
+            proxy_identity,
             poll_interval_ms,
             admin_addr,
             cni_socket,
@@ -246,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             order_check_secs,
             kube_stale_after_secs,
         } => {
+            let cgroup_root = cgroup_root.or_else(|| cgroup::v2_root().ok());
             let source = match config {
                 Some(dir) => agent::SourceConfig::Dir(dir),
                 None => {
@@ -256,6 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--kubernetes needs the node's name: --node-name or NODE_NAME")?;
                     let mut opts = sidecap::source::kube::KubeOptions::new(node);
                     opts.kubeconfig = kubeconfig;
+                    opts.cgroup_root = cgroup_root.clone();
                     opts.stale_after = Duration::from_secs(kube_stale_after_secs);
                     agent::SourceConfig::Kubernetes(opts)
                 }
@@ -268,7 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 source,
                 cgroup,
                 bpffs,
-                engine: engine(allow_any),
+                engine: engine(allow_any, proxy_identity),
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 resync_interval: Duration::from_secs(5),
                 admin_addr: match admin_addr.as_str() {
@@ -285,6 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 mprog: !no_mprog,
                 order_check: Duration::from_secs(order_check_secs),
+                cgroup_root,
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)
@@ -361,7 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Output::Json => sidecap::cli::OutputFormat::Json,
                     Output::Text => sidecap::cli::OutputFormat::Text,
                 },
-                allow_any: engine(allow_any).allow_any,
+                allow_any: engine(allow_any, ProxyIdentity::Uid).allow_any,
             };
             sidecap::cli::explain(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)

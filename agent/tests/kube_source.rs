@@ -438,6 +438,49 @@ fn netns_found_from_the_pods_processes() {
 }
 
 #[test]
+fn proxy_cgroup_found_from_the_istio_proxy_container_and_followed_on_restart() {
+    let server = FakeApiServer::start();
+    base(&server);
+    let uid = "6f1c2d3e-4a5b-4c6d-8e7f-0a1b2c3d4e5f";
+    let (id1, id2) = ("1111aaaa", "2222bbbb");
+    // The native sidecar reports in initContainerStatuses.
+    let pod = |id: &str| {
+        let mut p = meshed_pod("shop", "a", NODE, Some("/run/netns/a"));
+        p["metadata"]["uid"] = json!(uid);
+        p["status"]["initContainerStatuses"] = json!([{"name": "istio-proxy", "containerID": format!("containerd://{id}")}]);
+        p["status"]["containerStatuses"] = json!([{"name": "app", "containerID": "containerd://3333cccc"}]);
+        p
+    };
+    server.apply(pod(id1));
+    let root = std::env::temp_dir().join(format!("sidecap-kube-cgroup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let pod_dir = root.join(format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", uid.replace('-', "_")));
+    for id in [id1, "3333cccc"] {
+        std::fs::create_dir_all(pod_dir.join(format!("cri-containerd-{id}.scope"))).expect("mkdir");
+    }
+    let mut opts = options();
+    opts.cgroup_root = Some(root.clone());
+    let mut src = source(&server, opts);
+    let cgroup = |c: &Cluster| {
+        c.pod(&sidecap_policy::PodRef::new("shop", "a"))
+            .and_then(|p| p.metadata.annotations.get("sidecap.io/proxy-cgroup").cloned())
+    };
+    let want = |id: &str| Some(pod_dir.join(format!("cri-containerd-{id}.scope")).display().to_string());
+    let c = wait_for(&mut src, LIMIT, "pod a's proxy cgroup", |c| cgroup(c).is_some());
+    assert_eq!(cgroup(&c), want(id1));
+
+    // The proxy container restarts: a new id in the status, whose cgroup appears a moment
+    // later; found by the rescan, without another API change.
+    server.apply(pod(id2));
+    let c = wait_for(&mut src, LIMIT, "the new status", |c| cgroup(c).is_none());
+    assert_eq!(cgroup(&c), None, "the new container's cgroup does not exist yet");
+    std::fs::create_dir_all(pod_dir.join(format!("cri-containerd-{id2}.scope"))).expect("mkdir");
+    let c = wait_for(&mut src, Duration::from_secs(5), "the restarted proxy's cgroup", |c| cgroup(c) == want(id2));
+    assert_eq!(cgroup(&c), want(id2));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn kubeconfig_file_is_used() {
     let server = FakeApiServer::start();
     base(&server);

@@ -14,7 +14,7 @@ use sidecap_common::{
 pub use diff::{GenerationDiff, MapDiff, diff};
 
 use crate::engine::{AllowAnyMode, PodPolicy};
-use crate::knobs::{Include, Interception};
+use crate::knobs::{Include, Interception, ProxyIdentity};
 use crate::listeners::ListenerAction;
 use crate::model::cidr::mask;
 use crate::model::{Cidr, OutboundMode};
@@ -237,6 +237,10 @@ fn pod_config(p: &PodPolicy, policy_id: u32, generation: u32) -> PodConfig {
             flags |= pod_flags::LOOPBACK_IN_RANGE;
         }
     }
+    if p.proxy_identity == ProxyIdentity::Cgroup {
+        // `proxy_cgroup` stays 0 (nothing is the proxy) until the agent finds the cgroup.
+        flags |= pod_flags::PROXY_CGROUP;
+    }
     let default_action = match (p.outbound_traffic_policy, p.allow_any) {
         (OutboundMode::RegistryOnly, _) => action::DROP,
         (OutboundMode::AllowAny, AllowAnyMode::Passthrough) => action::PASSTHROUGH,
@@ -256,6 +260,7 @@ fn pod_config(p: &PodPolicy, policy_id: u32, generation: u32) -> PodConfig {
         n_ips: 0,
         _pad: [0; 2],
         ips: [[0u8; 16]; MAX_POD_IPS],
+        proxy_cgroup: 0,
     };
     with_ips(&config, &p.ips)
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::cluster::{Cluster, PodRef};
 use crate::import::{self, Imported};
-use crate::knobs::{self, KnobError, Knobs};
+use crate::knobs::{self, KnobError, Knobs, ProxyIdentity};
 use crate::listeners::{self, BuildContext, OutboundListener};
 use crate::model::OutboundMode;
 use crate::model::sidecar::{CaptureMode, EgressListener, TrafficPolicyMode};
@@ -33,6 +33,8 @@ pub enum AllowAnyMode {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineOptions {
     pub allow_any: AllowAnyMode,
+    /// The node's proxy identity; a pod's `sidecap.io/proxy-identity` overrides it.
+    pub proxy_identity: ProxyIdentity,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -93,6 +95,8 @@ pub struct PodPolicy {
     pub sidecar: Option<String>,
     pub outbound_traffic_policy: OutboundMode,
     pub allow_any: AllowAnyMode,
+    /// How the kernel recognises this pod's proxy (annotation, else the node's option).
+    pub proxy_identity: ProxyIdentity,
     pub listeners: Vec<OutboundListener>,
     pub services: Vec<ImportedService>,
     pub knobs: Knobs,
@@ -194,6 +198,7 @@ pub fn evaluate_in(cluster: &Cluster, registry: &[ServiceView], pod_ref: &PodRef
         sidecar: selected.sidecar.map(|s| s.obj.metadata.key()),
         outbound_traffic_policy,
         allow_any: opts.allow_any,
+        proxy_identity: knobs.proxy_identity.unwrap_or(opts.proxy_identity),
         listeners,
         services,
         knobs,

@@ -19,7 +19,7 @@ pub fn run(text: &str) -> usize {
     let pods: Vec<_> = cluster.pods.iter().map(|p| crate::PodRef::new(p.obj.metadata.ns(), &p.obj.metadata.name)).collect();
     for r in pods {
         for allow_any in [AllowAnyMode::Passthrough, AllowAnyMode::Capture] {
-            let Ok(p) = evaluate(&cluster, &r, &EngineOptions { allow_any }) else { continue };
+            let Ok(p) = evaluate(&cluster, &r, &EngineOptions { allow_any, ..Default::default() }) else { continue };
             let g1 = crate::compile(&p, 1, 1);
             let g2 = crate::compile(&p, 2, 2);
             let _ = crate::diff(&g1, &g2);

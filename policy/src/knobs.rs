@@ -20,6 +20,12 @@ pub const ANN_EXCLUDE_IN_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundP
 pub const ANN_INCLUDE_OUT_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
 pub const ANN_EXCLUDE_OUT_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const ANN_NETNS: &str = "sidecap.io/netns";
+/// `uid` or `cgroup`: how this pod's proxy is recognised (overrides `--proxy-identity`).
+pub const ANN_PROXY_IDENTITY: &str = "sidecap.io/proxy-identity";
+/// The proxy container's cgroup v2 directory, absolute or relative to the cgroup2 mount:
+/// written by the directory source's user, or by the Kubernetes source from the
+/// `istio-proxy` container's id.
+pub const ANN_PROXY_CGROUP: &str = "sidecap.io/proxy-cgroup";
 /// istio-iptables `-k` (`RerouteVirtualInterfaces`), from either annotation.
 pub const ANN_KUBEVIRT: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
 pub const ANN_REROUTE_VIRTUAL: &str = "istio.io/reroute-virtual-interfaces";
@@ -41,6 +47,29 @@ pub enum KnobError {
     /// A capture knob sidecap does not implement: the pod is refused, never half-captured.
     #[error("{setting}: {value:?} is not supported by sidecap ({why}); the pod is refused rather than captured differently")]
     Unsupported { setting: String, value: String, why: &'static str },
+}
+
+/// How the proxy is recognised in the kernel (`pod_flags::PROXY_CGROUP`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyIdentity {
+    /// The proxy uid/gid alone, as istio-iptables: any process of the pod running as 1337
+    /// is exempt.
+    #[default]
+    Uid,
+    /// The proxy uid/gid in the proxy container's cgroup; anything else is an app.
+    Cgroup,
+}
+
+impl std::str::FromStr for ProxyIdentity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "uid" => Ok(ProxyIdentity::Uid),
+            "cgroup" => Ok(ProxyIdentity::Cgroup),
+            other => Err(format!("{other:?} is not a proxy identity (uid or cgroup)")),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -81,6 +110,8 @@ pub struct Knobs {
     pub proxy_uid: u32,
     pub proxy_gid: u32,
     pub dns_capture: bool,
+    /// `sidecap.io/proxy-identity`; None: the node's `--proxy-identity`.
+    pub proxy_identity: Option<ProxyIdentity>,
 }
 
 /// istio-cni's gate: an `istio-proxy` container, the injection status annotation, no
@@ -242,6 +273,9 @@ pub fn from_pod(pod: &Pod, mesh: &MeshConfig) -> Result<Knobs, KnobError> {
         .and_then(|e| e.value.clone())
         .or_else(|| mesh.default_config.proxy_metadata.get("ISTIO_META_DNS_CAPTURE").cloned());
     let dns_capture = env_dns.as_deref().is_some_and(|v| matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True"));
+    let proxy_identity = get(ANN_PROXY_IDENTITY)
+        .map(|v| v.parse::<ProxyIdentity>().map_err(|message| KnobError::Annotation { key: ANN_PROXY_IDENTITY, message }))
+        .transpose()?;
     Ok(Knobs {
         interception,
         include_cidrs,
@@ -254,6 +288,7 @@ pub fn from_pod(pod: &Pod, mesh: &MeshConfig) -> Result<Knobs, KnobError> {
         proxy_uid: id(sc.and_then(|s| s.run_as_user)),
         proxy_gid: id(sc.and_then(|s| s.run_as_group)),
         dns_capture,
+        proxy_identity,
     })
 }
 
@@ -372,5 +407,15 @@ mod tests {
         assert!(!k.inbound_capture());
         let k = from_pod(&pod(&[(ANN_INTERCEPTION, "NONE")]), &MeshConfig::default()).expect("valid");
         assert!(!k.outbound_capture());
+    }
+
+    #[test]
+    fn proxy_identity_annotation() {
+        let m = MeshConfig::default();
+        assert_eq!(from_pod(&pod(&[]), &m).expect("valid").proxy_identity, None);
+        assert_eq!(from_pod(&pod(&[(ANN_PROXY_IDENTITY, "cgroup")]), &m).expect("valid").proxy_identity, Some(ProxyIdentity::Cgroup));
+        assert_eq!(from_pod(&pod(&[(ANN_PROXY_IDENTITY, "uid")]), &m).expect("valid").proxy_identity, Some(ProxyIdentity::Uid));
+        let e = from_pod(&pod(&[(ANN_PROXY_IDENTITY, "pid")]), &m).expect_err("invalid").to_string();
+        assert!(e.contains(ANN_PROXY_IDENTITY) && e.contains("\"pid\""), "{e}");
     }
 }

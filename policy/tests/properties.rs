@@ -12,7 +12,7 @@ use sidecap_common::decide::{Connect, RedirectKind, Verdict};
 use sidecap_common::proto;
 use sidecap_policy::compile::simulate;
 use sidecap_policy::engine::IngressPort;
-use sidecap_policy::knobs::{Include, Interception, Knobs};
+use sidecap_policy::knobs::{Include, Interception, Knobs, ProxyIdentity};
 use sidecap_policy::listeners::{ListenerAction, OutboundListener};
 use sidecap_policy::model::{Cidr, OutboundMode};
 use sidecap_policy::{Action, AllowAnyMode, PodPolicy, PodRef, compile, diff};
@@ -91,6 +91,7 @@ fn knobs() -> impl Strategy<Value = Knobs> {
                     proxy_uid: 1337,
                     proxy_gid: 1337,
                     dns_capture,
+                    proxy_identity: None,
                 }
             },
         )
@@ -104,12 +105,14 @@ fn pod_policy() -> impl Strategy<Value = PodPolicy> {
         any::<bool>(),
         any::<bool>(),
         proptest::collection::vec((port(), any::<bool>()), 0..3),
+        any::<bool>(),
     )
-        .prop_map(|(listeners, knobs, registry_only, allow_capture, meshed, ingress)| PodPolicy {
+        .prop_map(|(listeners, knobs, registry_only, allow_capture, meshed, ingress, cgroup_identity)| PodPolicy {
             pod: PodRef::new("ns", "pod"),
             sidecar: None,
             outbound_traffic_policy: if registry_only { OutboundMode::RegistryOnly } else { OutboundMode::AllowAny },
             allow_any: if allow_capture { AllowAnyMode::Capture } else { AllowAnyMode::Passthrough },
+            proxy_identity: if cgroup_identity { ProxyIdentity::Cgroup } else { ProxyIdentity::Uid },
             listeners,
             services: Vec::new(),
             knobs,
@@ -144,12 +147,14 @@ proptest! {
     /// 127.0.0.1, as istio-iptables' owner rules do.
     #[test]
     fn the_proxy_is_never_captured_or_dropped(p in pod_policy(), dsts in proptest::collection::vec((ip_pool(), port()), 1..24), by_gid in any::<bool>(), udp in any::<bool>()) {
-        let g = compile(&p, 7, 1);
+        let mut g = compile(&p, 7, 1);
+        // The proxy's container cgroup, as the agent fills it in (read under cgroup identity).
+        g.pod.proxy_cgroup = 4242;
         let l4 = if udp { proto::UDP } else { proto::TCP };
         for (ip, port) in dsts {
             let dst = SocketAddr::new(ip, port);
-            let app = simulate::app_connect(&g.pod, dst, l4);
-            let c = if by_gid { Connect { gid: g.pod.proxy_gid, ..app } } else { Connect { uid: g.pod.proxy_uid, gid: g.pod.proxy_gid, ..app } };
+            let proxy = simulate::proxy_connect(&g.pod, dst, l4);
+            let c = if by_gid { Connect { uid: simulate::app_id(&g.pod), ..proxy } } else { proxy };
             let v = simulate::outbound_connect(&g, &c).verdict;
             match v {
                 Verdict::Untouched | Verdict::Passthrough => {}
@@ -161,6 +166,28 @@ proptest! {
                     prop_assert!(own || lo, "only self calls go to inbound: {}", dst);
                 }
                 other => prop_assert!(false, "proxy connect to {} by {}: {:?}", dst, if by_gid { "gid" } else { "uid" }, other),
+            }
+        }
+    }
+
+    /// Cgroup-bound identity: the proxy's uid/gid outside the proxy's cgroup (or while that
+    /// cgroup is unknown) is decided exactly as an app's, step for step.
+    #[test]
+    fn the_proxy_ids_elsewhere_are_an_app(mut p in pod_policy(), dsts in proptest::collection::vec((ip_pool(), port()), 1..24), by_gid in any::<bool>(), udp in any::<bool>(), known in any::<bool>()) {
+        p.proxy_identity = ProxyIdentity::Cgroup;
+        let mut g = compile(&p, 7, 1);
+        g.pod.proxy_cgroup = if known { 4242 } else { 0 };
+        let l4 = if udp { proto::UDP } else { proto::TCP };
+        for (ip, port) in dsts {
+            let dst = SocketAddr::new(ip, port);
+            let app = simulate::app_connect(&g.pod, dst, l4);
+            let ids = if by_gid { Connect { gid: g.pod.proxy_gid, ..app } } else { Connect { uid: g.pod.proxy_uid, gid: g.pod.proxy_gid, ..app } };
+            let borrowed = Connect { cgroup: simulate::other_cgroup(&g.pod), ..ids };
+            let (a, b) = (simulate::outbound_connect(&g, &app), simulate::outbound_connect(&g, &borrowed));
+            prop_assert_eq!((a.verdict, a.step), (b.verdict, b.step), "dst {}", dst);
+            if !known {
+                let c = simulate::outbound_connect(&g, &Connect { cgroup: 0, ..ids });
+                prop_assert_eq!((a.verdict, a.step), (c.verdict, c.step), "unknown cgroup, dst {}", dst);
             }
         }
     }
@@ -234,7 +261,7 @@ fn seed_cluster_compiles_to_the_same_decisions() {
         }
         let c = common::load(&paths);
         for mode in [AllowAnyMode::Passthrough, AllowAnyMode::Capture] {
-            let p = common::policy_with(&c, "default/client", &sidecap_policy::EngineOptions { allow_any: mode });
+            let p = common::policy_with(&c, "default/client", &sidecap_policy::EngineOptions { allow_any: mode, ..Default::default() });
             let g = compile(&p, 42, 1);
             let mut known: Vec<SocketAddr> =
                 p.listeners.iter().flat_map(|l| l.prefixes.iter().map(move |c| SocketAddr::new(c.addr, l.port))).collect();
@@ -273,6 +300,7 @@ fn v6_default_prefix_ties_with_wildcard_and_capture_wins() {
         sidecar: None,
         outbound_traffic_policy: OutboundMode::RegistryOnly,
         allow_any: AllowAnyMode::Passthrough,
+        proxy_identity: ProxyIdentity::Uid,
         listeners: vec![mk(true, Vec::new(), ListenerAction::Capture), mk(false, vec![v6_all], ListenerAction::Passthrough)],
         services: Vec::new(),
         knobs: Knobs {
@@ -287,6 +315,7 @@ fn v6_default_prefix_ties_with_wildcard_and_capture_wins() {
             proxy_uid: 1337,
             proxy_gid: 1337,
             dns_capture: false,
+            proxy_identity: None,
         },
         ingress: Vec::new(),
         ips: Vec::new(),

@@ -116,7 +116,7 @@ fn allow_any_passes_everything_but_8080_through() {
         ],
     );
     // Istio-exact mode sends unknown destinations through Envoy's PassthroughCluster.
-    let exact = policy_with(&c, "default/client", &EngineOptions { allow_any: AllowAnyMode::Capture });
+    let exact = policy_with(&c, "default/client", &EngineOptions { allow_any: AllowAnyMode::Capture, ..Default::default() });
     check_out(&exact, &[("10.99.186.117:80", Action::Capture, "PassthroughCluster")]);
 }
 

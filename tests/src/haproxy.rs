@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::process::{Creds, Spawned, is_listening, spawn_in};
+use crate::process::{Creds, Spawned, is_listening, spawn_with};
 use crate::topology::Pod;
 use crate::util::{TempDir, assert_allowed_addr, run, wait_for};
 
@@ -208,6 +208,12 @@ impl Haproxy {
     /// Write the config, check it with `haproxy -c`, start `haproxy -db -f CFG` in `pod`
     /// as cfg.uid/cfg.gid, and wait (≤ 5 s) until its listeners are up.
     pub fn start(pod: &Pod, config: HaproxyConfig) -> io::Result<Haproxy> {
+        Haproxy::start_in(pod, pod.cgroup(), config)
+    }
+
+    /// Like [`Haproxy::start`], in `cgroup` (e.g. the pod's proxy container cgroup, a
+    /// child of the pod's) instead of the pod's own cgroup.
+    pub fn start_in(pod: &Pod, cgroup: &crate::TestCgroup, config: HaproxyConfig) -> io::Result<Haproxy> {
         if let OutboundBackend::Server(a) = &config.outbound {
             assert_allowed_addr(a.ip());
         }
@@ -219,7 +225,8 @@ impl Haproxy {
             .map_err(|e| io::Error::other(format!("haproxy -c rejected {cfg}: {e}\n{}", config.render())))?;
         let mut cmd = Command::new("haproxy");
         cmd.args(["-db", "-f", &cfg]);
-        let mut proc = spawn_in(pod, config.uid, config.gid, cmd)?;
+        let creds = Creds { uid: config.uid, gid: config.gid };
+        let mut proc = spawn_with(pod.netns(), cgroup, creds, cmd)?;
         let mut ports = vec![config.outbound_port];
         ports.extend(config.inbound_port);
         let pid = proc.pid();

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::process::{Creds, Spawned, spawn_in};
+use crate::cgroup::TestCgroup;
+use crate::process::{Creds, Spawned, spawn_in, spawn_with};
 use crate::topology::Pod;
 use crate::util::assert_allowed_addr;
 
@@ -157,10 +158,20 @@ impl Probe {
     /// Starts `sc-probe connect` without waiting (e.g. to hold connections open at once);
     /// collect it with [`Probe::finish_connect`].
     pub fn start_connect(&self, pod: &Pod, creds: Creds, target: &str, opts: &ConnectOpts) -> Spawned {
+        self.start_connect_in(pod, pod.cgroup(), creds, target, opts)
+    }
+
+    /// `sc-probe connect` in `pod`'s netns but in `cgroup` (a container's cgroup).
+    pub fn connect_in(&self, pod: &Pod, cgroup: &TestCgroup, creds: Creds, target: &str, opts: &ConnectOpts) -> ConnectResult {
+        let mut p = self.start_connect_in(pod, cgroup, creds, target, opts);
+        self.finish_connect(&mut p, target, opts)
+    }
+
+    fn start_connect_in(&self, pod: &Pod, cgroup: &TestCgroup, creds: Creds, target: &str, opts: &ConnectOpts) -> Spawned {
         check_target(target);
         let mut args = vec!["connect".to_owned(), target.to_owned()];
         args.extend(opts.args());
-        spawn_in(pod, creds.uid, creds.gid, self.command(&args))
+        spawn_with(pod.netns(), cgroup, creds, self.command(&args))
             .unwrap_or_else(|e| panic!("spawn sc-probe connect {target} in pod {}: {e}", pod.name()))
     }
 
@@ -192,9 +203,14 @@ impl Probe {
     /// Start `sc-probe listen ADDR [extra]` in `pod` as `creds`; returns once it printed
     /// its `listening` line (bounded: 5 s).
     pub fn listen(&self, pod: &Pod, creds: Creds, addr: &str, extra: &[&str]) -> ProbeListener {
+        self.listen_in(pod, pod.cgroup(), creds, addr, extra)
+    }
+
+    /// [`Probe::listen`] in `cgroup` (a container's cgroup) instead of the pod's own.
+    pub fn listen_in(&self, pod: &Pod, cgroup: &TestCgroup, creds: Creds, addr: &str, extra: &[&str]) -> ProbeListener {
         let mut args = vec!["listen".to_owned(), addr.to_owned()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut p = spawn_in(pod, creds.uid, creds.gid, self.command(&args))
+        let mut p = spawn_with(pod.netns(), cgroup, creds, self.command(&args))
             .unwrap_or_else(|e| panic!("spawn sc-probe listen {addr} in pod {}: {e}", pod.name()));
         assert!(
             p.wait_stdout("\"listening\"", Duration::from_secs(5)),

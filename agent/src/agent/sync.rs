@@ -65,6 +65,10 @@ pub struct Syncer {
     cookies: netns::CookieCache,
     /// Processes by netns, scanned from /proc once per pass when a new pod needs them.
     procs: Option<datapath::listeners::ProcNetns>,
+    /// The cgroup2 mount, for relative `sidecap.io/proxy-cgroup` paths (None: not found).
+    cgroup_root: Option<PathBuf>,
+    /// Last proxy-cgroup state logged per pod (so that it is logged once per change).
+    proxy_cgroups: BTreeMap<PodRef, Result<u64, String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +152,8 @@ impl Syncer {
             names,
             cookies: netns::CookieCache::default(),
             procs: None,
+            cgroup_root: cfg.cgroup_root.clone(),
+            proxy_cgroups: BTreeMap::new(),
         })
     }
 
@@ -186,7 +192,15 @@ impl Syncer {
             };
             seen.insert(cookie);
             let key = inputs.for_pod(pod, loaded.fingerprint());
-            if !full && self.managed.get(&cookie).is_some_and(|m| m.inputs == key && m.pod == pod_ref) {
+            // Resolved every pass, not only when the pod changes: a restarted proxy container
+            // has a new cgroup (same path or not), and the kernel must follow it.
+            let proxy_cgroup = self.proxy_cgroup(&pod_ref, pod);
+            if !full
+                && self
+                    .managed
+                    .get(&cookie)
+                    .is_some_and(|m| m.inputs == key && m.pod == pod_ref && m.config.proxy_cgroup == proxy_cgroup)
+            {
                 continue;
             }
             let registry = registry.get_or_init(|| sidecap_policy::registry::build(cluster));
@@ -203,7 +217,13 @@ impl Syncer {
             };
             match evaluated {
                 Ok((rules, hash, sidecar)) => {
-                    let config = sidecap_policy::with_ips(&rules.pod, &sidecap_policy::knobs::pod_ips(pod));
+                    let mut config = sidecap_policy::with_ips(&rules.pod, &sidecap_policy::knobs::pod_ips(pod));
+                    config.proxy_cgroup = proxy_cgroup;
+                    // (A named path that does not resolve was logged with its error above.)
+                    let named = pod.metadata.annotations.contains_key(sidecap_policy::knobs::ANN_PROXY_CGROUP);
+                    if config.flags & sidecap_common::pod_flags::PROXY_CGROUP != 0 && proxy_cgroup == 0 && !named {
+                        self.note_proxy_cgroup(&pod_ref, Err("not known yet".into()));
+                    }
                     wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar });
                 }
                 Err(e) => {
@@ -236,8 +256,33 @@ impl Syncer {
         let live: HashSet<PodRef> = cluster.meshed_pods().into_iter().collect();
         self.capacity_errors.retain(|p, _| live.contains(p));
         self.pod_errors.retain(|p, _| live.contains(p));
+        self.proxy_cgroups.retain(|p, _| live.contains(p));
         self.publish(&report);
         report
+    }
+
+    /// The proxy container's cgroup id from `sidecap.io/proxy-cgroup` (0: none, or not
+    /// found: under cgroup-bound identity nothing is then the proxy, fail closed).
+    fn proxy_cgroup(&mut self, pod_ref: &PodRef, pod: &sidecap_policy::model::Pod) -> u64 {
+        let Some(path) = pod.metadata.annotations.get(sidecap_policy::knobs::ANN_PROXY_CGROUP) else { return 0 };
+        let found = crate::cgroup::id_of(self.cgroup_root.as_deref(), path).map_err(|e| e.to_string());
+        self.note_proxy_cgroup(pod_ref, found.clone());
+        found.unwrap_or(0)
+    }
+
+    /// Logs a pod's proxy-cgroup state when it changes.
+    fn note_proxy_cgroup(&mut self, pod_ref: &PodRef, state: Result<u64, String>) {
+        if self.proxy_cgroups.get(pod_ref) == Some(&state) {
+            return;
+        }
+        match &state {
+            Ok(id) => tracing::info!(pod = %pod_ref, cgroup_id = id, "proxy cgroup found"),
+            Err(e) => tracing::warn!(
+                pod = %pod_ref,
+                "proxy cgroup {e}: under cgroup-bound identity the pod's proxy uid/gid is treated as an app's until it is found"
+            ),
+        }
+        self.proxy_cgroups.insert(pod_ref.clone(), state);
     }
 
     /// Rule sets whose every pod wants the same new content that differs only in listener

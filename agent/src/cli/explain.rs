@@ -59,7 +59,7 @@ pub enum ExplainError {
 
 pub fn explain(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), ExplainError> {
     let cluster = Cluster::load_paths(&args.config)?;
-    let policy = evaluate(&cluster, &args.pod, &EngineOptions { allow_any: args.allow_any })?;
+    let policy = evaluate(&cluster, &args.pod, &EngineOptions { allow_any: args.allow_any, ..Default::default() })?;
     let mut decisions = Vec::new();
     for to in &args.to {
         let d = policy.decide_outbound(*to);
@@ -74,6 +74,9 @@ pub fn explain(args: &ExplainArgs, out: &mut dyn Write) -> Result<(), ExplainErr
         "sidecar": policy.sidecar,
         "outboundTrafficPolicy": policy.outbound_traffic_policy.as_str(),
         "allowAny": policy.allow_any,
+        // From the pod's annotation; without one, `sidecap agent --proxy-identity` decides
+        // (explain --config assumes its default, uid).
+        "proxyIdentity": policy.proxy_identity,
         "meshed": policy.meshed,
         "netns": policy.netns,
         "listeners": policy.listeners.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),

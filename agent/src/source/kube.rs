@@ -11,10 +11,13 @@
 //! Sidecar that never typed holds the pods it could govern at their previous policy.
 //!
 //! A pod's netns is found from its processes (`netns::netns_of_pod`), unless the object
-//! already carries the `sidecap.io/netns` annotation.
+//! already carries the `sidecap.io/netns` annotation; its proxy container's cgroup from the
+//! `istio-proxy` container id in its status (`proxy_cgroup::container_cgroup`), unless it
+//! carries `sidecap.io/proxy-cgroup`.
 
 mod list;
 pub mod netns;
+pub mod proxy_cgroup;
 mod store;
 mod watch;
 
@@ -41,6 +44,10 @@ use crate::{
 
 /// A kept object and, for a running pod, its UID (to find its netns).
 type Kept = (Option<String>, Loaded<Object>);
+
+/// What was found on the node for pods, by (pod key, annotation): netns and proxy cgroup
+/// paths. A change makes a new snapshot even when no object changed.
+type Found = BTreeMap<(String, &'static str), PathBuf>;
 
 /// Sent with every request, so that audit logs name us.
 pub const USER_AGENT: &str = concat!("sidecap/", env!("CARGO_PKG_VERSION"));
@@ -70,6 +77,8 @@ pub struct KubeOptions {
     pub istio_namespace: String,
     /// procfs, scanned for pods' processes to find their netns.
     pub proc_root: PathBuf,
+    /// The cgroup2 mount, searched for proxy containers' cgroups (None: not looked for).
+    pub cgroup_root: Option<PathBuf>,
     /// Longest retry delay; None: kube's default backoff (0.8 s doubling to 30 s, jittered).
     pub retry_max: Option<Duration>,
     /// How often to look again for Istio's CRDs when the API server serves none.
@@ -94,6 +103,7 @@ impl KubeOptions {
             node_name: node_name.into(),
             istio_namespace: "istio-system".into(),
             proc_root: PathBuf::from("/proc"),
+            cgroup_root: None,
             retry_max: None,
             rediscover_interval: Duration::from_secs(60),
             debounce: Duration::from_millis(50),
@@ -119,7 +129,7 @@ pub struct KubeSource {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Change counter of the last delivered snapshot (None: nothing delivered yet).
     delivered: Option<u64>,
-    delivered_netns: BTreeMap<String, PathBuf>,
+    delivered_netns: Found,
     last_scan: Option<Instant>,
     /// Some meshed pod has no netns yet (looked for every `PENDING_RESCAN`).
     pending_netns: bool,
@@ -289,14 +299,17 @@ impl KubeSource {
         }
     }
 
-    /// Builds the snapshot; pods without a netns annotation get one from their processes.
-    fn build(&mut self) -> (Result<Cluster, String>, BTreeMap<String, PathBuf>) {
+    /// Builds the snapshot; pods without a netns annotation get one from their processes,
+    /// and pods without a proxy-cgroup annotation one from their proxy container's id.
+    fn build(&mut self) -> (Result<Cluster, String>, Found) {
         let (objects, held) = self.objects();
         let mut pids: Option<HashMap<String, u32>> = None;
         let mut netns_map = BTreeMap::new();
         let mut pending = false;
         let mut loaded = Vec::with_capacity(objects.len());
         for (uid, mut o) in objects {
+            // Annotations found for this pod, added in one change (the object is shared).
+            let mut found_anns: Vec<(&'static str, PathBuf)> = Vec::new();
             if let (Object::Pod(pod), Some(uid)) = (&o.obj, uid) {
                 let ann = sidecap_policy::knobs::ANN_NETNS;
                 if !pod.metadata.annotations.contains_key(ann) && sidecap_policy::knobs::is_meshed(pod) {
@@ -304,18 +317,33 @@ impl KubeSource {
                     let pids = pids.get_or_insert_with(|| netns::pod_pids(&self.opts.proc_root));
                     let found = pids.get(&uid.to_ascii_lowercase()).map(|pid| netns::netns_path(&self.opts.proc_root, *pid));
                     match found {
-                        Some(path) => {
-                            netns_map.insert(pod.metadata.key(), path.clone());
-                            let value = path.to_string_lossy().into_owned();
-                            o.modify(|obj| {
-                                if let Object::Pod(pod) = obj {
-                                    Arc::make_mut(pod).metadata.annotations.insert(ann.to_string(), value);
-                                }
-                            });
-                        }
+                        Some(path) => found_anns.push((ann, path)),
                         None => pending = true,
                     }
                 }
+                let ann = sidecap_policy::knobs::ANN_PROXY_CGROUP;
+                let root = self.opts.cgroup_root.as_deref();
+                let wanted = !pod.metadata.annotations.contains_key(ann) && sidecap_policy::knobs::is_meshed(pod);
+                if let Some(root) = root.filter(|_| wanted) {
+                    // A restarted proxy has a new id in the status, and a new cgroup.
+                    match pod.proxy_container_id().and_then(|id| proxy_cgroup::container_cgroup(root, &uid, id)) {
+                        Some(path) => found_anns.push((ann, path)),
+                        None => pending |= pod.proxy_container_id().is_some(),
+                    }
+                }
+                for (ann, path) in &found_anns {
+                    netns_map.insert((pod.metadata.key(), *ann), path.clone());
+                }
+            }
+            if !found_anns.is_empty() {
+                o.modify(|obj| {
+                    if let Object::Pod(pod) = obj {
+                        let pod = Arc::make_mut(pod);
+                        for (ann, path) in found_anns {
+                            pod.metadata.annotations.insert(ann.to_string(), path.to_string_lossy().into_owned());
+                        }
+                    }
+                });
             }
             loaded.push(o);
         }

@@ -6,9 +6,11 @@
 //! `#[inline(always)]` throughout, so that the kernel side compiles to what it would be
 //! written by hand (the verifier sees no calls and no trait objects).
 
+mod identity;
 mod inbound;
 mod outbound;
 
+pub use identity::{Caller, caller, needs_cgroup};
 pub use inbound::{Inbound, InboundStep, inbound};
 pub use outbound::{Connect, Outbound, OutboundStep, RedirectKind, Verdict, outbound};
 
@@ -89,7 +91,7 @@ mod tests {
     }
 
     fn connect(dst: [u8; 4], port: u16, proto: u8, uid: u32) -> Connect {
-        Connect { dst: v4(dst), port, proto, bound_src: [0; 4], uid, gid: uid }
+        Connect { dst: v4(dst), port, proto, bound_src: [0; 4], uid, gid: uid, cgroup: 0 }
     }
 
     #[test]
@@ -106,6 +108,28 @@ mod tests {
         assert_eq!(o.verdict, Verdict::Redirect { port: 15006, kind: RedirectKind::ProxyToSelf });
         assert_eq!(outbound(&pod(), &Empty, &connect(SVC, 80, proto::TCP, 1337)).verdict, Verdict::Untouched);
         assert_eq!(outbound(&pod(), &Empty, &connect([127, 0, 0, 1], 80, proto::TCP, 1337)).verdict, Verdict::Untouched);
+    }
+
+    #[test]
+    fn under_cgroup_identity_an_app_with_the_proxy_uid_is_an_app() {
+        let p = PodConfig { flags: pod().flags | pod_flags::PROXY_CGROUP, proxy_cgroup: 42, ..pod() };
+        let proxy = Connect { cgroup: 42, ..connect(SVC, 80, proto::TCP, 1337) };
+        assert_eq!(outbound(&p, &Empty, &proxy).step, OutboundStep::ProxyUid);
+        let borrowed = Connect { cgroup: 43, ..proxy };
+        let o = outbound(&p, &Empty, &borrowed);
+        assert_eq!(o.verdict, Verdict::Redirect { port: 15001, kind: RedirectKind::Capture });
+        assert_eq!(o.caller, Caller::OutsideProxyCgroup);
+        // Its call to its own pod is an app's (loopback passthrough), not the proxy's inbound detour.
+        assert_eq!(outbound(&p, &Empty, &Connect { dst: v4(POD_IP), port: 8080, ..borrowed }).step, OutboundStep::Loopback);
+        // REGISTRY_ONLY drops it; unknown cgroup (0) too.
+        let ro = PodConfig { default_action: action::DROP, ..p };
+        assert!(matches!(outbound(&ro, &Empty, &borrowed).verdict, Verdict::Drop { .. }));
+        let unknown = PodConfig { proxy_cgroup: 0, ..ro };
+        assert!(matches!(outbound(&unknown, &Empty, &proxy).verdict, Verdict::Drop { .. }));
+        // DNS goes to the DNS proxy like any app's.
+        let dns = PodConfig { flags: p.flags | pod_flags::DNS_CAPTURE, ..p };
+        assert_eq!(outbound(&dns, &Empty, &Connect { port: 53, proto: proto::UDP, ..borrowed }).step, OutboundStep::Dns);
+        assert_eq!(outbound(&dns, &Empty, &Connect { port: 53, proto: proto::UDP, ..proxy }).step, OutboundStep::ProxyUid);
     }
 
     #[test]

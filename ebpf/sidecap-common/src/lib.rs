@@ -59,6 +59,10 @@ pub mod pod_flags {
     /// includeOutboundIPRanges names a loopback prefix: istio-iptables then omits its
     /// "loopback, not the proxy → RETURN" rule, so only 127.0.0.1/::1 bypass the ranges.
     pub const LOOPBACK_IN_RANGE: u32 = 1 << 5;
+    /// Proxy identity is cgroup-bound: the proxy is the proxy uid/gid *and* a task in
+    /// `PodConfig::proxy_cgroup` (0: not known yet, which matches no task). Without the
+    /// flag the uid/gid alone decide, as in istio-iptables.
+    pub const PROXY_CGROUP: u32 = 1 << 6;
 }
 
 /// Per-pod configuration: `PODS[netns cookie]`.
@@ -89,6 +93,9 @@ pub struct PodConfig {
     pub _pad: [u8; 2],
     /// The pod's own addresses (IPv4-mapped or IPv6).
     pub ips: [[u8; 16]; MAX_POD_IPS],
+    /// cgroup v2 id (the directory's inode, as `bpf_get_current_cgroup_id` reports it) of
+    /// the proxy container, read only under `pod_flags::PROXY_CGROUP`; 0 while unknown.
+    pub proxy_cgroup: u64,
 }
 
 /// Protocol numbers used in keys.
@@ -322,7 +329,7 @@ mod tests {
     // Sizes are part of the pinned-map ABI: a change must be deliberate.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<PodConfig>(), 32 + 64);
+        assert_eq!(size_of::<PodConfig>(), 32 + 64 + 8);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<CidrKey>(), 20);
         assert_eq!(size_of::<ListenerKey>(), 24);

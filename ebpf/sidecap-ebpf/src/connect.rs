@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
 use sidecap_common::{DropEvent, OrigDst, PodConfig, proto};
@@ -10,6 +10,7 @@ use sidecap_common::{DropEvent, OrigDst, PodConfig, proto};
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
+    identity,
     maps::{DROP_EVENTS, ORIG_DST_BY_COOKIE, PODS},
     outbound::{self, Connect, RedirectKind, Verdict},
 };
@@ -114,8 +115,8 @@ fn apply(
     family: u16,
 ) -> Option<Option<(Addr, u32)>> {
     let port = u16::from_be(port_be as u16);
-    let ids = bpf_get_current_uid_gid();
-    let c = Connect { dst, port, proto, bound_src: bound, uid: ids as u32, gid: (ids >> 32) as u32 };
+    let (uid, gid, cgroup) = identity::current(pod);
+    let c = Connect { dst, port, proto, bound_src: bound, uid, gid, cgroup };
     match outbound::decide(pod, &c) {
         Verdict::Untouched => Some(None),
         Verdict::Passthrough => {

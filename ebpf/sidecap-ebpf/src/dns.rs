@@ -4,14 +4,15 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use sidecap_common::{OrigDst, pod_flags};
+use sidecap_common::{OrigDst, decide, pod_flags};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
+    identity,
     maps::{DNS_ORIG, PODS},
 };
 
@@ -38,9 +39,9 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
     if pod.flags & pod_flags::DNS_CAPTURE == 0 {
         return None;
     }
-    let ids = bpf_get_current_uid_gid();
     // The DNS proxy itself runs as the proxy user and must reach the real resolver.
-    if ids as u32 == pod.proxy_uid || (ids >> 32) as u32 == pod.proxy_gid {
+    let (uid, gid, cgroup) = identity::current(&pod);
+    if decide::caller(&pod, uid, gid, cgroup).is_proxy() {
         return None;
     }
     Some((netns, pod.dns_port))

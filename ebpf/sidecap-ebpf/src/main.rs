@@ -7,6 +7,7 @@ mod addr;
 mod connect;
 mod counters;
 mod dns;
+mod identity;
 mod inbound;
 mod lookup;
 mod maps;

@@ -94,7 +94,17 @@ pub fn app_id(pod: &PodConfig) -> u32 {
 /// An application socket (not the proxy's, not bound) connecting to `dst`.
 pub fn app_connect(pod: &PodConfig, dst: SocketAddr, l4: u8) -> Connect {
     let id = app_id(pod);
-    Connect { dst: kernel_addr(dst.ip()), port: dst.port(), proto: l4, bound_src: [0; 4], uid: id, gid: id }
+    Connect { dst: kernel_addr(dst.ip()), port: dst.port(), proto: l4, bound_src: [0; 4], uid: id, gid: id, cgroup: 1 }
+}
+
+/// The proxy's socket (its uid and gid, in its own cgroup) connecting to `dst`.
+pub fn proxy_connect(pod: &PodConfig, dst: SocketAddr, l4: u8) -> Connect {
+    Connect { uid: pod.proxy_uid, gid: pod.proxy_gid, cgroup: pod.proxy_cgroup, ..app_connect(pod, dst, l4) }
+}
+
+/// A cgroup id that is not the proxy's (an app container's).
+pub fn other_cgroup(pod: &PodConfig) -> u64 {
+    pod.proxy_cgroup.wrapping_add(1).max(2)
 }
 
 /// What connect does with `c`, and the rule that decided.

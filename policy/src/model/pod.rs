@@ -49,6 +49,19 @@ pub struct PodStatus {
     pub pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
+    pub container_statuses: Vec<ContainerStatus>,
+    /// Native sidecars (`restartPolicy: Always`) report here.
+    pub init_container_statuses: Vec<ContainerStatus>,
+}
+
+/// The part of a container's status the agent reads: which container runs now.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ContainerStatus {
+    pub name: String,
+    /// `<runtime>://<id>` (e.g. `containerd://0123…`); absent until the container is created.
+    #[serde(rename = "containerID")]
+    pub container_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -65,6 +78,16 @@ impl Pod {
 
     pub fn proxy_container(&self) -> Option<&Container> {
         self.all_containers().find(|c| c.name == "istio-proxy")
+    }
+
+    /// The running `istio-proxy` container's id without its `<runtime>://` scheme, from
+    /// `containerStatuses` or (native sidecar) `initContainerStatuses`.
+    pub fn proxy_container_id(&self) -> Option<&str> {
+        let st = &self.status;
+        let s = st.init_container_statuses.iter().chain(&st.container_statuses).find(|c| c.name == "istio-proxy")?;
+        let id = s.container_id.as_deref()?;
+        let id = id.split_once("://").map_or(id, |(_, id)| id);
+        (!id.is_empty()).then_some(id)
     }
 }
 

@@ -16,7 +16,7 @@ pub fn pod_uid_in_cgroup_line(line: &str) -> Option<String> {
 }
 
 /// `pod<uid>`, `pod<uid_>.slice`, `kubepods-besteffort-pod<uid_>.slice`.
-fn pod_uid_in_segment(seg: &str) -> Option<String> {
+pub(crate) fn pod_uid_in_segment(seg: &str) -> Option<String> {
     let seg = seg.strip_suffix(".slice").unwrap_or(seg);
     let rest = match seg.strip_prefix("pod") {
         Some(r) => r,
@@ -26,7 +26,7 @@ fn pod_uid_in_segment(seg: &str) -> Option<String> {
 }
 
 /// A UID is 8-4-4-4-12 hex digits; systemd slices spell the dashes as underscores.
-fn normalise_uid(s: &str) -> Option<String> {
+pub(crate) fn normalise_uid(s: &str) -> Option<String> {
     let groups: Vec<&str> = s.split(['-', '_']).collect();
     let shape_ok =
         groups.len() == 5 && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));

@@ -6,7 +6,7 @@ use crate::{
     proto,
 };
 
-use super::{Lookup, is_pod_ip};
+use super::{Caller, Lookup, caller, is_pod_ip};
 
 // Both LPM lookups are made with full-length keys.
 const _: () = assert!(CIDR_FIXED_BITS + 128 == (core::mem::size_of::<CidrKey>() * 8) as u32);
@@ -24,6 +24,8 @@ pub struct Connect {
     pub bound_src: Addr,
     pub uid: u32,
     pub gid: u32,
+    /// The task's cgroup v2 id; read only when `needs_cgroup` (the kernel leaves it 0 otherwise).
+    pub cgroup: u64,
 }
 
 /// What connect does with the socket.
@@ -88,11 +90,13 @@ pub enum OutboundStep {
 pub struct Outbound {
     pub verdict: Verdict,
     pub step: OutboundStep,
+    /// Who the caller was taken for (from step 2 on; `App` before it).
+    pub caller: Caller,
 }
 
 #[inline(always)]
 fn done(verdict: Verdict, step: OutboundStep) -> Outbound {
-    Outbound { verdict, step }
+    Outbound { verdict, step, caller: Caller::App }
 }
 
 /// The outbound decision, in istio-iptables' rule order.
@@ -115,8 +119,10 @@ pub fn outbound<L: Lookup>(pod: &PodConfig, maps: &L, c: &Connect) -> Outbound {
     if ip::eq(&c.bound_src, &ip::from_v4(ip::INBOUND_PASSTHROUGH_V4)) || ip::eq(&c.bound_src, &ip::INBOUND_PASSTHROUGH_V6) {
         return done(Verdict::Untouched, S::PassthroughSource);
     }
-    let uid_match = c.uid == pod.proxy_uid;
-    if uid_match || c.gid == pod.proxy_gid {
+    let who = caller(pod, c.uid, c.gid, c.cgroup);
+    let done = |verdict, step| Outbound { verdict, step, caller: who };
+    if who.is_proxy() {
+        let uid_match = who == Caller::ProxyUid;
         let dns = pod.flags & pod_flags::DNS_CAPTURE != 0;
         let lo_routed = ip::is_loopback(&c.dst) || is_pod_ip(pod, &c.dst);
         // `-o lo ! -d 127.0.0.1 -p tcp ! --dport 15008 … -j ISTIO_IN_REDIRECT`: the proxy
