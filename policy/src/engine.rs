@@ -151,17 +151,19 @@ pub fn evaluate_in(cluster: &Cluster, registry: &[ServiceView], pod_ref: &PodRef
         }
     }
 
-    let mut services: Vec<ImportedService> = per_listener
+    // Sorted and deduplicated as borrowed names, then copied once (the default mesh imports
+    // every service: 20,000 entries at 10,000 Services).
+    let mut names: Vec<(&str, &str, u16)> = per_listener
         .iter()
         .flat_map(|(_, imps)| imps.iter())
-        .flat_map(|i| {
-            i.ports
-                .iter()
-                .map(|p| ImportedService { namespace: i.svc.namespace.clone(), hostname: i.svc.hostname.clone(), port: p.port })
-        })
+        .flat_map(|i| i.ports.iter().map(|p| (i.svc.namespace.as_str(), i.svc.hostname.as_str(), p.port)))
         .collect();
-    services.sort();
-    services.dedup();
+    names.sort_unstable();
+    names.dedup();
+    let services: Vec<ImportedService> = names
+        .into_iter()
+        .map(|(namespace, hostname, port)| ImportedService { namespace: namespace.to_string(), hostname: hostname.to_string(), port })
+        .collect();
 
     let listeners = listeners::build(&BuildContext {
         interception_none: knobs.interception == knobs::Interception::None,
