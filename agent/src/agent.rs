@@ -213,6 +213,7 @@ fn save_if(state: &LoopState, changed: bool) {
 use crate::{
     admin::{self, Health},
     cni, datapath,
+    trace,
     metrics::{ErrorLabels, KernelCounters, Metrics, PodNames},
     source::{
         Source,
@@ -254,6 +255,8 @@ pub struct Config {
     pub mprog: bool,
     /// How often the programs ahead of sidecap's are looked for.
     pub order_check: Duration,
+    /// Trace records per second each `sidecap trace` session, and the agent's log, pass.
+    pub trace_rate: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +271,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error(transparent)]
     Cni(#[from] cni::server::Error),
+    #[error(transparent)]
+    Trace(#[from] trace::logger::Error),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -301,13 +306,17 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             Box::new(k)
         }
     };
+    let hub = Arc::new(trace::TraceHub::new(cfg.trace_rate));
     if let Some(addr) = cfg.admin_addr {
-        let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone())?;
-        tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
+        let sessions = admin::Trace { hub: hub.clone(), names: names.clone() };
+        let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone(), Some(sessions))?;
+        tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz, /trace");
     }
     datapath::probe(&cfg.cgroup)?;
     let mprog = cfg.mprog && datapath::probe_mprog(&cfg.cgroup).map_err(datapath::Error::from)?;
-    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
+    let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
+    // The programs just loaded write their trace records here (pods with the switch on).
+    trace::logger::spawn(&mut ebpf, hub.clone(), names.clone())?;
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
@@ -362,6 +371,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     drop(tx);
 
     let mut state = LoopState::default();
+    let mut trace_generation = 0;
     if let Some(socket) = &cfg.cni_socket {
         let path = cni::state::CniState::path_for(socket);
         match cni::state::CniState::load(&path) {
@@ -469,6 +479,13 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             answer_cni(&mut state, &empty, &syncer, cfg.cni_wait);
         }
         syncer.drain_drop_events();
+        // `sidecap trace` sessions that came or went: their pods' switches, at once.
+        let (generation, traced) = hub.traced();
+        if generation != trace_generation {
+            syncer.set_traced(traced);
+            trace_generation = generation;
+            hub.mark_applied(generation);
+        }
     }
     tracing::info!("stopping; capture stays in place (pinned)");
     Ok(())

@@ -59,6 +59,7 @@ fn flag_names(f: u32) -> Vec<&'static str> {
         (pod_flags::INBOUND_CAPTURE, "inbound"),
         (pod_flags::INBOUND_ALL_PORTS, "all-inbound-ports"),
         (pod_flags::DNS_CAPTURE, "dns"),
+        (pod_flags::TRACE, "trace"),
     ]
     .into_iter()
     .filter(|(b, _)| f & b != 0)

@@ -13,3 +13,4 @@ pub mod inspect;
 pub mod metrics;
 pub mod netns;
 pub mod source;
+pub mod trace;

@@ -15,8 +15,9 @@ use crate::{
 };
 
 /// Version of the pinned layout. 1: the first versioned layout (pins made before it
-/// carry no version and read as 0).
-pub const VERSION: u32 = 1;
+/// carry no version and read as 0). 2: `pod_flags::TRACE`, and `OrigDst::flags` (was
+/// padding) with `trace::orig_flags::TRACED`.
+pub const VERSION: u32 = 2;
 
 /// Directories and pins under `--bpffs`.
 pub mod pin {

@@ -7,12 +7,13 @@ use aya_ebpf::{
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use sidecap_common::{OrigDst, pod_flags};
+use sidecap_common::{OrigDst, pod_flags, trace::DnsRecord};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     maps::{DNS_ORIG, PODS},
+    trace,
 };
 
 const ALLOW: i32 = 1;
@@ -25,9 +26,17 @@ unsafe fn rd(p: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(p) }
 }
 
+/// Where a captured query goes, and what a traced pod's record needs.
+struct Target {
+    netns: u64,
+    dns_port: u16,
+    traced: bool,
+    ids: u64,
+}
+
 /// The DNS port to redirect to, when this socket's pod captures DNS and the caller is the app.
 #[inline(always)]
-fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
+fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<Target> {
     if port != 53 {
         return None;
     }
@@ -43,14 +52,32 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
     if ids as u32 == pod.proxy_uid || (ids >> 32) as u32 == pod.proxy_gid {
         return None;
     }
-    Some((netns, pod.dns_port))
+    Some(Target { netns, dns_port: pod.dns_port, traced: pod.flags & pod_flags::TRACE != 0, ids })
+}
+
+/// A traced pod's record of one redirected query.
+#[inline(always)]
+fn traced(ctx: &SockAddrContext, t: &Target, dst: &Addr, port: u16, family: u8) {
+    if t.traced {
+        let r = DnsRecord {
+            netns: t.netns,
+            dst: addr::to_bytes(dst),
+            uid: t.ids as u32,
+            gid: (t.ids >> 32) as u32,
+            dst_port: port,
+            to_port: t.dns_port,
+            family,
+            _pad: [0; 3],
+        };
+        trace::dns(ctx, &r);
+    }
 }
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, dst: &Addr, port: u16, family: u16) {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let od = OrigDst { addr: addr::to_bytes(dst), port, family, _pad: 0 };
+    let od = OrigDst { addr: addr::to_bytes(dst), port, family, flags: 0 };
     let _ = DNS_ORIG.insert(cookie, od, 0);
 }
 
@@ -59,13 +86,15 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (ip, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let port = u16::from_be(port_be as u16);
-    let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
+    let Some(t) = dns_target(ctx, port) else { return ALLOW };
     let dst = addr::from_v4(ip);
     if addr::is_loopback(&dst) {
         return ALLOW;
     }
     remember(ctx, &dst, port, AF_INET);
-    counters::add(netns, Counter::Dns);
+    counters::add(t.netns, Counter::Dns);
+    traced(ctx, &t, &dst, port, 4);
+    let to = t.dns_port;
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {
         (*sa).user_ip4 = addr::LOCALHOST_V4;
@@ -82,12 +111,14 @@ pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
         ([rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])], (*sa).user_port)
     };
     let port = u16::from_be(port_be as u16);
-    let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
+    let Some(t) = dns_target(ctx, port) else { return ALLOW };
     if addr::is_loopback(&dst) {
         return ALLOW;
     }
     remember(ctx, &dst, port, AF_INET6);
-    counters::add(netns, Counter::Dns);
+    counters::add(t.netns, Counter::Dns);
+    traced(ctx, &t, &dst, port, 6);
+    let to = t.dns_port;
     let lo = addr::localhost_like(&dst, true);
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {

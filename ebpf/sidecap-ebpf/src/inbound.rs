@@ -8,13 +8,17 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkLookupContext, SockOpsContext},
 };
-use sidecap_common::{decide, proto};
+use sidecap_common::{
+    decide, pod_flags, proto,
+    trace::{SkLookupRecord, assign},
+};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     lookup::KernelMaps,
     maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
+    trace,
 };
 
 const AF_INET: u32 = 2;
@@ -82,19 +86,40 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     let netns = unsafe { *POD_ADDRS.get_ptr(addr::to_bytes(&local))? };
     // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
     let pod = unsafe { *PODS.get_ptr(netns)? };
-    if !decide::inbound(&pod, &KernelMaps, &remote, lport as u16).capture {
-        return None;
-    }
-    // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the
-    // proxy is not up: the connection goes to the app as if uncaptured.
-    let assigned = if family == AF_INET {
-        INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns, 0).is_ok()
-            || INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+    let decision = decide::inbound(&pod, &KernelMaps, &remote, lport as u16);
+    let result = if !decision.capture {
+        assign::PASSED
     } else {
-        INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+        // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the
+        // proxy is not up: the connection goes to the app as if uncaptured.
+        let assigned = if family == AF_INET {
+            INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns, 0).is_ok()
+                || INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+        } else {
+            INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+        };
+        if assigned {
+            counters::add(netns, Counter::InboundCaptured);
+            assign::ASSIGNED
+        } else {
+            assign::NO_LISTENER
+        }
     };
-    if assigned {
-        counters::add(netns, Counter::InboundCaptured);
+    // The one branch an untraced pod pays.
+    if pod.flags & pod_flags::TRACE != 0 {
+        // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; the field is read by value.
+        let remote_port = u16::from_be(unsafe { (*l).remote_port } as u16);
+        let r = SkLookupRecord {
+            netns,
+            remote: addr::to_bytes(&remote),
+            local: addr::to_bytes(&local),
+            remote_port,
+            port: lport as u16,
+            rule: decision.step.rule(),
+            result,
+            _pad: [0; 2],
+        };
+        trace::sk_lookup(ctx, &r);
     }
     Some(())
 }

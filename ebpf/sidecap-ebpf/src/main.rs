@@ -12,6 +12,7 @@ mod lookup;
 mod maps;
 mod origdst;
 mod outbound;
+mod trace;
 
 use aya_ebpf::{
     bindings::{
