@@ -213,13 +213,13 @@ fn save_if(state: &LoopState, changed: bool) {
 use crate::{
     admin::{self, Health},
     cni, datapath,
-    trace,
     metrics::{ErrorLabels, KernelCounters, Metrics, PodNames},
     source::{
         Source,
         dir::DirSource,
         kube::{self, KubeOptions, KubeSource},
     },
+    trace,
 };
 
 /// Where the cluster's objects come from.
@@ -469,6 +469,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 }
             }
             answer_cni(&mut state, &cluster, &syncer, cfg.cni_wait);
+            hub.set_rule_sets(syncer.rule_sets_by_netns());
             if let Some(p) = source_pods {
                 cluster.pods = p;
             }

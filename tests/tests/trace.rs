@@ -24,11 +24,15 @@ struct TraceCli {
 
 impl TraceCli {
     fn start(admin: std::net::SocketAddr, pod: &str, extra: &[&str]) -> TraceCli {
+        TraceCli::start_as(admin, pod, "json", extra)
+    }
+
+    fn start_as(admin: std::net::SocketAddr, pod: &str, output: &str, extra: &[&str]) -> TraceCli {
         let dir = TempDir::new("sctr-cli").expect("temp dir");
         let out = std::fs::File::create(dir.path().join("out")).expect("stdout file");
         let err = std::fs::File::create(dir.path().join("err")).expect("stderr file");
         let child = Command::new(sidecap_bin())
-            .args(["trace", "--pod", pod, "--output", "json", "--admin-addr", &admin.to_string()])
+            .args(["trace", "--pod", pod, "--output", output, "--admin-addr", &admin.to_string()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(out)
@@ -49,12 +53,16 @@ impl TraceCli {
         std::fs::read_to_string(self.path("err")).unwrap_or_default()
     }
 
-    fn lines(&self) -> Vec<serde_json::Value> {
+    fn stdout(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = std::fs::File::open(self.path("out")) {
             let _ = f.read_to_string(&mut s);
         }
-        s.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        s
+    }
+
+    fn lines(&self) -> Vec<serde_json::Value> {
+        self.stdout().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Kernel records (not the `{"dropped": N}` reports).
@@ -114,7 +122,12 @@ impl Drop for TraceCli {
 }
 
 fn flags(m: &Mesh, pod: &Pod) -> Vec<String> {
-    m.inspect_pod(pod)["flags"].as_array().expect("flags").iter().filter_map(|f| f.as_str().map(String::from)).collect()
+    m.inspect_pod(pod)["flags"]
+        .as_array()
+        .expect("flags")
+        .iter()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect()
 }
 
 fn traced(m: &Mesh, pod: &Pod) -> bool {
@@ -147,7 +160,13 @@ fn a_traced_pod_gives_one_record_per_decision_naming_its_step() {
     let _hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
     let _app = probe().listen(a, Creds::APP, "0.0.0.0:8080", &[]);
 
-    assert!(!inspect(pins.path()).as_array().unwrap().iter().any(|p| p["flags"].as_array().unwrap().contains(&"trace".into())));
+    assert!(
+        !inspect(pins.path())
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["flags"].as_array().unwrap().contains(&"trace".into()))
+    );
     let cli = TraceCli::start(agent.admin_addr(), "default/a", &[]);
     let a_flags = |v: serde_json::Value| {
         v.as_array().unwrap().iter().find(|p| p["pod"] == "default/a").map(|p| p["flags"].clone()).unwrap_or_default()
@@ -184,14 +203,19 @@ fn a_traced_pod_gives_one_record_per_decision_naming_its_step() {
     let dns_tcp = cli.wait_record("DNS over TCP", |r| r["hook"] == "connect4" && r["dst"] == "10.251.100.10:53");
     assert_eq!((&dns_tcp["verdict"], &dns_tcp["step"], &dns_tcp["to"]), (&"dns".into(), &3.into(), &"127.0.0.1:15053".into()));
     let dns_udp = cli.wait_record("DNS over UDP", |r| r["hook"] == "sendmsg4");
-    assert_eq!((&dns_udp["dst"], &dns_udp["verdict"], &dns_udp["to"]), (&"10.251.100.10:53".into(), &"dns".into(), &"127.0.0.1:15053".into()));
+    assert_eq!(
+        (&dns_udp["dst"], &dns_udp["verdict"], &dns_udp["to"]),
+        (&"10.251.100.10:53".into(), &"dns".into(), &"127.0.0.1:15053".into())
+    );
     // The proxy's SO_ORIGINAL_DST for the captured connection, and for the inbound one.
     let orig = cli.wait_record("the proxy's original destination", |r| r["hook"] == "getsockopt" && r["result"] == "captured");
     assert_eq!(orig["orig"], "10.251.100.10:80", "{orig:#}");
     let lookup = cli.wait_record("the inbound connection", |r| r["hook"] == "sk_lookup");
     assert_eq!((&lookup["port"], &lookup["result"]), (&8080.into(), &"assigned".into()), "{lookup:#}");
     assert!(lookup["remote"].as_str().is_some_and(|r| r.starts_with(&format!("{}:", b.ipv4()))), "{lookup:#}");
-    cli.wait_record("the inbound original destination", |r| r["hook"] == "getsockopt" && r["result"] == "inbound" && r["orig"] == inbound_to);
+    cli.wait_record("the inbound original destination", |r| {
+        r["hook"] == "getsockopt" && r["result"] == "inbound" && r["orig"] == inbound_to
+    });
 
     // One record per decision: the app's connect to each destination was seen exactly once
     // (the proxy's own upstream connect is a decision of its own: step 2, untouched).
@@ -202,7 +226,10 @@ fn a_traced_pod_gives_one_record_per_decision_naming_its_step() {
         assert_eq!(n, 1, "{dst}: {records:#?}");
     }
     let upstream = cli.wait_record("the proxy's upstream connect", |r| r["hook"] == "connect4" && r["uid"] == Creds::PROXY.uid);
-    assert_eq!((&upstream["verdict"], &upstream["step"], &upstream["rule"]), (&"untouched".into(), &2.into(), &"the proxy's own traffic (uid)".into()));
+    assert_eq!(
+        (&upstream["verdict"], &upstream["step"], &upstream["rule"]),
+        (&"untouched".into(), &2.into(), &"the proxy's own traffic (uid)".into())
+    );
     assert!(records.iter().all(|r| r["pod"] == "default/a"), "{records:#?}");
     // The agent forwards every record into its log, named; the untraced pod has none.
     assert!(logged_records(&agent, "default/a") >= records.len(), "agent log:\n{}", agent.log());
@@ -263,12 +290,7 @@ fn stopping_killing_or_pausing_the_cli_turns_the_trace_off() {
 fn the_annotation_traces_without_a_cli_and_a_burst_is_rate_limited() {
     require_root!();
     set_name_prefix("sctr");
-    let m = Mesh::start(MeshSpec {
-        pods: &["a", "b"],
-        annotations: &[],
-        files: &[],
-        agent_args: &["--trace-rate", "3"],
-    });
+    let m = Mesh::start(MeshSpec { pods: &["a", "b"], annotations: &[], files: &[], agent_args: &["--trace-rate", "3"] });
     let (a, b) = (m.pod("a"), m.pod("b"));
     m.mesh.pod(a, "default", &[("app", "a")], &[("sidecap.io/trace", "true")]);
     wait_until("the annotation's switch", Duration::from_secs(10), || traced(&m, a));
@@ -297,4 +319,49 @@ fn the_annotation_traces_without_a_cli_and_a_burst_is_rate_limited() {
     assert_eq!(got + dropped, 12, "every record is either shown or counted: {err}");
     // The annotation keeps the switch on after the session.
     assert!(traced(&m, a));
+}
+
+/// The README's example session: the seed's REGISTRY_ONLY client (Sidecar
+/// `policy/testdata/seed-sidecars/05-registry-only-8080.yaml`: port 8080 of its own
+/// namespace only), its 8080 connect captured at step 6 and another port dropped at step 7.
+#[test]
+fn the_seed_registry_only_client_traced_as_in_the_readme() {
+    require_root!();
+    set_name_prefix("sctr");
+    let demoapp = Ipv4Addr::new(10, 251, 100, 10);
+    let other = Ipv4Addr::new(10, 251, 100, 20);
+    let topo = Topology::builder().pod("client").service_addr(demoapp).service_addr(other).build().expect("topology");
+    let client = topo.pod("client");
+    let mesh = MeshDir::new();
+    mesh.pod(client, "default", &[("run", "client")], &[]);
+    mesh.service("default", "demoapp", demoapp.into(), &[("http", 8080)]);
+    mesh.service("default", "other", other.into(), &[("tcp", 80)]);
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy/testdata/seed-sidecars/05-registry-only-8080.yaml");
+    mesh.write("sidecar-client.yaml", &std::fs::read_to_string(seed).expect("the seed's REGISTRY_ONLY Sidecar"));
+    let pins = BpfPinDir::new("sctr").expect("pins");
+    let mut agent = Agent::start(topo.cgroup().path(), pins.path(), mesh.path(), &[]);
+    agent.wait_pods(&[client.cookie().expect("cookie")], 1, fixture::WAIT);
+    let _up = Upstream::start(topo.services(), (demoapp, 8080).into()).expect("upstream");
+    let _hp = Haproxy::start(client, HaproxyConfig::default()).expect("haproxy");
+
+    let mut cli = TraceCli::start_as(agent.admin_addr(), "default/client", "text", &[]);
+    assert!(probe().connect(client, Creds::APP, "10.251.100.10:8080", &ConnectOpts::send("GET /")).ok);
+    let r = probe().connect(client, Creds::APP, "10.251.100.20:80", &ConnectOpts::send("hi"));
+    assert_eq!(r.errno, Some(1), "{r:?}");
+    wait_until("the drop's record", Duration::from_secs(5), || cli.stdout().contains("dst=10.251.100.20:80"));
+    cli.signal(libc::SIGINT);
+    assert_eq!(cli.wait(), Some(0), "{}", cli.stderr());
+    let out = cli.stdout();
+    println!("$ sidecap trace --pod default/client\n{}{out}", cli.stderr());
+    let line = |dst: &str| {
+        out.lines()
+            .find(|l| l.contains(" connect4 ") && l.contains(&format!(" dst={dst} ")) && l.contains(" uid=1000 "))
+            .unwrap_or_else(|| panic!("no connect to {dst}:\n{out}"))
+    };
+    let captured = line("10.251.100.10:8080");
+    assert!(captured.contains(" verdict=capture step=6 rule=\"outbound listener\" listener="), "{captured}");
+    assert!(captured.contains(" listener_name=0.0.0.0_8080 to=127.0.0.1:15001"), "{captured}");
+    let dropped = line("10.251.100.20:80");
+    assert!(dropped.contains(" verdict=drop step=7 rule=\"no listener: the pod's default\""), "{dropped}");
+    assert!(out.lines().any(|l| l.contains(" getsockopt ") && l.contains("result=captured orig=10.251.100.10:8080")), "{out}");
 }

@@ -557,6 +557,11 @@ impl Syncer {
         }
     }
 
+    /// Each managed pod's rule set (by netns), for naming the listeners of trace records.
+    pub fn rule_sets_by_netns(&self) -> BTreeMap<u64, Arc<sidecap_policy::Generation>> {
+        self.managed.iter().filter_map(|(n, m)| Some((*n, self.sets.get(m.config.policy)?.rules.clone()))).collect()
+    }
+
     /// True when `pod` (`namespace/name`) has its policy in the kernel.
     pub fn is_managed(&self, pod: &PodRef) -> bool {
         self.managed.values().any(|m| m.pod == *pod)

@@ -84,8 +84,7 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<Summary, TraceErro
     }
     let addr = args.admin;
     let io = |source| TraceError::Io { addr, source };
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|source| TraceError::Connect { addr, source })?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|source| TraceError::Connect { addr, source })?;
     stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(io)?;
     write!(stream, "GET {PATH}?pod={} HTTP/1.1\r\nHost: sidecap\r\nAccept: {CONTENT_TYPE}\r\n\r\n", args.pod).map_err(io)?;
 
@@ -124,7 +123,9 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<Summary, TraceErro
         match stream.read(&mut buf) {
             Ok(0) => break Ok(()),
             Ok(n) => dec.feed(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) =>
+            {
                 continue;
             }
             // The agent may reset after its last frame.

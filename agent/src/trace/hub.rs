@@ -80,13 +80,25 @@ struct Inner {
 /// records) and the agent's loop (keeps the `PODS` switches in step).
 pub struct TraceHub {
     inner: Mutex<Inner>,
+    /// Each pod's rule set by netns: a record's listener id is named from it.
+    rule_sets: Mutex<BTreeMap<u64, Arc<sidecap_policy::Generation>>>,
     applied: Condvar,
     rate: u32,
 }
 
 impl TraceHub {
     pub fn new(rate: u32) -> Self {
-        TraceHub { inner: Mutex::default(), applied: Condvar::new(), rate: rate.max(1) }
+        TraceHub { inner: Mutex::default(), rule_sets: Mutex::default(), applied: Condvar::new(), rate: rate.max(1) }
+    }
+
+    /// The agent's loop, after each pass.
+    pub fn set_rule_sets(&self, sets: BTreeMap<u64, Arc<sidecap_policy::Generation>>) {
+        *self.rule_sets.lock().unwrap_or_else(|p| p.into_inner()) = sets;
+    }
+
+    /// The name of listener `id` in the rule set of the pod at `netns` (`0.0.0.0_8080`).
+    pub fn listener_name(&self, netns: u64, id: u32) -> Option<String> {
+        self.rule_sets.lock().unwrap_or_else(|p| p.into_inner()).get(&netns)?.listener_names.get(&id).cloned()
     }
 
     pub fn rate(&self) -> u32 {
@@ -106,7 +118,8 @@ impl TraceHub {
         g.next_id += 1;
         g.generation += 1;
         let id = g.next_id;
-        g.sessions.insert(id, Session { pod: pod.to_string(), tx, bucket: TokenBucket::new(self.rate), dropped: dropped.clone() });
+        g.sessions
+            .insert(id, Session { pod: pod.to_string(), tx, bucket: TokenBucket::new(self.rate), dropped: dropped.clone() });
         Opened { id, generation: g.generation, records, dropped }
     }
 

@@ -55,7 +55,10 @@ impl log::Log for Forward {
             .ok()
             .and_then(|n| n.get(&parsed.netns).cloned())
             .unwrap_or_else(|| format!("netns {}", parsed.netns));
-        let json = parsed.to_json(&pod, unix_ms());
+        let mut json = parsed.to_json(&pod, unix_ms());
+        if let Some(name) = parsed.get("listener").and_then(|v| v.as_u64()).and_then(|id| self.hub.listener_name(parsed.netns, id as u32)) {
+            json["listener_name"] = serde_json::Value::from(name);
+        }
         self.hub.dispatch(&pod, &json);
         let allowed = self.log_rate.lock().map(|mut b| b.take()).unwrap_or(false);
         if allowed {

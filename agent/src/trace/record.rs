@@ -153,21 +153,37 @@ impl Record {
 /// Fields shown before the rest of a text line.
 const HEAD: &[&str] = &["time_ms", "pod", "hook", "netns"];
 /// The order fields are shown in a text line.
-const TEXT_ORDER: &[&str] =
-    &["proto", "src", "dst", "local", "remote", "port", "uid", "gid", "verdict", "step", "rule", "listener", "result", "orig", "to", "to_port"];
+const TEXT_ORDER: &[&str] = &[
+    "proto",
+    "src",
+    "dst",
+    "local",
+    "remote",
+    "port",
+    "uid",
+    "gid",
+    "verdict",
+    "step",
+    "rule",
+    "listener",
+    "listener_name",
+    "result",
+    "orig",
+    "to",
+];
 
 /// One line of `sidecap trace --output text` for a record in its JSON form.
 pub fn render_text(v: &Value) -> String {
     let Some(m) = v.as_object() else { return v.to_string() };
     let time = m.get("time_ms").and_then(Value::as_u64).map(clock).unwrap_or_default();
-    let mut out = format!(
-        "{time} {} {}",
-        m.get("pod").and_then(Value::as_str).unwrap_or("?"),
-        m.get("hook").and_then(Value::as_str).unwrap_or("?")
-    );
+    let mut out =
+        format!("{time} {} {}", m.get("pod").and_then(Value::as_str).unwrap_or("?"), m.get("hook").and_then(Value::as_str).unwrap_or("?"));
     // The kernel's order for the known fields (JSON objects here are sorted), then the rest.
     let known = TEXT_ORDER.iter().filter_map(|k| m.get(*k).map(|v| (*k, v)));
-    let rest = m.iter().filter(|(k, _)| !TEXT_ORDER.contains(&k.as_str()) && !HEAD.contains(&k.as_str())).map(|(k, v)| (k.as_str(), v));
+    let rest = m
+        .iter()
+        .filter(|(k, _)| !TEXT_ORDER.contains(&k.as_str()) && !HEAD.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v));
     for (k, v) in known.chain(rest) {
         match v {
             Value::String(s) if s.contains(' ') => out.push_str(&format!(" {k}={s:?}")),
@@ -230,7 +246,17 @@ mod tests {
         let mut dst = [0u8; 16];
         dst[..2].copy_from_slice(&[0xfd, 0x00]);
         dst[15] = 1;
-        let r = ConnectRecord { netns: 1, dst, dst_port: 80, family: 6, proto: 6, verdict: verdict::DROP, step: 7, rule: rule::NO_LISTENER, ..Default::default() };
+        let r = ConnectRecord {
+            netns: 1,
+            dst,
+            dst_port: 80,
+            family: 6,
+            proto: 6,
+            verdict: verdict::DROP,
+            step: 7,
+            rule: rule::NO_LISTENER,
+            ..Default::default()
+        };
         let rec = Record::parse(&format!("connect6 {}", hex(&r))).expect("parse");
         assert_eq!(rec.get("dst"), Some(&Value::from("[fd00::1]:80")));
         assert_eq!(rec.get("verdict"), Some(&Value::from("drop")));

@@ -23,7 +23,11 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// `pod` from the request's query (`pod=NS/NAME`, `%2F` accepted for the slash).
 pub fn pod_of(query: &str) -> Option<String> {
-    query.split('&').find_map(|kv| kv.strip_prefix("pod=")).map(|p| p.replace("%2F", "/").replace("%2f", "/")).filter(|p| !p.is_empty())
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("pod="))
+        .map(|p| p.replace("%2F", "/").replace("%2f", "/"))
+        .filter(|p| !p.is_empty())
 }
 
 /// Serves one session on a thread of its own (the admin thread goes back to scrapes).
@@ -54,7 +58,11 @@ fn serve(mut stream: TcpStream, pod: Option<String>, hub: &Arc<TraceHub>, names:
     let Some(pod) = pod else { return refuse(stream, "400 Bad Request", "want /trace?pod=NAMESPACE/NAME") };
     let managed = names.lock().map(|n| n.values().any(|p| *p == pod)).unwrap_or(false);
     if !managed {
-        return refuse(stream, "404 Not Found", &format!("pod {pod} is not captured by this agent (not meshed on this node, or not synced yet)"));
+        return refuse(
+            stream,
+            "404 Not Found",
+            &format!("pod {pod} is not captured by this agent (not meshed on this node, or not synced yet)"),
+        );
     }
     stream.set_write_timeout(Some(LEASE))?;
     write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nConnection: close\r\n\r\n")?;
