@@ -32,7 +32,7 @@ pub enum RecordError {
 
 /// Hex into bytes.
 fn unhex(hex: &str) -> Option<Bytes> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let mut out = BytesMut::with_capacity(hex.len() / 2);

@@ -108,7 +108,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     // The one branch an untraced pod pays.
     if pod.flags & pod_flags::TRACE != 0 {
         // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; the field is read by value.
-        let remote_port = u16::from_be(unsafe { (*l).remote_port } as u16);
+        let remote_port = u16::from_be(unsafe { (*l).remote_port });
         let r = SkLookupRecord {
             netns,
             remote: addr::to_bytes(&remote),
