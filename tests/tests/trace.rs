@@ -251,6 +251,14 @@ fn stopping_killing_or_pausing_the_cli_turns_the_trace_off() {
     assert!(traced(&m, a));
     let _ = probe().connect(a, Creds::APP, "10.251.100.10:7", &ConnectOpts { timeout_ms: Some(300), ..Default::default() });
     cli.wait_record("a connect while traced", |r| r["hook"] == "connect4");
+    // IPv6: web6's listener captures it to the proxy's [::1]:15001 (no proxy runs here).
+    let _ = probe().connect(a, Creds::APP, "[fd00:5ca9::100:10]:80", &ConnectOpts { timeout_ms: Some(300), ..Default::default() });
+    let v6 = cli.wait_record("the IPv6 connect", |r| r["hook"] == "connect6");
+    assert_eq!(
+        (&v6["dst"], &v6["verdict"], &v6["step"], &v6["to"]),
+        (&"[fd00:5ca9::100:10]:80".into(), &"capture".into(), &6.into(), &"[::1]:15001".into()),
+        "{v6:#}"
+    );
     cli.signal(libc::SIGINT);
     assert_eq!(cli.wait(), Some(0), "{}", cli.stderr());
     assert!(cli.stderr().contains(" records, 0 dropped"), "{}", cli.stderr());
