@@ -117,9 +117,11 @@ impl Record {
                 fields.push(("result", code("result", result, names::assign)?));
             }
             _ => {
-                let dst = addr(&mut b);
-                let (uid, gid, dst_port, to_port) = (b.get_u32_ne(), b.get_u32_ne(), b.get_u16_ne(), b.get_u16_ne());
+                let (src, dst) = (addr(&mut b), addr(&mut b));
+                let (uid, gid) = (b.get_u32_ne(), b.get_u32_ne());
+                let (src_port, dst_port, to_port) = (b.get_u16_ne(), b.get_u16_ne(), b.get_u16_ne());
                 fields.push(("proto", "udp".into()));
+                fields.push(("src", sock(src, src_port)));
                 fields.push(("dst", sock(dst, dst_port)));
                 fields.push(("uid", uid.into()));
                 fields.push(("gid", gid.into()));

@@ -78,15 +78,18 @@ pub struct SkLookupRecord {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsRecord {
     pub netns: u64,
+    /// The socket's bound address and port (zero until the kernel picks them).
+    pub src: [u8; 16],
     /// The resolver the app asked.
     pub dst: [u8; 16],
     pub uid: u32,
     pub gid: u32,
+    pub src_port: u16,
     pub dst_port: u16,
     /// The DNS proxy's port on loopback.
     pub to_port: u16,
     pub family: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
 
 /// `verdict=` of a connect record: what the program did with the socket.
@@ -314,7 +317,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ConnectRecord>(), 80);
         assert_eq!(core::mem::size_of::<GetsockoptRecord>(), 64);
         assert_eq!(core::mem::size_of::<SkLookupRecord>(), 48);
-        assert_eq!(core::mem::size_of::<DnsRecord>(), 40);
+        assert_eq!(core::mem::size_of::<DnsRecord>(), 56);
     }
 
     #[test]

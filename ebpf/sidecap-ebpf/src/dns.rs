@@ -59,15 +59,29 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<Target> {
 #[inline(always)]
 fn traced(ctx: &SockAddrContext, t: &Target, dst: &Addr, port: u16, family: u8) {
     if t.traced {
+        // The socket's bound source (zero until the kernel picks one), for the 5-tuple.
+        // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
+        let (src, src_port) = unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            let src = if family == 6 {
+                let s = &(*sk).src_ip6;
+                [rd(&s[0]), rd(&s[1]), rd(&s[2]), rd(&s[3])]
+            } else {
+                addr::from_v4((*sk).src_ip4)
+            };
+            (src, (*sk).src_port as u16)
+        };
         let r = DnsRecord {
             netns: t.netns,
+            src: addr::to_bytes(&src),
             dst: addr::to_bytes(dst),
             uid: t.ids as u32,
             gid: (t.ids >> 32) as u32,
+            src_port,
             dst_port: port,
             to_port: t.dns_port,
             family,
-            _pad: [0; 3],
+            _pad: 0,
         };
         trace::dns(ctx, &r);
     }
