@@ -8,10 +8,7 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkLookupContext, SockOpsContext},
 };
-use sidecap_common::{
-    decide, pod_flags, proto,
-    trace::{SkLookupRecord, assign},
-};
+use sidecap_common::{decide, pod_flags, proto, trace::assign};
 
 use crate::{
     addr::{self, Addr},
@@ -105,21 +102,10 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
             assign::NO_LISTENER
         }
     };
-    // The one branch an untraced pod pays.
+    // The one branch an untraced pod pays. The record reads the addresses from the context
+    // again: kept live until here, they cost the untraced path spills.
     if pod.flags & pod_flags::TRACE != 0 {
-        // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; the field is read by value.
-        let remote_port = u16::from_be(unsafe { (*l).remote_port });
-        let r = SkLookupRecord {
-            netns,
-            remote: addr::to_bytes(&remote),
-            local: addr::to_bytes(&local),
-            remote_port,
-            port: lport as u16,
-            rule: decision.step.rule(),
-            result,
-            _pad: [0; 2],
-        };
-        trace::sk_lookup(ctx, &r);
+        trace::sk_lookup(ctx, netns, decision.step.rule(), result);
     }
     Some(())
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use sidecap_common::{
     OrigDst, PodConfig, TupleKey, pod_flags,
-    trace::{GetsockoptRecord, lookup, orig_flags},
+    trace::{lookup, orig_flags},
 };
 
 use crate::{
@@ -158,24 +158,14 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
             (od, pod.flags & pod_flags::TRACE != 0, if od.is_some() { lookup::INBOUND } else { lookup::MISS })
         }
     };
-    // The one branch an untraced pod pays.
+    // The one branch an untraced pod pays (the record reads the socket's ends again).
+    // (A reference into `od` itself would make LLVM store its payload even when None, which
+    // the verifier refuses as a read of an uninitialized register.)
     if traced {
-        let (orig, orig_port) = match od {
-            Some(o) => (addr::from_bytes(&o.addr), o.port),
-            None => ([0; 4], 0),
-        };
-        let r = GetsockoptRecord {
-            netns,
-            local: addr::to_bytes(&local),
-            remote: addr::to_bytes(&remote),
-            orig: addr::to_bytes(&orig),
-            local_port: lport,
-            remote_port: rport,
-            orig_port,
-            result,
-            _pad: 0,
-        };
-        trace::getsockopt(ctx, &r);
+        match od {
+            Some(o) => trace::getsockopt(ctx, netns, result, &o),
+            None => trace::getsockopt(ctx, netns, result, &OrigDst::default()),
+        }
     }
     let od = od?;
     // SAFETY: so is the kernel's bpf_sockopt for this call; write_sockaddr checks optval's bounds before writing.

@@ -7,9 +7,14 @@
 //! argument: the program and its calls share 512 bytes of stack, and aya-log keeps each
 //! argument there). The agent decodes them (`agent/src/trace/record.rs`).
 
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::SockAddrContext};
+use aya_ebpf::{
+    btf_maps::PerCpuArray,
+    macros::btf_map,
+    programs::{SkLookupContext, SockAddrContext, SockoptContext},
+};
 use aya_log_ebpf::info;
 use sidecap_common::{
+    OrigDst,
     ip::{self, Addr},
     trace::{ConnectRecord, DnsRecord, GetsockoptRecord, SkLookupRecord},
 };
@@ -21,6 +26,8 @@ fn bytes<T>(r: &T) -> &[u8] {
     // SAFETY: T is one of the repr(C) record structs, whose padding is explicit fields, so all size_of::<T>() bytes are initialized.
     unsafe { core::slice::from_raw_parts(r as *const T as *const u8, core::mem::size_of::<T>()) }
 }
+
+const AF_INET6: u32 = 10;
 
 /// A connect decision, packed into scalars: a BPF call takes five, and a struct on the
 /// program's own stack would count against its 512 bytes too.
@@ -118,14 +125,57 @@ fn fill(r: &mut ConnectRecord, family: u8, netns: u64, ids: u64, what: u64, port
     r._pad = 0;
 }
 
+/// getsockopt's record: the asking socket's ends (from its context), the answer (zero on a
+/// miss) and how it was found.
 #[inline(never)]
-pub fn getsockopt<C>(ctx: &C, r: &GetsockoptRecord) {
-    info!(ctx, "getsockopt {:x}", bytes(r));
+pub fn getsockopt(ctx: &SockoptContext, netns: u64, result: u8, orig: &OrigDst) {
+    // SAFETY: ctx.sockopt is the kernel's bpf_sockopt for this call; its sk is checked for null before any field is read, the IPv6 words are read one by one.
+    let ends = unsafe {
+        let sk = (*ctx.sockopt).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return;
+        }
+        let (l, r) = if (*sk).family == AF_INET6 {
+            let s = &(*sk).src_ip6;
+            let d = &(*sk).dst_ip6;
+            ([rd(&s[0]), rd(&s[1]), rd(&s[2]), rd(&s[3])], [rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])])
+        } else {
+            (ip::from_v4((*sk).src_ip4), ip::from_v4((*sk).dst_ip4))
+        };
+        (l, (*sk).src_port as u16, r, u16::from_be((*sk).dst_port))
+    };
+    let r = GetsockoptRecord {
+        netns,
+        local: ip::to_bytes(&ends.0),
+        remote: ip::to_bytes(&ends.2),
+        orig: orig.addr,
+        local_port: ends.1,
+        remote_port: ends.3,
+        orig_port: orig.port,
+        result,
+        _pad: 0,
+    };
+    info!(ctx, "getsockopt {:x}", bytes(&r));
 }
 
+/// sk_lookup's record: the connection as the context has it, and the decision.
 #[inline(never)]
-pub fn sk_lookup<C>(ctx: &C, r: &SkLookupRecord) {
-    info!(ctx, "sk_lookup {:x}", bytes(r));
+pub fn sk_lookup(ctx: &SkLookupContext, netns: u64, rule: u8, result: u8) {
+    let l = ctx.lookup;
+    // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; fields are read by value, the IPv6 words one by one.
+    let (local, remote, port, remote_port) = unsafe {
+        let (local, remote) = if (*l).family == AF_INET6 {
+            let a = &(*l).local_ip6;
+            let b = &(*l).remote_ip6;
+            ([rd(&a[0]), rd(&a[1]), rd(&a[2]), rd(&a[3])], [rd(&b[0]), rd(&b[1]), rd(&b[2]), rd(&b[3])])
+        } else {
+            (ip::from_v4((*l).local_ip4), ip::from_v4((*l).remote_ip4))
+        };
+        (local, remote, (*l).local_port as u16, u16::from_be((*l).remote_port))
+    };
+    let r =
+        SkLookupRecord { netns, remote: ip::to_bytes(&remote), local: ip::to_bytes(&local), remote_port, port, rule, result, _pad: [0; 2] };
+    info!(ctx, "sk_lookup {:x}", bytes(&r));
 }
 
 #[inline(never)]
