@@ -75,22 +75,29 @@ pub enum Error {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
+/// `sidecap trace` sessions: the hub they join and the names of the agent's pods.
+#[derive(Clone)]
+pub struct Trace {
+    pub hub: Arc<crate::trace::TraceHub>,
+    pub names: crate::metrics::PodNames,
+}
+
 /// Serves until the process exits.
-pub fn serve(addr: SocketAddr, registry: Arc<Mutex<Registry>>, health: Arc<Health>) -> Result<SocketAddr, Error> {
+pub fn serve(addr: SocketAddr, registry: Arc<Mutex<Registry>>, health: Arc<Health>, trace: Option<Trace>) -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = handle(stream, &registry, &health);
+                let _ = handle(stream, &registry, &health, trace.as_ref());
             }
         })
         .map_err(|source| Error::Bind { addr, source })?;
     Ok(local)
 }
 
-fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) -> std::io::Result<()> {
+fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health, trace: Option<&Trace>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
@@ -107,7 +114,13 @@ fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) ->
         }
         h.clear();
     }
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    // A trace is a long-lived stream: it gets a thread of its own.
+    if let (crate::trace::PATH, Some(t)) = (path, trace) {
+        crate::trace::session::start(stream, query, t.hub.clone(), t.names.clone());
+        return Ok(());
+    }
     let (status, ctype, body) = match path {
         "/metrics" => {
             let mut out = String::new();
@@ -125,7 +138,7 @@ fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) ->
             None => ("200 OK", "text/plain", "ready\n".to_string()),
             Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
-        _ => ("404 Not Found", "text/plain", "try /metrics, /healthz, /readyz\n".to_string()),
+        _ => ("404 Not Found", "text/plain", "try /metrics, /healthz, /readyz, /trace?pod=NS/NAME\n".to_string()),
     };
     write!(stream, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
 }

@@ -222,6 +222,7 @@ use crate::{
         dir::DirSource,
         kube::{self, KubeOptions, KubeSource},
     },
+    trace,
 };
 
 /// Where the cluster's objects come from.
@@ -260,6 +261,8 @@ pub struct Config {
     /// The host's cgroup2 mount as the agent sees it: where proxy containers' cgroups are
     /// looked for, and what relative `sidecap.io/proxy-cgroup` paths start from.
     pub cgroup_root: Option<PathBuf>,
+    /// Trace records per second each `sidecap trace` session, and the agent's log, pass.
+    pub trace_rate: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +277,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error(transparent)]
     Cni(#[from] cni::server::Error),
+    #[error(transparent)]
+    Trace(#[from] trace::logger::Error),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -307,13 +312,17 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             Box::new(k)
         }
     };
+    let hub = Arc::new(trace::TraceHub::new(cfg.trace_rate));
     if let Some(addr) = cfg.admin_addr {
-        let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone())?;
-        tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
+        let sessions = admin::Trace { hub: hub.clone(), names: names.clone() };
+        let local = admin::serve(addr, Arc::new(Mutex::new(registry)), health.clone(), Some(sessions))?;
+        tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz, /trace");
     }
     datapath::probe(&cfg.cgroup)?;
     let mprog = cfg.mprog && datapath::probe_mprog(&cfg.cgroup).map_err(datapath::Error::from)?;
-    let installed = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
+    let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
+    // The programs just loaded write their trace records here (pods with the switch on).
+    trace::logger::spawn(&mut ebpf, hub.clone(), names.clone())?;
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
@@ -368,6 +377,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     drop(tx);
 
     let mut state = LoopState::default();
+    let mut trace_generation = 0;
     if let Some(socket) = &cfg.cni_socket {
         let path = cni::state::CniState::path_for(socket);
         match cni::state::CniState::load(&path) {
@@ -465,6 +475,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
                 }
             }
             answer_cni(&mut state, &cluster, &syncer, cfg.cni_wait);
+            hub.set_rule_sets(syncer.rule_sets_by_netns());
             if let Some(p) = source_pods {
                 cluster.pods = p;
             }
@@ -478,6 +489,13 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
             answer_cni(&mut state, &empty, &syncer, cfg.cni_wait);
         }
         syncer.drain_drop_events();
+        // `sidecap trace` sessions that came or went: their pods' switches, at once.
+        let (generation, traced) = hub.traced();
+        if generation != trace_generation {
+            syncer.set_traced(traced);
+            trace_generation = generation;
+            hub.mark_applied(generation);
+        }
     }
     tracing::info!("stopping; capture stays in place (pinned)");
     Ok(())

@@ -3,7 +3,9 @@
 //! calls these; `explain` against the live maps is in `inspect`).
 
 mod explain;
+mod trace;
 mod validate;
 
 pub use explain::{ExplainArgs, ExplainError, OutputFormat, explain};
+pub use trace::{Summary as TraceSummary, TraceArgs, TraceError, parse_duration, trace};
 pub use validate::validate;

@@ -42,6 +42,14 @@ pub const CGROUP_PROGRAMS: &[(&str, &str, u32)] = &[
     ("sidecap_recvmsg6", "recvmsg6", link::attach_type::CGROUP_UDP6_RECVMSG),
 ];
 
+/// aya-log's ring buffer in the object: the programs' trace records. Not part of the pinned
+/// ABI: every load makes its own, read by the agent that loaded it.
+pub const TRACE_LOGS_MAP: &str = "AYA_LOGS";
+
+/// Maps of the object that are per load, never pinned: aya-log's ring and the per-CPU
+/// room connect4/6 write their trace record in.
+pub const UNPINNED_MAPS: &[&str] = &[TRACE_LOGS_MAP, "TRACE_CONNECT"];
+
 /// The sk_lookup program: loaded with the others, pinned as a program (`progs/sk_lookup`)
 /// so that any later agent can link it into new pods' netns.
 pub const SK_LOOKUP_PROGRAM: &str = "sidecap_sk_lookup";

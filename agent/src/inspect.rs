@@ -64,6 +64,7 @@ fn flag_names(f: u32) -> Vec<&'static str> {
         (pod_flags::DNS_CAPTURE, "dns"),
         (pod_flags::LOOPBACK_IN_RANGE, "loopback-in-range"),
         (pod_flags::PROXY_CGROUP, "proxy-cgroup"),
+        (pod_flags::TRACE, "trace"),
     ]
     .into_iter()
     .filter(|(b, _)| f & b != 0)

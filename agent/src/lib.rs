@@ -14,3 +14,4 @@ pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod source;
+pub mod trace;

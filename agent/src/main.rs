@@ -124,6 +124,10 @@ enum Cmd {
         /// each watch after 240 s, so a healthy but quiet kind never goes that long).
         #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         kube_stale_after_secs: u64,
+        /// Kernel trace records per second that each `sidecap trace` session (and the agent's
+        /// own log) passes; the rest are counted and reported as dropped.
+        #[arg(long, value_name = "N", default_value_t = sidecap::trace::DEFAULT_RATE, value_parser = clap::value_parser!(u32).range(1..))]
+        trace_rate: u32,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory;
     /// with --cni-conf-dir/--cni-bin-dir first remove the chained plugin from the node.
@@ -170,6 +174,23 @@ enum Cmd {
         /// Only this pod (NAMESPACE/NAME).
         #[arg(long, value_name = "NS/NAME")]
         pod: Option<String>,
+    },
+    /// Watch a pod's connections live: the agent turns the pod's kernel trace on and streams
+    /// one record per decision (connect, sendmsg, getsockopt, sk_lookup) until --for
+    /// elapses or Ctrl-C; the trace goes off again then, and also when this command dies
+    /// (the agent's lease: 5 s without a heartbeat).
+    Trace {
+        /// The pod, as NAMESPACE/NAME.
+        #[arg(long, value_name = "NS/NAME")]
+        pod: String,
+        /// Stop after this long (30s, 5m, 1h, 500ms) [default: until Ctrl-C].
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        /// The agent's admin endpoint (its --admin-addr).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9977")]
+        admin_addr: std::net::SocketAddr,
     },
     /// Validate Sidecar resources with Istio's rules: one line per Sidecar (`NS/NAME: ok`,
     /// `NS/NAME: warning: MSG`, `NS/NAME: error: MSG`); exit 1 on any error.
@@ -271,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_mprog,
             order_check_secs,
             kube_stale_after_secs,
+            trace_rate,
         } => {
             let cgroup_root = cgroup_root.or_else(|| cgroup::v2_root().ok());
             let source = match config {
@@ -314,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mprog: !no_mprog,
                 order_check: Duration::from_secs(order_check_secs),
                 cgroup_root,
+                trace_rate,
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)
@@ -351,6 +374,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Text => print!("{}", inspect::render_text(&pods)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&pods)?),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Trace { pod, duration, output, admin_addr } => {
+            let _: sidecap_policy::PodRef = pod.parse().map_err(|e| anyhow::anyhow!("--pod {pod:?}: {e}"))?;
+            let args = sidecap::cli::TraceArgs {
+                admin: admin_addr,
+                duration: duration.as_deref().map(sidecap::cli::parse_duration).transpose()?,
+                pod: pod.clone(),
+                output: match output {
+                    Output::Json => sidecap::cli::OutputFormat::Json,
+                    Output::Text => sidecap::cli::OutputFormat::Text,
+                },
+            };
+            let s = sidecap::cli::trace(&args, &mut std::io::stdout())?;
+            eprintln!("trace of {pod} ended ({}): {} records, {} dropped by the rate limit", s.reason, s.records, s.dropped);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { paths } => {

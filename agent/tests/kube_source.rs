@@ -563,7 +563,7 @@ fn observed(server: &FakeApiServer, opts: KubeOptions) -> Observed {
     health.beat();
     src.observe(metrics, health.clone());
     let registry = std::sync::Arc::new(std::sync::Mutex::new(registry));
-    let admin = sidecap::admin::serve("127.0.0.1:0".parse().expect("addr"), registry.clone(), health).expect("admin");
+    let admin = sidecap::admin::serve("127.0.0.1:0".parse().expect("addr"), registry.clone(), health, None).expect("admin");
     Observed { src, registry, admin }
 }
 

@@ -26,6 +26,8 @@ pub const ANN_PROXY_IDENTITY: &str = "sidecap.io/proxy-identity";
 /// written by the directory source's user, or by the Kubernetes source from the
 /// `istio-proxy` container's id.
 pub const ANN_PROXY_CGROUP: &str = "sidecap.io/proxy-cgroup";
+/// sidecap's own: `"true"` keeps the pod's live decision trace on (see `sidecap trace`).
+pub const ANN_TRACE: &str = "sidecap.io/trace";
 /// istio-iptables `-k` (`RerouteVirtualInterfaces`), from either annotation.
 pub const ANN_KUBEVIRT: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
 pub const ANN_REROUTE_VIRTUAL: &str = "istio.io/reroute-virtual-interfaces";
@@ -128,6 +130,18 @@ pub fn is_meshed(pod: &Pod) -> bool {
     }
     let opt_out = |v: Option<&String>| v.is_some_and(|v| matches!(v.as_str(), "false" | "False" | "FALSE" | "0" | "f" | "F"));
     !(opt_out(ann.get(ANN_INJECT)) || opt_out(pod.metadata.labels.get(ANN_INJECT)))
+}
+
+/// The `sidecap.io/trace` annotation: absent is false; the values of Go's
+/// `strconv.ParseBool` (as Istio reads its boolean annotations); anything else is an error
+/// naming the annotation and its value.
+pub fn trace(pod: &Pod) -> Result<bool, KnobError> {
+    match pod.metadata.annotations.get(ANN_TRACE).map(String::as_str) {
+        None => Ok(false),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
+        Some(v) => Err(KnobError::Annotation { key: ANN_TRACE, message: format!("{v:?} is not true or false") }),
+    }
 }
 
 /// `status.podIPs`, else `status.podIP`; unparsable entries are skipped.
@@ -337,6 +351,15 @@ mod tests {
         }
         p.spec.containers.push(Container { name: "istio-proxy".into(), ..Default::default() });
         p
+    }
+
+    #[test]
+    fn the_trace_annotation_reads_as_a_go_bool() {
+        assert!(!trace(&pod(&[])).unwrap());
+        assert!(trace(&pod(&[(ANN_TRACE, "true")])).unwrap());
+        assert!(!trace(&pod(&[(ANN_TRACE, "0")])).unwrap());
+        let e = trace(&pod(&[(ANN_TRACE, "yes")])).unwrap_err().to_string();
+        assert_eq!(e, "annotation sidecap.io/trace: \"yes\" is not true or false");
     }
 
     // Defaults from cni/pkg/plugin/sidecar_redirect.go (golden: cni-plugin/basic.txt.golden).

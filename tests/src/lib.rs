@@ -35,4 +35,4 @@ pub use probe::{ConnectOpts, ConnectResult, ListenConn, Probe, ProbeListener};
 pub use process::{Creds, Spawned, spawn_in, spawn_with};
 pub use topology::{Pod, Topology, TopologyBuilder};
 pub use upstream::{Upstream, UpstreamConn};
-pub use util::{TempDir, is_allowed_addr, is_root, unique_name, wait_until};
+pub use util::{TempDir, is_allowed_addr, is_root, set_name_prefix, unique_name, wait_until};

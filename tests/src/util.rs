@@ -9,12 +9,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+static NAME_PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names this test process's netns, cgroups and pin dirs start with, instead of
+/// `sidecap-test` (e.g. a test file whose leftovers should be told apart). The first call
+/// of the process wins; call it before making anything.
+pub fn set_name_prefix(prefix: &str) {
+    let _ = NAME_PREFIX.set(prefix.to_owned());
+}
 
 /// `sidecap-test-<prefix>-<pid>-<n>`: unique per process and per call, so parallel tests
 /// (and parallel test binaries) never collide, and leftovers are easy to spot.
 pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("sidecap-test-{prefix}-{}-{n}", std::process::id())
+    let first = NAME_PREFIX.get().map(String::as_str).unwrap_or("sidecap-test");
+    format!("{first}-{prefix}-{}-{n}", std::process::id())
 }
 
 /// True when running as root (euid 0). Privileged tests skip otherwise.

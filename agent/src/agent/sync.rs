@@ -1,7 +1,7 @@
 //! One reconciliation pass: source → policy → compiled generations → maps.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     sync::Arc,
@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, RingBuf};
-use sidecap_common::{DropEvent, PodConfig, abi, drop_reason};
+use sidecap_common::{DropEvent, PodConfig, abi, drop_reason, pod_flags};
 use sidecap_policy::{Cluster, EntryCounts, Generation, PodRef, ScopeKey, Scopes};
 
 use super::{
@@ -30,6 +30,8 @@ struct Managed {
     config: PodConfig,
     /// `Inputs::for_pod` when this config was computed (0: adopted, not evaluated yet).
     inputs: u64,
+    /// The pod's `sidecap.io/trace` annotation asks for its trace switch.
+    trace_annotated: bool,
 }
 
 /// One pod's evaluated policy, before it is written.
@@ -44,6 +46,7 @@ struct Want {
     /// The pod's `PODS` entry, policy id and generation still to be set.
     config: PodConfig,
     sidecar: Option<String>,
+    trace_annotated: bool,
 }
 
 /// One scope's evaluation, shared by its pods within a pass.
@@ -69,6 +72,8 @@ pub struct Syncer {
     cgroup_root: Option<PathBuf>,
     /// Last proxy-cgroup state logged per pod (so that it is logged once per change).
     proxy_cgroups: BTreeMap<PodRef, Result<u64, String>>,
+    /// Pods (`namespace/name`) a `sidecap trace` session watches: their switch is on.
+    traced: BTreeSet<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +132,9 @@ impl Syncer {
         for (netns, config) in maps.pods()? {
             let Some(pod) = maps.name(netns).and_then(|n| n.parse::<PodRef>().ok()) else { continue };
             *holders.entry(config.policy).or_default() += 1;
-            managed.insert(netns, Managed { pod, config, inputs: 0 });
+            // A switch a previous agent left on goes off at the pod's first evaluation
+            // unless its annotation asks for it (no session survives the agent).
+            managed.insert(netns, Managed { pod, config, inputs: 0, trace_annotated: false });
         }
         let sets = RuleSets::adopt(maps.sets()?, &holders);
         let capacity = *maps.capacity();
@@ -154,6 +161,7 @@ impl Syncer {
             procs: None,
             cgroup_root: cfg.cgroup_root.clone(),
             proxy_cgroups: BTreeMap::new(),
+            traced: BTreeSet::new(),
         })
     }
 
@@ -224,7 +232,18 @@ impl Syncer {
                     if config.flags & sidecap_common::pod_flags::PROXY_CGROUP != 0 && proxy_cgroup == 0 && !named {
                         self.note_proxy_cgroup(&pod_ref, Err("not known yet".into()));
                     }
-                    wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar });
+                    // Trace: per pod, not per rule set: pods sharing a scope share the set, not the switch.
+                    let trace_annotated = match sidecap_policy::knobs::trace(pod) {
+                        Ok(on) => on,
+                        Err(e) => {
+                            tracing::warn!(pod = %pod_ref, error = %e, "trace annotation ignored");
+                            false
+                        }
+                    };
+                    if trace_annotated || self.traced.contains(&pod_ref.to_string()) {
+                        config.flags |= pod_flags::TRACE;
+                    }
+                    wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar, trace_annotated });
                 }
                 Err(e) => {
                     if self.note_pod_error(&pod_ref, &e) {
@@ -331,6 +350,7 @@ impl Syncer {
                         done[*i] = true;
                         if let Some(m) = self.managed.get_mut(&wants[*i].netns) {
                             m.inputs = wants[*i].inputs;
+                            m.trace_annotated = wants[*i].trace_annotated;
                         }
                         self.pod_errors.remove(&wants[*i].pod);
                         self.capacity_errors.remove(&wants[*i].pod);
@@ -381,6 +401,7 @@ impl Syncer {
             if same_config(&cur, &config) {
                 if let Some(m) = self.managed.get_mut(&w.netns) {
                     m.inputs = w.inputs;
+                    m.trace_annotated = w.trace_annotated;
                 }
                 return Ok(());
             }
@@ -404,7 +425,8 @@ impl Syncer {
             return Err(e);
         }
         self.sets.hold(target);
-        if let Some(old) = self.managed.insert(w.netns, Managed { pod: w.pod.clone(), config, inputs: w.inputs }) {
+        let managed = Managed { pod: w.pod.clone(), config, inputs: w.inputs, trace_annotated: w.trace_annotated };
+        if let Some(old) = self.managed.insert(w.netns, managed) {
             self.release(old.config.policy);
         }
         report.written += 1;
@@ -558,6 +580,32 @@ impl Syncer {
         if let Ok(mut n) = self.names.lock() {
             *n = self.managed.iter().map(|(k, m)| (*k, m.pod.to_string())).collect();
         }
+    }
+
+    /// Sets the pods `sidecap trace` watches and turns each managed pod's switch on or off
+    /// to match (its annotation keeps it on): one `PODS` update per pod that changes, the
+    /// rest of its entry as it is (its generation too: no policy changed).
+    pub fn set_traced(&mut self, traced: BTreeSet<String>) {
+        self.traced = traced;
+        for (netns, m) in self.managed.iter_mut() {
+            let on = m.trace_annotated || self.traced.contains(&m.pod.to_string());
+            if on == (m.config.flags & pod_flags::TRACE != 0) {
+                continue;
+            }
+            let config = PodConfig { flags: m.config.flags ^ pod_flags::TRACE, ..m.config };
+            match self.maps.write_pod(*netns, &config) {
+                Ok(()) => {
+                    m.config = config;
+                    tracing::info!(pod = %m.pod, on, "trace switch");
+                }
+                Err(e) => tracing::error!(pod = %m.pod, error = %e, "writing the pod's trace switch"),
+            }
+        }
+    }
+
+    /// Each managed pod's rule set (by netns), for naming the listeners of trace records.
+    pub fn rule_sets_by_netns(&self) -> BTreeMap<u64, Arc<sidecap_policy::Generation>> {
+        self.managed.iter().filter_map(|(n, m)| Some((*n, self.sets.get(m.config.policy)?.rules.clone()))).collect()
     }
 
     /// True when `pod` (`namespace/name`) has its policy in the kernel.

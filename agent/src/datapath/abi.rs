@@ -63,11 +63,15 @@ mod tests {
     use super::super::EBPF_OBJECT;
 
     /// The object the agent embeds defines exactly the maps of the shared ABI, each with
-    /// its name, type, key/value sizes and compiled capacity.
+    /// its name, type, key/value sizes and compiled capacity, besides the per-load trace
+    /// maps (`UNPINNED_MAPS`) and the data sections of its globals.
     #[test]
     fn object_maps_match_the_shared_abi() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parse the embedded eBPF object");
-        let mut in_object: Vec<&str> = obj.maps.keys().map(String::as_str).collect();
+        let unpinned = crate::datapath::UNPINNED_MAPS;
+        assert!(unpinned.iter().all(|m| obj.maps.contains_key(*m)), "trace maps missing from the object");
+        let mut in_object: Vec<&str> =
+            obj.maps.keys().map(String::as_str).filter(|n| !unpinned.contains(n) && !n.starts_with('.')).collect();
         let mut in_abi: Vec<&str> = abi::MAPS.iter().map(|m| m.name).collect();
         in_object.sort_unstable();
         in_abi.sort_unstable();

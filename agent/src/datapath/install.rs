@@ -119,7 +119,10 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
 /// descendant cgroups' programs when it has children; a pinned one that another program
 /// got ahead of is attached again in first place. Per-pod state of pods whose netns is gone
 /// is removed, and no single pod's failure stops the install.
-pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool) -> Result<Installed, Error> {
+///
+/// Also returns the loaded object: its `AYA_LOGS` ring buffer (not pinned: each load has
+/// its own, written only by the programs of that load) carries the trace records.
+pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool) -> Result<(Installed, aya::Ebpf), Error> {
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
@@ -235,7 +238,7 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
     let skl = sk_lookup_pin(bpffs);
     let _ = std::fs::remove_file(&skl);
     super::link::pin(prog_fd.as_fd(), &skl).map_err(Error::io(&skl))?;
-    Ok(out)
+    Ok((out, ebpf))
 }
 
 enum PodLink {

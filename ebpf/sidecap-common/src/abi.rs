@@ -16,8 +16,9 @@ use crate::{
 
 /// Version of the pinned layout. 1: the first versioned layout (pins made before it
 /// carry no version and read as 0). 2: `PodConfig::proxy_cgroup` and
-/// `pod_flags::PROXY_CGROUP` (cgroup-bound proxy identity).
-pub const VERSION: u32 = 2;
+/// `pod_flags::PROXY_CGROUP` (cgroup-bound proxy identity). 3: `pod_flags::TRACE`, and
+/// `OrigDst::flags` (was padding) with `trace::orig_flags::TRACED`.
+pub const VERSION: u32 = 3;
 
 /// Directories and pins under `--bpffs`.
 pub mod pin {

@@ -12,6 +12,7 @@
 pub mod abi;
 pub mod decide;
 pub mod ip;
+pub mod trace;
 
 /// Istio's defaults (istio-iptables / pilot-agent).
 pub mod defaults {
@@ -63,6 +64,10 @@ pub mod pod_flags {
     /// `PodConfig::proxy_cgroup` (0: not known yet, which matches no task). Without the
     /// flag the uid/gid alone decide, as in istio-iptables.
     pub const PROXY_CGROUP: u32 = 1 << 6;
+    /// Live decision trace (`sidecap trace`, annotation `sidecap.io/trace`): the programs
+    /// send a record of each decision for this pod (`trace`). Every program tests it once,
+    /// after its decision, so an untraced pod pays that one branch.
+    pub const TRACE: u32 = 1 << 7;
 }
 
 /// Per-pod configuration: `PODS[netns cookie]`.
@@ -210,7 +215,8 @@ pub struct OrigDst {
     pub port: u16,
     /// AF_INET (2) or AF_INET6 (10): the family the app used.
     pub family: u16,
-    pub _pad: u32,
+    /// `trace::orig_flags::*` (0 in `DNS_ORIG`).
+    pub flags: u32,
 }
 
 /// Key of `ORIG_DST`: one TCP connection as seen from the connecting socket.

@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use sidecap_common::{DropEvent, OrigDst, PodConfig, proto};
+use sidecap_common::{DropEvent, OrigDst, PodConfig, pod_flags, proto, trace as trace_codes};
 
 use crate::{
     addr::{self, Addr},
@@ -13,6 +13,7 @@ use crate::{
     identity,
     maps::{DROP_EVENTS, ORIG_DST_BY_COOKIE, PODS},
     outbound::{self, Connect, RedirectKind, Verdict},
+    trace,
 };
 
 const AF_INET: u16 = 2;
@@ -100,8 +101,8 @@ unsafe fn meshed(ctx: &SockAddrContext) -> Option<(PodConfig, u64, u8)> {
     Some((pod, netns, proto))
 }
 
-/// Decides and records; returns None to deny, Some(None) to leave the address,
-/// Some(Some((ip, user_port))) to rewrite it.
+/// Decides, records and (for a traced pod) traces; returns None to deny, Some(None) to
+/// leave the address, Some(Some((ip, user_port))) to rewrite it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn apply(
@@ -117,11 +118,52 @@ fn apply(
     let port = u16::from_be(port_be as u16);
     let (uid, gid, cgroup) = identity::current(pod);
     let c = Connect { dst, port, proto, bound_src: bound, uid, gid, cgroup };
-    match outbound::decide(pod, &c) {
-        Verdict::Untouched => Some(None),
+    let out = outbound::decide(pod, &c);
+    let traced = pod.flags & pod_flags::TRACE != 0;
+    let (done, rule, to_port) = enforce(ctx, pod, netns, &c, out.verdict, family, traced);
+    // The one branch an untraced pod pays.
+    if traced {
+        let verdict = if rule == trace_codes::rule::NO_ROOM { trace_codes::verdict::PASSTHROUGH } else { out.verdict.code() };
+        let d = trace::Decision {
+            verdict,
+            step: out.step.number(),
+            rule: if rule == 0 { out.step.rule() } else { rule },
+            proto,
+            listener: out.step.listener(),
+            dst_port: port,
+            to_port,
+        };
+        let (what, ports) = d.pack();
+        let ids = (u64::from(gid) << 32) | u64::from(uid);
+        if family == AF_INET6 {
+            trace::connect6(ctx, netns, ids, what, ports);
+        } else {
+            trace::connect4(ctx, netns, ids, what, ports);
+        }
+    }
+    done
+}
+
+/// Applies the verdict to the socket: counters, drop events, the original destination.
+/// Also a `trace::rule` code overriding the decision's (0: none) and the port the
+/// destination is rewritten to (0: none), both set on every path: reading them out of the
+/// first value's payload let LLVM read a register the verifier finds uninitialized.
+#[inline(always)]
+fn enforce(
+    ctx: &SockAddrContext,
+    pod: &PodConfig,
+    netns: u64,
+    c: &Connect,
+    verdict: Verdict,
+    family: u16,
+    traced: bool,
+) -> (Option<Option<(Addr, u32)>>, u8, u16) {
+    let (dst, port, proto) = (c.dst, c.port, c.proto);
+    match verdict {
+        Verdict::Untouched => (Some(None), 0, 0),
         Verdict::Passthrough => {
             counters::add(netns, Counter::Passthrough);
-            Some(None)
+            (Some(None), 0, 0)
         }
         Verdict::Drop { reason } => {
             counters::add(netns, Counter::Dropped);
@@ -129,25 +171,27 @@ fn apply(
                 DropEvent { netns, policy: pod.policy, reason, addr: addr::to_bytes(&dst), port, proto, family: family as u8, uid: c.uid };
             // Best effort: a full ring must not turn a drop into an allow.
             let _ = DROP_EVENTS.output(ev, 0);
-            None
+            (None, 0, 0)
         }
         Verdict::Redirect { port: to_port, kind } => {
             match kind {
                 RedirectKind::Capture | RedirectKind::ProxyToSelf => {
                     // SAFETY: the helper reads this program's own context, as the kernel passed it.
                     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                    let od = OrigDst { addr: addr::to_bytes(&dst), port, family, _pad: 0 };
+                    // getsockopt traces its answer when the pod was traced at connect.
+                    let flags = if traced { trace_codes::orig_flags::TRACED } else { 0 };
+                    let od = OrigDst { addr: addr::to_bytes(&dst), port, family, flags };
                     if ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_err() {
                         // Without the original destination the proxy could not route it.
                         counters::add(netns, Counter::Passthrough);
-                        return Some(None);
+                        return (Some(None), trace_codes::rule::NO_ROOM, 0);
                     }
                     counters::add(netns, if matches!(kind, RedirectKind::Capture) { Counter::Captured } else { Counter::InboundCaptured });
                 }
                 RedirectKind::Dns => counters::add(netns, Counter::Dns),
             }
             let ip = addr::localhost_like(&dst, family == AF_INET6);
-            Some(Some((ip, (to_port.to_be() as u32))))
+            (Some(Some((ip, (to_port.to_be() as u32)))), 0, to_port)
         }
     }
 }

@@ -7,13 +7,14 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use sidecap_common::{OrigDst, decide, pod_flags};
+use sidecap_common::{OrigDst, decide, pod_flags, trace::DnsRecord};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     identity,
     maps::{DNS_ORIG, PODS},
+    trace,
 };
 
 const ALLOW: i32 = 1;
@@ -26,9 +27,17 @@ unsafe fn rd(p: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(p) }
 }
 
+/// Where a captured query goes, and what a traced pod's record needs.
+struct Target {
+    netns: u64,
+    dns_port: u16,
+    traced: bool,
+    ids: u64,
+}
+
 /// The DNS port to redirect to, when this socket's pod captures DNS and the caller is the app.
 #[inline(always)]
-fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
+fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<Target> {
     if port != 53 {
         return None;
     }
@@ -44,14 +53,47 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
     if decide::caller(&pod, uid, gid, cgroup).is_proxy() {
         return None;
     }
-    Some((netns, pod.dns_port))
+    let ids = (u64::from(gid) << 32) | u64::from(uid);
+    Some(Target { netns, dns_port: pod.dns_port, traced: pod.flags & pod_flags::TRACE != 0, ids })
+}
+
+/// A traced pod's record of one redirected query.
+#[inline(always)]
+fn traced(ctx: &SockAddrContext, t: &Target, dst: &Addr, port: u16, family: u8) {
+    if t.traced {
+        // The socket's bound source (zero until the kernel picks one), for the 5-tuple.
+        // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
+        let (src, src_port) = unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            let src = if family == 6 {
+                let s = &(*sk).src_ip6;
+                [rd(&s[0]), rd(&s[1]), rd(&s[2]), rd(&s[3])]
+            } else {
+                addr::from_v4((*sk).src_ip4)
+            };
+            (src, (*sk).src_port as u16)
+        };
+        let r = DnsRecord {
+            netns: t.netns,
+            src: addr::to_bytes(&src),
+            dst: addr::to_bytes(dst),
+            uid: t.ids as u32,
+            gid: (t.ids >> 32) as u32,
+            src_port,
+            dst_port: port,
+            to_port: t.dns_port,
+            family,
+            _pad: 0,
+        };
+        trace::dns(ctx, &r);
+    }
 }
 
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, dst: &Addr, port: u16, family: u16) {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let od = OrigDst { addr: addr::to_bytes(dst), port, family, _pad: 0 };
+    let od = OrigDst { addr: addr::to_bytes(dst), port, family, flags: 0 };
     let _ = DNS_ORIG.insert(cookie, od, 0);
 }
 
@@ -60,13 +102,15 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     let (ip, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let port = u16::from_be(port_be as u16);
-    let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
+    let Some(t) = dns_target(ctx, port) else { return ALLOW };
     let dst = addr::from_v4(ip);
     if addr::is_loopback(&dst) {
         return ALLOW;
     }
     remember(ctx, &dst, port, AF_INET);
-    counters::add(netns, Counter::Dns);
+    counters::add(t.netns, Counter::Dns);
+    traced(ctx, &t, &dst, port, 4);
+    let to = t.dns_port;
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {
         (*sa).user_ip4 = addr::LOCALHOST_V4;
@@ -83,12 +127,14 @@ pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
         ([rd(&d[0]), rd(&d[1]), rd(&d[2]), rd(&d[3])], (*sa).user_port)
     };
     let port = u16::from_be(port_be as u16);
-    let Some((netns, to)) = dns_target(ctx, port) else { return ALLOW };
+    let Some(t) = dns_target(ctx, port) else { return ALLOW };
     if addr::is_loopback(&dst) {
         return ALLOW;
     }
     remember(ctx, &dst, port, AF_INET6);
-    counters::add(netns, Counter::Dns);
+    counters::add(t.netns, Counter::Dns);
+    traced(ctx, &t, &dst, port, 6);
+    let to = t.dns_port;
     let lo = addr::localhost_like(&dst, true);
     // SAFETY: ctx.sock_addr is the kernel's bpf_sock_addr for this call (with its sk); the verifier checks every field access.
     unsafe {

@@ -8,13 +8,14 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkLookupContext, SockOpsContext},
 };
-use sidecap_common::{decide, proto};
+use sidecap_common::{decide, pod_flags, proto, trace::assign};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     lookup::KernelMaps,
     maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
+    trace,
 };
 
 const AF_INET: u32 = 2;
@@ -82,19 +83,29 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     let netns = unsafe { *POD_ADDRS.get_ptr(addr::to_bytes(&local))? };
     // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
     let pod = unsafe { *PODS.get_ptr(netns)? };
-    if !decide::inbound(&pod, &KernelMaps, &remote, lport as u16).capture {
-        return None;
-    }
-    // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the
-    // proxy is not up: the connection goes to the app as if uncaptured.
-    let assigned = if family == AF_INET {
-        INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns, 0).is_ok()
-            || INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+    let decision = decide::inbound(&pod, &KernelMaps, &remote, lport as u16);
+    let result = if !decision.capture {
+        assign::PASSED
     } else {
-        INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+        // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the
+        // proxy is not up: the connection goes to the app as if uncaptured.
+        let assigned = if family == AF_INET {
+            INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns, 0).is_ok()
+                || INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+        } else {
+            INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
+        };
+        if assigned {
+            counters::add(netns, Counter::InboundCaptured);
+            assign::ASSIGNED
+        } else {
+            assign::NO_LISTENER
+        }
     };
-    if assigned {
-        counters::add(netns, Counter::InboundCaptured);
+    // The one branch an untraced pod pays. The record reads the addresses from the context
+    // again: kept live until here, they cost the untraced path spills.
+    if pod.flags & pod_flags::TRACE != 0 {
+        trace::sk_lookup(ctx, netns, decision.step.rule(), result);
     }
     Some(())
 }

@@ -13,6 +13,7 @@ mod lookup;
 mod maps;
 mod origdst;
 mod outbound;
+mod trace;
 
 use aya_ebpf::{
     bindings::{

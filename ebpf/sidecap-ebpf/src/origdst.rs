@@ -7,11 +7,15 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockOpsContext, SockoptContext},
 };
-use sidecap_common::{OrigDst, TupleKey};
+use sidecap_common::{
+    OrigDst, PodConfig, TupleKey, pod_flags,
+    trace::{lookup, orig_flags},
+};
 
 use crate::{
     addr::{self, Addr},
     maps::{ORIG_DST, ORIG_DST_BY_COOKIE, PODS},
+    trace,
 };
 
 const AF_INET: u32 = 2;
@@ -138,21 +142,38 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The client's view: its local end is our remote end.
-    let od: OrigDst = match ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)) {
-        // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
-        Some(od) => unsafe { *od },
+    let (od, traced, result): (Option<OrigDst>, bool, u8) = match ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)) {
+        Some(od) => {
+            // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+            let od = unsafe { *od };
+            // Stamped at connect when the pod was traced: no PODS lookup on this path.
+            (Some(od), od.flags & orig_flags::TRACED != 0, lookup::CAPTURED)
+        }
         // Inbound capture (sk_lookup) does no NAT: a socket accepted on one of the pod's
         // own addresses was addressed to exactly that address.
-        None => inbound_local(netns, &local, lport)?,
+        None => {
+            // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+            let pod = unsafe { *PODS.get_ptr(netns)? };
+            let od = inbound_local(&pod, &local, lport);
+            (od, pod.flags & pod_flags::TRACE != 0, if od.is_some() { lookup::INBOUND } else { lookup::MISS })
+        }
     };
+    // The one branch an untraced pod pays (the record reads the socket's ends again).
+    // (A reference into `od` itself would make LLVM store its payload even when None, which
+    // the verifier refuses as a read of an uninitialized register.)
+    if traced {
+        match od {
+            Some(o) => trace::getsockopt(ctx, netns, result, &o),
+            None => trace::getsockopt(ctx, netns, result, &OrigDst::default()),
+        }
+    }
+    let od = od?;
     // SAFETY: so is the kernel's bpf_sockopt for this call; write_sockaddr checks optval's bounds before writing.
     unsafe { write_sockaddr(so, &od, v6) }
 }
 
 #[inline(always)]
-fn inbound_local(netns: u64, local: &Addr, lport: u16) -> Option<OrigDst> {
-    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
-    let pod = unsafe { *PODS.get_ptr(netns)? };
+fn inbound_local(pod: &PodConfig, local: &Addr, lport: u16) -> Option<OrigDst> {
     if lport == pod.outbound_port || lport == pod.inbound_port {
         return None;
     }
@@ -160,7 +181,7 @@ fn inbound_local(netns: u64, local: &Addr, lport: u16) -> Option<OrigDst> {
     while i < sidecap_common::MAX_POD_IPS {
         if i < pod.n_ips as usize && addr::eq(&addr::from_bytes(&pod.ips[i]), local) {
             let family = if addr::is_v4_mapped(local) { AF_INET } else { AF_INET6 } as u16;
-            return Some(OrigDst { addr: addr::to_bytes(local), port: lport, family, _pad: 0 });
+            return Some(OrigDst { addr: addr::to_bytes(local), port: lport, family, flags: 0 });
         }
         i += 1;
     }

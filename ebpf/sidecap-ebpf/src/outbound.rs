@@ -3,11 +3,12 @@
 
 use sidecap_common::{PodConfig, decide};
 
-pub use sidecap_common::decide::{Connect, RedirectKind, Verdict};
+pub use sidecap_common::decide::{Connect, Outbound, RedirectKind, Verdict};
 
 use crate::lookup::KernelMaps;
 
+/// The verdict, and the step that decided (used only when the pod is traced).
 #[inline(always)]
-pub fn decide(pod: &PodConfig, c: &Connect) -> Verdict {
-    decide::outbound(pod, &KernelMaps, c).verdict
+pub fn decide(pod: &PodConfig, c: &Connect) -> Outbound {
+    decide::outbound(pod, &KernelMaps, c)
 }
