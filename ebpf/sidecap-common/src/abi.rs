@@ -10,7 +10,7 @@
 use core::mem::size_of;
 
 use crate::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
+    CONNECTING_SLOTS, CidrKey, ConnectingSlot, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
     TupleKey,
 };
 
@@ -72,6 +72,9 @@ pub const OUT_CIDRS: MapDef = lpm_def::<CidrKey, CidrRule>("OUT_CIDRS", 262144);
 pub const OUT_LISTENERS: MapDef = lpm_def::<ListenerKey, ListenerRule>("OUT_LISTENERS", 1048576);
 pub const IN_PORTS: MapDef = def::<InPortKey, InPortRule>("IN_PORTS", map_type::HASH, 262144);
 pub const ORIG_DST_BY_COOKIE: MapDef = def::<u64, OrigDst>("ORIG_DST_BY_COOKIE", map_type::LRU_HASH, 65536);
+/// Slot (socket cookie's low bits) → a captured connect's original destination (the fast
+/// path; `ORIG_DST_BY_COOKIE` takes a connect whose slot is held by another).
+pub const CONNECTING: MapDef = def::<u32, ConnectingSlot>("CONNECTING", map_type::ARRAY, CONNECTING_SLOTS);
 pub const ORIG_DST: MapDef = def::<TupleKey, OrigDst>("ORIG_DST", map_type::LRU_HASH, 65536);
 pub const COUNTERS: MapDef = def::<u64, PodCounters>("COUNTERS", map_type::PERCPU_HASH, 4096);
 /// A ring buffer: no key or value; `max_entries` is its size in bytes.
@@ -93,6 +96,7 @@ pub const MAPS: &[MapDef] = &[
     OUT_LISTENERS,
     IN_PORTS,
     ORIG_DST_BY_COOKIE,
+    CONNECTING,
     ORIG_DST,
     COUNTERS,
     DROP_EVENTS,

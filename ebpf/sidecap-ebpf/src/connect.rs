@@ -11,7 +11,8 @@ use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     identity,
-    maps::{DROP_EVENTS, ORIG_DST_BY_COOKIE, PODS},
+    maps::{DROP_EVENTS, PODS},
+    origdst,
     outbound::{self, Connect, RedirectKind, Verdict},
 };
 
@@ -137,7 +138,7 @@ fn apply(
                     // SAFETY: the helper reads this program's own context, as the kernel passed it.
                     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                     let od = OrigDst { addr: addr::to_bytes(&dst), port, family, _pad: 0 };
-                    if ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_err() {
+                    if !origdst::remember(cookie, od) {
                         // Without the original destination the proxy could not route it.
                         counters::add(netns, Counter::Passthrough);
                         return Some(None);
