@@ -10,8 +10,8 @@
 use core::mem::size_of;
 
 use crate::{
-    CONNECTING_SLOTS, CidrKey, ConnectingSlot, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
-    TupleKey,
+    CONNECTING_SLOTS, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters,
+    PodName, PortKey, PortRule, TupleKey,
 };
 
 /// Version of the pinned layout. 1: the first versioned layout (pins made before it

@@ -228,7 +228,9 @@ pub const CONNECTING_SLOTS: u32 = 1 << 14;
 
 /// A claim this many socket cookies older than a new connect's belongs to a connect that
 /// will never complete (refused, timed out, closed mid-handshake) and may be taken over.
-/// Cookies come from one node-wide counter, so this is 16 M sockets created since: at
+/// Cookies come from one node-wide counter (in per-CPU batches of 4096, so a newer
+/// socket's cookie can be the smaller: only an older claim is ever stale), so this is
+/// 16 M sockets created since: at
 /// 100,000 new sockets a second, 2.8 minutes, longer than Linux's default SYN retries
 /// (`tcp_syn_retries` 6: 127 s). One word is claimed, so a takeover is one compare-and-swap.
 pub const CONNECTING_STALE_COOKIES: u64 = 1 << 24;

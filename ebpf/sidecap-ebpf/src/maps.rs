@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use sidecap_common::{
-    CidrKey, ConnectingSlot, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
-    TupleKey, abi,
+    CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey,
+    PortRule, TupleKey, abi,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;

@@ -68,8 +68,9 @@ fn cas(p: *mut u64, old: u64, new: u64) -> bool {
 
 /// connect, for a captured socket: keeps its original destination until its handshake
 /// completes. In its `CONNECTING` slot when that is free (or held by a connect that will
-/// never complete, `CONNECTING_STALE_COOKIES`): an array slot costs a compare-and-swap where the LRU hash costs two
-/// locked updates. Otherwise in `ORIG_DST_BY_COOKIE`. False when neither could take it.
+/// never complete, see `CONNECTING_STALE_COOKIES`): a compare-and-swap on an array slot
+/// where the LRU hash costs two locked updates (insert here, delete at ESTABLISHED).
+/// Otherwise in `ORIG_DST_BY_COOKIE`. False when neither could take it.
 #[inline(always)]
 pub fn remember(cookie: u64, od: OrigDst) -> bool {
     if let Some(s) = slot(cookie) {
@@ -77,8 +78,11 @@ pub fn remember(cookie: u64, od: OrigDst) -> bool {
         let p = unsafe { &raw mut (*s).cookie };
         // SAFETY: as above; an aligned 8-byte load is atomic, and only a compare-and-swap acts on what it read.
         let held = unsafe { core::ptr::read_volatile(p) };
-        let stale = held != 0 && cookie.wrapping_sub(held) > CONNECTING_STALE_COOKIES;
-        if (held == 0 || stale) && cas(p, held, cookie) {
+        // Signed: cookies are handed out in per-CPU batches, so a live claim can be newer.
+        let stale = held != 0 && (cookie.wrapping_sub(held) as i64) > CONNECTING_STALE_COOKIES as i64;
+        // held == cookie: this socket connects again (after a failed attempt); its claim is
+        // its own, and its connects are serialized by the socket lock.
+        if held == cookie || ((held == 0 || stale) && cas(p, held, cookie)) {
             // The slot is this socket's until `take` releases it: no one else writes it.
             // SAFETY: as above.
             unsafe { (*s).od = od };
