@@ -363,3 +363,26 @@ fn captured_connects_whose_slot_is_held_keep_their_original_destination_in_the_c
     assert!(held_slots(&m).iter().all(|c| *c == HELD));
     assert_eq!(held_slots(&m).len(), slots as usize);
 }
+
+#[test]
+fn a_captured_connect_keeps_its_original_destination_in_its_slot_not_the_lru() {
+    require_root!();
+    let m = mesh(&["a"], &[]);
+    let a = m.topo.pod("a");
+    let _up = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream");
+    // No proxy yet: the captured connect is refused, its handshake never completes, and its
+    // claim stays where connect put it (a stale claim, taken over 2^24 sockets later).
+    let r = probe().connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("refused"));
+    assert!(!r.ok && r.errno == Some(libc::ECONNREFUSED), "{r:?}");
+    assert_eq!(held_slots(&m).len(), 1, "the refused connect's claim");
+    assert_eq!(map_dump(&m, "ORIG_DST_BY_COOKIE"), Vec::<serde_json::Value>::new(), "the fast path took it");
+    // With the proxy up, the next connects complete and release their slots.
+    let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
+    for i in 0..3 {
+        let r = probe().connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send(&format!("after {i}")));
+        assert!(r.ok, "{r:?}\nagent log:\n{}", m.agent.log());
+        assert_eq!(r.banner(), "upstream 10.251.100.10:80", "{r:?}");
+    }
+    assert_eq!(forwarded_to(&hp, sa(SVC, 80)).len(), 3, "{:?}", hp.log_lines());
+    assert_eq!(held_slots(&m).len(), 1, "only the refused connect's claim is left");
+}
