@@ -273,17 +273,116 @@ fn sixty_four_concurrent_captured_connections_under_churn_each_get_their_own_ori
     assert_eq!(log.iter().filter(|e| e.frontend_name == "outbound").count(), 192, "{log:?}");
     assert!(log.iter().all(|e| e.frontend == e.server && !e.is_unresolved_reject()), "{log:?}");
     // Each entry goes when HAProxy's socket closes: nothing is left once all have.
-    let dump = || {
-        let out = std::process::Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(m.pins.path().join("maps/ORIG_DST"))
-            .output()
-            .expect("bpftool");
-        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("bpftool json")
-    };
+    let dump = || map_dump(&m, "ORIG_DST");
     let emptied = util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || dump().is_empty().then_some(()));
     assert!(emptied.is_some(), "ORIG_DST entries left behind: {:?}", dump());
+    // Every connect's slot was released at its handshake (none needed the cookie map).
+    assert_eq!(held_slots(&m), Vec::<u64>::new(), "CONNECTING slots still held");
+    assert_eq!(map_dump(&m, "ORIG_DST_BY_COOKIE"), Vec::<serde_json::Value>::new());
     let v = inspect(m.pins.path());
     assert_eq!(v[0]["counters"]["captured"], 192, "{v:#}");
+}
+
+/// `bpftool -j map dump` of one of the agent's pinned maps.
+fn map_dump(m: &Mesh, name: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(m.pins.path().join("maps").join(name))
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("bpftool json")
+}
+
+/// The cookies holding `CONNECTING` slots (bpftool prints the value with its BTF field
+/// names, or as raw bytes: the cookie is the first 8, little-endian).
+fn held_slots(m: &Mesh) -> Vec<u64> {
+    let cookie = |e: &serde_json::Value| -> u64 {
+        let named = e["formatted"]["value"]["cookie"].as_u64().or_else(|| e["value"]["cookie"].as_u64());
+        named.unwrap_or_else(|| {
+            let bytes = e["value"].as_array().unwrap_or_else(|| panic!("CONNECTING entry without a value: {e}"));
+            bytes.iter().take(8).rev().fold(0, |acc, b| {
+                let b = b.as_str().and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+                (acc << 8) | b.unwrap_or_else(|| panic!("CONNECTING value byte {e}"))
+            })
+        })
+    };
+    map_dump(m, "CONNECTING").iter().map(cookie).filter(|c| *c != 0).collect()
+}
+
+#[test]
+fn captured_connects_whose_slot_is_held_keep_their_original_destination_in_the_cookie_map() {
+    require_root!();
+    let m = mesh(&["a"], &[]);
+    let a = m.topo.pod("a");
+    let targets = [sa(SVC, 80), sa(SVC2, 80), sa(SVC, 8082)];
+    let _ups: Vec<Upstream> = targets.iter().map(|t| Upstream::start(m.topo.services(), *t).expect("upstream")).collect();
+    let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
+
+    // Every slot held by a claim newer than any socket (so never taken over as stale):
+    // each connect has to take the LRU path.
+    const HELD: u64 = 1 << 62;
+    let map = m.pins.path().join("maps/CONNECTING");
+    let show = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&map)
+        .output()
+        .expect("bpftool");
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).expect("bpftool map show json");
+    let (slots, value_size) = (show["max_entries"].as_u64().expect("max_entries"), show["bytes_value"].as_u64().expect("bytes_value"));
+    let mut batch = String::new();
+    for i in 0..slots as u32 {
+        let key: Vec<String> = i.to_le_bytes().iter().map(|b| b.to_string()).collect();
+        // The slot's first field is the claiming cookie (sidecap_common::ConnectingSlot).
+        let mut value = HELD.to_le_bytes().to_vec();
+        value.resize(value_size as usize, 0);
+        let value: Vec<String> = value.iter().map(|b| b.to_string()).collect();
+        batch.push_str(&format!("map update pinned {} key {} value {}\n", map.display(), key.join(" "), value.join(" ")));
+    }
+    let dir = TempDir::new("kc-batch").expect("temp dir");
+    let file = dir.path().join("fill-slots");
+    std::fs::write(&file, batch).expect("write batch");
+    let out = std::process::Command::new("bpftool").args(["batch", "file"]).arg(&file).output().expect("bpftool batch");
+    assert!(out.status.success(), "bpftool batch: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(held_slots(&m).len(), slots as usize);
+
+    let opts = ConnectOpts { send: Some("x".into()), hold_ms: Some(200), timeout_ms: Some(8000), ..Default::default() };
+    let p = probe();
+    let running: Vec<(Spawned, String)> = (0..12)
+        .map(|i| targets[i % targets.len()].to_string())
+        .map(|t| (p.start_connect(a, Creds::APP, &t, &opts), t))
+        .collect();
+    for (mut s, t) in running {
+        let r = p.finish_connect(&mut s, &t, &opts);
+        assert!(r.ok, "{t}: {r:?}\nagent log:\n{}", m.agent.log());
+        assert_eq!(r.banner(), format!("upstream {t}"), "reached another destination: {r:?}");
+    }
+    assert_eq!(hp.wait_log_lines(12, Duration::from_secs(10)).len(), 12);
+    // Taken out of the cookie map at each handshake; the held slots were left alone.
+    assert_eq!(map_dump(&m, "ORIG_DST_BY_COOKIE"), Vec::<serde_json::Value>::new());
+    assert!(held_slots(&m).iter().all(|c| *c == HELD));
+    assert_eq!(held_slots(&m).len(), slots as usize);
+}
+
+#[test]
+fn a_captured_connect_keeps_its_original_destination_in_its_slot_not_the_lru() {
+    require_root!();
+    let m = mesh(&["a"], &[]);
+    let a = m.topo.pod("a");
+    let _up = Upstream::start(m.topo.services(), sa(SVC, 80)).expect("upstream");
+    // No proxy yet: the captured connect is refused, its handshake never completes, and its
+    // claim stays where connect put it (a stale claim, taken over 2^24 sockets later).
+    let r = probe().connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send("refused"));
+    assert!(!r.ok && r.errno == Some(libc::ECONNREFUSED), "{r:?}");
+    assert_eq!(held_slots(&m).len(), 1, "the refused connect's claim");
+    assert_eq!(map_dump(&m, "ORIG_DST_BY_COOKIE"), Vec::<serde_json::Value>::new(), "the fast path took it");
+    // With the proxy up, the next connects complete and release their slots.
+    let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
+    for i in 0..3 {
+        let r = probe().connect(a, Creds::APP, "10.251.100.10:80", &ConnectOpts::send(&format!("after {i}")));
+        assert!(r.ok, "{r:?}\nagent log:\n{}", m.agent.log());
+        assert_eq!(r.banner(), "upstream 10.251.100.10:80", "{r:?}");
+    }
+    assert_eq!(forwarded_to(&hp, sa(SVC, 80)).len(), 3, "{:?}", hp.log_lines());
+    assert_eq!(held_slots(&m).len(), 1, "only the refused connect's claim is left");
 }

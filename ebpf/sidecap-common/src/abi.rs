@@ -10,14 +10,15 @@
 use core::mem::size_of;
 
 use crate::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
-    TupleKey,
+    CONNECTING_SLOTS, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters,
+    PodName, PortKey, PortRule, TupleKey,
 };
 
 /// Version of the pinned layout. 1: the first versioned layout (pins made before it
 /// carry no version and read as 0). 2: `PodConfig::proxy_cgroup` and
 /// `pod_flags::PROXY_CGROUP` (cgroup-bound proxy identity). 3: `pod_flags::TRACE`, and
-/// `OrigDst::flags` (was padding) with `trace::orig_flags::TRACED`.
+/// `OrigDst::flags` (was padding) with `trace::orig_flags::TRACED`, and the `CONNECTING`
+/// map (a captured connect's original destination until its handshake completes).
 pub const VERSION: u32 = 3;
 
 /// Directories and pins under `--bpffs`.
@@ -73,6 +74,9 @@ pub const OUT_CIDRS: MapDef = lpm_def::<CidrKey, CidrRule>("OUT_CIDRS", 262144);
 pub const OUT_LISTENERS: MapDef = lpm_def::<ListenerKey, ListenerRule>("OUT_LISTENERS", 1048576);
 pub const IN_PORTS: MapDef = def::<InPortKey, InPortRule>("IN_PORTS", map_type::HASH, 262144);
 pub const ORIG_DST_BY_COOKIE: MapDef = def::<u64, OrigDst>("ORIG_DST_BY_COOKIE", map_type::LRU_HASH, 65536);
+/// Slot (socket cookie's low bits) → a captured connect's original destination (the fast
+/// path; `ORIG_DST_BY_COOKIE` takes a connect whose slot is held by another).
+pub const CONNECTING: MapDef = def::<u32, ConnectingSlot>("CONNECTING", map_type::ARRAY, CONNECTING_SLOTS);
 pub const ORIG_DST: MapDef = def::<TupleKey, OrigDst>("ORIG_DST", map_type::LRU_HASH, 65536);
 pub const COUNTERS: MapDef = def::<u64, PodCounters>("COUNTERS", map_type::PERCPU_HASH, 4096);
 /// A ring buffer: no key or value; `max_entries` is its size in bytes.
@@ -94,6 +98,7 @@ pub const MAPS: &[MapDef] = &[
     OUT_LISTENERS,
     IN_PORTS,
     ORIG_DST_BY_COOKIE,
+    CONNECTING,
     ORIG_DST,
     COUNTERS,
     DROP_EVENTS,

@@ -219,6 +219,28 @@ pub struct OrigDst {
     pub flags: u32,
 }
 
+/// A slot of `CONNECTING`: the original destination of one captured connect, from connect
+/// until the app's handshake completes. `cookie` (the app socket's cookie, 0 when free) is
+/// claimed and released with compare-and-swap, so a slot has one owner at a time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectingSlot {
+    pub cookie: u64,
+    pub od: OrigDst,
+}
+
+/// Slots in `CONNECTING` (a power of two: a socket's slot is its cookie's low bits).
+pub const CONNECTING_SLOTS: u32 = 1 << 14;
+
+/// A claim this many socket cookies older than a new connect's belongs to a connect that
+/// will never complete (refused, timed out, closed mid-handshake) and may be taken over.
+/// Cookies come from one node-wide counter (in per-CPU batches of 4096, so a newer
+/// socket's cookie can be the smaller: only an older claim is ever stale), so this is
+/// 16 M sockets created since: at
+/// 100,000 new sockets a second, 2.8 minutes, longer than Linux's default SYN retries
+/// (`tcp_syn_retries` 6: 127 s). One word is claimed, so a takeover is one compare-and-swap.
+pub const CONNECTING_STALE_COOKIES: u64 = 1 << 24;
+
 /// Key of `ORIG_DST`: one TCP connection as seen from the connecting socket.
 /// The netns cookie matters: 127.0.0.1 tuples repeat in every pod.
 #[repr(C)]
@@ -317,6 +339,8 @@ mod user {
     unsafe impl aya::Pod for InPortRule {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
+    unsafe impl aya::Pod for ConnectingSlot {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for TupleKey {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.

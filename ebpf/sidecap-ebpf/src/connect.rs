@@ -11,7 +11,8 @@ use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     identity,
-    maps::{DROP_EVENTS, ORIG_DST_BY_COOKIE, PODS},
+    maps::{DROP_EVENTS, PODS},
+    origdst,
     outbound::{self, Connect, RedirectKind, Verdict},
     trace,
 };
@@ -181,7 +182,7 @@ fn enforce(
                     // getsockopt traces its answer when the pod was traced at connect.
                     let flags = if traced { trace_codes::orig_flags::TRACED } else { 0 };
                     let od = OrigDst { addr: addr::to_bytes(&dst), port, family, flags };
-                    if ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_err() {
+                    if !origdst::remember(cookie, od) {
                         // Without the original destination the proxy could not route it.
                         counters::add(netns, Counter::Passthrough);
                         return (Some(None), trace_codes::rule::NO_ROOM, 0);

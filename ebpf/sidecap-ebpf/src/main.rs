@@ -2,6 +2,9 @@
 //! per pod netns (sk_lookup). See docs/kernel-contract.md.
 #![no_std]
 #![no_main]
+// origdst's compare-and-swap: the bpf target has no `compare_exchange`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
 mod connect;

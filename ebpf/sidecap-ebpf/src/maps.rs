@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use sidecap_common::{
-    CidrKey, CidrRule, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule,
-    TupleKey, abi,
+    CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey,
+    PortRule, TupleKey, abi,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -33,7 +33,13 @@ pub static OUT_LISTENERS: LpmTrie<ListenerKey, ListenerRule, { abi::OUT_LISTENER
 #[btf_map]
 pub static IN_PORTS: HashMap<InPortKey, InPortRule, { abi::IN_PORTS.max_entries as usize }, NO_PREALLOC> = HashMap::new();
 
-/// Socket cookie → original destination, from connect until the connection is established.
+/// Socket cookie's low bits → original destination, from connect until the connection is
+/// established: the lock-free fast path (a plain array slot claimed by compare-and-swap).
+#[btf_map]
+pub static CONNECTING: Array<ConnectingSlot, { abi::CONNECTING.max_entries as usize }> = Array::new();
+
+/// Socket cookie → original destination, from connect until the connection is established,
+/// for a connect whose `CONNECTING` slot another connect holds.
 #[btf_map]
 pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, { abi::ORIG_DST_BY_COOKIE.max_entries as usize }> = LruHashMap::new();
 

@@ -8,13 +8,13 @@ use aya_ebpf::{
     programs::{SockOpsContext, SockoptContext},
 };
 use sidecap_common::{
-    OrigDst, PodConfig, TupleKey, pod_flags,
+    CONNECTING_SLOTS, CONNECTING_STALE_COOKIES, ConnectingSlot, OrigDst, PodConfig, TupleKey, pod_flags,
     trace::{lookup, orig_flags},
 };
 
 use crate::{
     addr::{self, Addr},
-    maps::{ORIG_DST, ORIG_DST_BY_COOKIE, PODS},
+    maps::{CONNECTING, ORIG_DST, ORIG_DST_BY_COOKIE, PODS},
     trace,
 };
 
@@ -55,6 +55,69 @@ fn key(netns: u64, local: Addr, lport: u16, remote: Addr, rport: u16) -> TupleKe
     TupleKey { netns, local: addr::to_bytes(&local), remote: addr::to_bytes(&remote), local_port: lport, remote_port: rport, _pad: 0 }
 }
 
+#[inline(always)]
+fn slot(cookie: u64) -> Option<*mut ConnectingSlot> {
+    CONNECTING.get_ptr_mut((cookie as u32) & (CONNECTING_SLOTS - 1))
+}
+
+/// Compare-and-swap (BPF_CMPXCHG): the bpf target leaves `AtomicU64::compare_exchange` out,
+/// the intrinsic lowers to the instruction.
+#[inline(always)]
+fn cas(p: *mut u64, old: u64, new: u64) -> bool {
+    use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg};
+    // SAFETY: p points at a slot's cookie in an array map value, live (and 8-byte aligned)
+    // for the program's run; every access to it that races is atomic.
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new) }.1
+}
+
+/// connect, for a captured socket: keeps its original destination until its handshake
+/// completes. In its `CONNECTING` slot when that is free (or held by a connect that will
+/// never complete, see `CONNECTING_STALE_COOKIES`): a compare-and-swap on an array slot
+/// where the LRU hash costs two locked updates (insert here, delete at ESTABLISHED).
+/// Otherwise in `ORIG_DST_BY_COOKIE`. False when neither could take it.
+#[inline(always)]
+pub fn remember(cookie: u64, od: OrigDst) -> bool {
+    if let Some(s) = slot(cookie) {
+        // SAFETY: s is an array map value, live for this run.
+        let p = unsafe { &raw mut (*s).cookie };
+        // SAFETY: as above; an aligned 8-byte load is atomic, and only a compare-and-swap acts on what it read.
+        let held = unsafe { core::ptr::read_volatile(p) };
+        // Signed: cookies are handed out in per-CPU batches, so a live claim can be newer.
+        let stale = held != 0 && (cookie.wrapping_sub(held) as i64) > CONNECTING_STALE_COOKIES as i64;
+        // held == cookie: this socket connects again (after a failed attempt); its claim is
+        // its own, and its connects are serialized by the socket lock.
+        if held == cookie || ((held == 0 || stale) && cas(p, held, cookie)) {
+            // The slot is this socket's until `take` releases it: no one else writes it.
+            // SAFETY: as above.
+            unsafe { (*s).od = od };
+            return true;
+        }
+    }
+    ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_ok()
+}
+
+/// The original destination `remember` kept for this socket, taken out.
+#[inline(always)]
+fn take(cookie: u64) -> Option<OrigDst> {
+    if let Some(s) = slot(cookie) {
+        // SAFETY: s is an array map value, live for this run.
+        let p = unsafe { &raw mut (*s).cookie };
+        // SAFETY: as above; an aligned 8-byte load is atomic (another connect may be claiming it).
+        if unsafe { core::ptr::read_volatile(p) } == cookie {
+            // SAFETY: as above: a slot this socket holds is written by no one else.
+            let od = unsafe { (*s).od };
+            // Released only if still ours (a takeover of a claim thought stale wins).
+            if cas(p, cookie, 0) {
+                return Some(od);
+            }
+        }
+    }
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let od: OrigDst = unsafe { *ORIG_DST_BY_COOKIE.get_ptr(cookie)? };
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    Some(od)
+}
+
 /// sockops ACTIVE_ESTABLISHED_CB, the app's side. Runs before its final ACK leaves, hence
 /// before the proxy can accept and ask. A captured connect always goes to localhost
 /// (127.0.0.1, ::1 or ::ffff:127.0.0.1): any other socket leaves without a lookup.
@@ -65,13 +128,10 @@ pub fn on_active_established(ctx: &SockOpsContext) {
     }
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(od) = ORIG_DST_BY_COOKIE.get_ptr(cookie) else { return };
-    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
-    let od: OrigDst = unsafe { *od };
+    let Some(od) = take(cookie) else { return };
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
-    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }
 
 /// sockops PASSIVE_ESTABLISHED_CB, the proxy's accepted socket (on localhost, as above):
