@@ -1,7 +1,8 @@
 //! Scenario 7, kernel cost: the run time of each of sidecap's programs per connection, from
 //! the kernel's own accounting (`kernel.bpf_stats_enabled=1`, bpftool's `run_time_ns` and
 //! `run_cnt` of the programs behind the agent's pinned links), for a captured connection, a
-//! passthrough one, and a socket of an unmeshed process in the sidecap pod's cgroup.
+//! passthrough one, and a socket of an unmeshed process in the sidecap pod's cgroup; the
+//! captured one again with the pod traced, and under the cgroup-bound proxy identity.
 //!
 //! Each measurement is exactly N connections one after the other (sc-load `--max-count`);
 //! the counters are read before and after, so the numbers are per-run averages that other
@@ -26,18 +27,61 @@ use super::sandbox::{SVC, SVC_EXCLUDED, SVC_PORT, Sandbox};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-/// The measured cases: (name, netns of the client, cgroup of the client, target).
-fn cases() -> [(&'static str, &'static str, &'static str, SocketAddr); 3] {
+/// How the sidecap pod is configured for a case.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PodMode {
+    /// Istio's default identity (uid/gid 1337), no trace.
+    Plain,
+    /// `sidecap.io/trace: "true"`: every decision becomes a record.
+    Traced,
+    /// `sidecap.io/proxy-identity: cgroup`, bound to the pod's cgroup (where the proxy runs):
+    /// the proxy's connects pay the cgroup check.
+    CgroupIdentity,
+}
+
+/// A measured case: the client's netns and cgroup, its target, the pod's configuration.
+struct Case {
+    name: &'static str,
+    netns: &'static str,
+    cgroup: &'static str,
+    target: SocketAddr,
+    mode: PodMode,
+}
+
+fn cases() -> [Case; 6] {
+    let svc = SocketAddr::from((SVC, SVC_PORT));
+    let case = |name, netns, target, mode| Case { name, netns, cgroup: "sc", target, mode };
     [
         // App → 10.251.100.10 → sc-forward → upstream: the app's socket, the proxy's
         // accepted and upstream sockets are in the cgroup (the upstream's is not).
-        ("captured", "sc", "sc", SocketAddr::from((SVC, SVC_PORT))),
+        case("captured", "sc", svc, PodMode::Plain),
         // An excluded destination: only the app's socket, which the programs let go.
-        ("passthrough", "sc", "sc", SocketAddr::from((SVC_EXCLUDED, SVC_PORT))),
+        case("passthrough", "sc", SocketAddr::from((SVC_EXCLUDED, SVC_PORT)), PodMode::Plain),
         // A process of no meshed pod (its netns is not in PODS) in the attached cgroup, as
         // every host process is when the programs sit on a node's root cgroup.
-        ("unmeshed", "client", "sc", SocketAddr::from((SVC, SVC_PORT))),
+        case("unmeshed", "client", svc, PodMode::Plain),
+        // The captured case while the pod is traced: what its records cost.
+        case("captured, traced", "sc", svc, PodMode::Traced),
+        // The captured case under the cgroup-bound proxy identity.
+        case("captured, cgroup identity", "sc", svc, PodMode::CgroupIdentity),
+        // The captured case with empty programs beside sidecap's, only theirs counted.
+        case("floor", "sc", svc, PodMode::Plain),
     ]
+}
+
+/// Configures the sidecap pod for `mode` and waits until its kernel config shows it.
+fn set_mode(sb: &mut Sandbox, mode: PodMode) -> anyhow::Result<()> {
+    let has_flag = |pod: &Value, flag: &str| pod["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == flag));
+    match mode {
+        PodMode::Plain => sb.set_annotations(&[], |pod| !has_flag(pod, "trace") && pod["proxy_identity"] == "uid"),
+        PodMode::Traced => sb.set_annotations(&[("sidecap.io/trace", "true")], |pod| has_flag(pod, "trace")),
+        PodMode::CgroupIdentity => {
+            let cgroup = sb.pod("sc").cgroup().path().display().to_string();
+            sb.set_annotations(&[("sidecap.io/proxy-identity", "cgroup"), ("sidecap.io/proxy-cgroup", &cgroup)], |pod| {
+                pod["proxy_identity"].as_str().is_some_and(|id| id.starts_with("cgroup ") && id != "cgroup unknown")
+            })
+        }
+    }
 }
 
 /// Turns `kernel.bpf_stats_enabled` on and puts the previous value back on drop.
@@ -153,8 +197,8 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     let _stats = BpfStats::enable()?;
     let mut runs = Vec::new();
     for round in 0..p.rounds {
-        let floor = ("floor", "sc", "sc", SocketAddr::from((SVC, SVC_PORT)));
-        for (case, netns, cgroup, target) in cases().into_iter().chain([floor]) {
+        for Case { name: case, netns, cgroup, target, mode } in cases() {
+            set_mode(sb, mode).with_context(|| format!("configuring the sidecap pod for {mode:?}"))?;
             let empty = if case == "floor" {
                 Some(empty::EmptyPrograms::attach(sb.pod("sc").cgroup().path()).context("attaching empty programs")?)
             } else {
@@ -174,7 +218,7 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
             for (prog, metrics, detail) in rows(&progs, &before, &after, done) {
                 if prog == "total" {
                     eprintln!(
-                        "  {case:<12} round {round}: {:>7.0} ns per connection in {:.1} runs ({done} connections)",
+                        "  {case:<26} round {round}: {:>7.0} ns per connection in {:.1} runs ({done} connections)",
                         metrics["ns_per_conn"].as_f64().unwrap_or(f64::NAN),
                         metrics["runs_per_conn"].as_f64().unwrap_or(f64::NAN)
                     );
@@ -183,6 +227,7 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
             }
         }
     }
+    set_mode(sb, PodMode::Plain).context("putting the sidecap pod back to its plain configuration")?;
     Ok(runs)
 }
 

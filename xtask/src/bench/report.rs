@@ -381,11 +381,13 @@ pub fn headlines(r: &Value) -> String {
         let g = |case: &str| med(s, case, "total", "ns_per_conn");
         let _ = writeln!(
             h,
-            "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, a socket of an unmeshed process in the attached cgroup {} ns; empty programs on sockops, connect4 and getsockopt cost {} ns per captured connection.",
+            "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, a socket of an unmeshed process in the attached cgroup {} ns; empty programs on sockops, connect4 and getsockopt cost {} ns per captured connection. Captured with the pod traced: {} ns; under the cgroup-bound proxy identity: {} ns.",
             f(g("captured")),
             f(g("passthrough")),
             f(g("unmeshed")),
-            f(g("floor"))
+            f(g("floor")),
+            f(g("captured, traced")),
+            f(g("captured, cgroup identity"))
         );
         // The same path with istio-init's rules: their netfilter cost shows only as latency.
         if let Some(c) = sc.get("connect").map(|v| &v["summary"]) {
@@ -560,7 +562,7 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         &mut d,
         "kernel",
         "7. Kernel time per connection",
-        "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup (as every host process is under a node-wide attach).\n*floor*: the captured case again with `r0 = 1; exit` programs attached beside sidecap's on\nsockops, connect4 and getsockopt, and only theirs counted: what running any program on those\nhooks costs here (dispatch and the accounting's own two clock reads), against which the\nrest is what sidecap's programs do. Per-run averages are much less sensitive to other load\non the machine than rates are.",
+        "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup (as every host process is under a node-wide attach).\n*captured, traced*: the captured case with the pod's trace switch on (`sidecap.io/trace`), what\nits records cost; an untraced pod pays one branch per program run for the switch.\n*captured, cgroup identity*: the captured case under `sidecap.io/proxy-identity: cgroup`, the\nproxy's upstream connect checking its cgroup id.\n*floor*: the captured case again with `r0 = 1; exit` programs attached beside sidecap's on\nsockops, connect4 and getsockopt, and only theirs counted: what running any program on those\nhooks costs here (dispatch and the accounting's own two clock reads), against which the\nrest is what sidecap's programs do. Per-run averages are much less sensitive to other load\non the machine than rates are.",
         &[],
     );
     section(

@@ -101,6 +101,8 @@ pub struct Sandbox {
     pub proxy: Proxy,
     pub rules: usize,
     pub registry_only: bool,
+    /// Annotations of the sidecap pod beside the exclusions (`set_annotations`).
+    annotations: Vec<(String, String)>,
     duration_ms: u64,
     warmup_ms: u64,
 }
@@ -141,7 +143,7 @@ impl Sandbox {
         let mesh = MeshDir::new();
         mesh.service("default", "web", SVC.into(), &[("tcp-web", SVC_PORT)]);
         let sc = topo.pod("sc");
-        write_pod(&mesh, sc, 1);
+        write_pod(&mesh, sc, 1, &[]);
         let pins = BpfPinDir::new("bench")?;
         // Attached to the sidecap pod's own cgroup: the other pods run no program at all.
         let mut agent = Agent::start(sc.cgroup().path(), pins.path(), mesh.path(), &["--allow-any", "capture"]);
@@ -161,6 +163,7 @@ impl Sandbox {
             proxy: Proxy::Forward,
             rules: 1,
             registry_only: false,
+            annotations: Vec::new(),
             duration_ms: params.duration_ms,
             warmup_ms: params.warmup_ms,
         };
@@ -180,11 +183,35 @@ impl Sandbox {
         self.load_iptables(n)?;
         if n != self.rules {
             let before = self.generation()?;
-            write_pod(&self.mesh, self.topo.pod("sc"), n);
+            write_pod(&self.mesh, self.topo.pod("sc"), n, &self.annotations);
             self.wait_generation(before)?;
             self.rules = n;
         }
         Ok(())
+    }
+
+    /// Sets the sidecap pod's other annotations (the trace switch, the proxy identity) and
+    /// waits (≤ 60 s) until its kernel config satisfies `applied` (its `sidecap inspect` view).
+    pub fn set_annotations(&mut self, annotations: &[(&str, &str)], applied: impl Fn(&Value) -> bool) -> anyhow::Result<()> {
+        let annotations: Vec<(String, String)> = annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if annotations == self.annotations {
+            return Ok(());
+        }
+        write_pod(&self.mesh, self.topo.pod("sc"), self.rules, &annotations);
+        self.annotations = annotations;
+        let cookie = self.topo.pod("sc").cookie()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = sidecap_tests::inspect(self.pins.path());
+            let pod = v.as_array().and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)));
+            if pod.is_some_and(&applied) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the sidecap pod's annotations {:?} were not applied within 60 s: {v}", self.annotations);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn load_iptables(&mut self, n: usize) -> anyhow::Result<()> {
@@ -394,20 +421,18 @@ fn wait_listening(p: &mut Spawned, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sidecap pod with `n` excluded CIDRs and ports (annotations as istio-cni reads them).
-fn write_pod(mesh: &MeshDir, pod: &Pod, n: usize) {
+/// The sidecap pod with `n` excluded CIDRs and ports (annotations as istio-cni reads them),
+/// and `other` annotations.
+fn write_pod(mesh: &MeshDir, pod: &Pod, n: usize, other: &[(String, String)]) {
     let cidrs = excluded_cidrs(n).join(",");
     let ports: Vec<String> = excluded_ports(n).iter().map(u16::to_string).collect();
     let ports = ports.join(",");
-    mesh.pod(
-        pod,
-        "default",
-        &[("app", "sc")],
-        &[
-            ("traffic.sidecar.istio.io/excludeOutboundIPRanges", cidrs.as_str()),
-            ("traffic.sidecar.istio.io/excludeOutboundPorts", ports.as_str()),
-        ],
-    );
+    let mut annotations = vec![
+        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", cidrs.as_str()),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", ports.as_str()),
+    ];
+    annotations.extend(other.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    mesh.pod(pod, "default", &[("app", "sc")], &annotations);
 }
 
 /// `n` /32s: n-1 fillers in 10.251.200.0–10.251.239.255 (never contacted), then the
