@@ -120,7 +120,7 @@ pub fn table_for(name: &str, v: &Value) -> String {
         ),
         "controlplane" => controlplane_table(v),
         "micro" => micro_table(v),
-        "kernel" => kernel_table(s),
+        "kernel" => format!("{}\n{}", kernel_table(s), kernel_breakdown(s)),
         "keepalive" => format!("{}\n{}", table(s, &KEEPALIVE_METRICS), ratios(s, &KEEPALIVE_METRICS)),
         _ => String::new(),
     }
@@ -149,6 +149,44 @@ fn kernel_table(summary: &Value) -> String {
         }
         t.push('\n');
     }
+    t
+}
+
+/// Where the captured connection's kernel time goes: per program, what merely running a
+/// program on that hook costs (the floor's empty program, per run, times sidecap's runs)
+/// and what is left for sidecap's own work.
+fn kernel_breakdown(summary: &Value) -> String {
+    let g = |case: &str, prog: &str, k: &str| med(summary, case, prog, k);
+    let Some(total) = g("captured", "total", "ns_per_conn") else { return String::new() };
+    let mut t = format!(
+        "Where the captured connection's {} ns go (per connection; *floor* is the empty program's run time on that hook times sidecap's runs there, what any program costs before doing anything):\n\n| program | runs | sidecap | floor | sidecap's own work |\n|---|---:|---:|---:|---:|\n",
+        num(total)
+    );
+    let (mut floor_sum, mut own_sum) = (0.0, 0.0);
+    for s in summary.as_array().into_iter().flatten().filter(|s| s["case"] == "captured" && s["mode"] != "total") {
+        let prog = s["mode"].as_str().unwrap_or("");
+        let (Some(runs), Some(ns)) = (g("captured", prog, "runs_per_conn"), g("captured", prog, "ns_per_conn")) else { continue };
+        match g("floor", &format!("empty {prog}"), "ns_per_run") {
+            Some(per_run) => {
+                let floor = per_run * runs;
+                floor_sum += floor;
+                own_sum += ns - floor;
+                let _ = writeln!(t, "| {prog} | {} | {} | {} | {} |", num(runs), num(ns), num(floor), num(ns - floor));
+            }
+            None => {
+                own_sum += ns;
+                let _ = writeln!(t, "| {prog} | {} | {} | not measured | ≤ {} |", num(runs), num(ns), num(ns));
+            }
+        }
+    }
+    let _ = writeln!(
+        t,
+        "| **total** | | **{}** | **{}** ({:.0}%) | **{}** |",
+        num(total),
+        num(floor_sum),
+        100.0 * floor_sum / total,
+        num(own_sum)
+    );
     t
 }
 
@@ -606,6 +644,22 @@ mod tests {
     }
 
     #[test]
+    fn kernel_breakdown_takes_the_floor_out_of_each_program() {
+        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
+        let row = |case: &str, prog: &str, runs: f64, per_run: f64| json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(runs), "ns_per_run": spread(per_run), "ns_per_conn": spread(runs * per_run)}});
+        let summary = json!([
+            row("captured", "sockops", 16.0, 70.0),
+            row("captured", "sk_lookup", 1.0, 60.0),
+            row("captured", "total", 17.0, 1180.0 / 17.0),
+            row("floor", "empty sockops", 16.0, 30.0),
+        ]);
+        let t = kernel_breakdown(&summary);
+        assert!(t.contains("| sockops | 16.0 | 1120 | 480 | 640 |"), "{t}");
+        assert!(t.contains("| sk_lookup | 1.00 | 60.0 | not measured | ≤ 60.0 |"), "{t}");
+        assert!(t.contains("| **total** | | **1180** | **480** (41%) | **700** |"), "{t}");
+    }
+
+    #[test]
     fn kernel_section_lists_programs_per_case() {
         let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
         let row = |case: &str, prog: &str, ns: f64| json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(1.0), "ns_per_run": spread(ns), "ns_per_conn": spread(ns)}});
@@ -616,6 +670,8 @@ mod tests {
         assert!(md.contains("## 7. Kernel time per connection"), "{md}");
         assert!(md.contains("| captured | connect4 | 1.00 | 900 | 900 |"), "{md}");
         assert!(md.contains("| unmeshed | **total** | **1.00** | **80.0** | **80.0** |"), "{md}");
+        // No floor measured here: the program's whole time is counted as its own.
+        assert!(md.contains("| connect4 | 1.00 | 900 | not measured | ≤ 900 |"), "{md}");
         assert!(
             md.contains("captured 1500 ns, passthrough – ns, a socket of an unmeshed process in the attached cgroup 80.0 ns; empty"),
             "{md}"
