@@ -243,6 +243,9 @@ impl Syncer {
                     if trace_annotated || self.traced.contains(&pod_ref.to_string()) {
                         config.flags |= pod_flags::TRACE;
                     }
+                    if self.sockmap_for(&pod_ref, pod) {
+                        config.flags |= pod_flags::SOCKMAP;
+                    }
                     wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar, trace_annotated });
                 }
                 Err(e) => {
@@ -278,6 +281,25 @@ impl Syncer {
         self.proxy_cgroups.retain(|p, _| live.contains(p));
         self.publish(&report);
         report
+    }
+
+    /// Sockmap acceleration for this pod: the node's `--sockmap`, unless the pod's
+    /// `sidecap.io/sockmap` says otherwise. Without the node flag the sk_msg program is not
+    /// attached, so a pod's "true" cannot turn it on (logged).
+    fn sockmap_for(&self, pod_ref: &PodRef, pod: &sidecap_policy::model::Pod) -> bool {
+        match sidecap_policy::knobs::sockmap(pod) {
+            Ok(None) => self.cfg.sockmap,
+            Ok(Some(on)) => {
+                if on && !self.cfg.sockmap {
+                    tracing::warn!(pod = %pod_ref, "sidecap.io/sockmap is true but the agent runs without --sockmap: not accelerated");
+                }
+                on && self.cfg.sockmap
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod_ref, error = %e, "sockmap annotation ignored");
+                self.cfg.sockmap
+            }
+        }
     }
 
     /// The proxy container's cgroup id from `sidecap.io/proxy-cgroup` (0: none, or not
