@@ -257,3 +257,29 @@ fn a_pod_removed_while_connections_are_open_loses_nothing() {
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_ok(&v, "transfers across the pod's removal", &m);
 }
+
+/// Kernel finding: redirected bytes are charged to the receiver outside its TCP receive
+/// buffer, so a writer is not held back by a reader that does not read. Plain TCP stops the
+/// writer after a few MiB (receive window + send buffer); through sockmap all of it is
+/// queued at the reader at once. Pinned as the kernel does it today.
+#[test]
+fn kernel_finding_a_slow_proxy_does_not_hold_the_app_back() {
+    require_root!();
+    let n = (64 * MIB).to_string();
+    let args = ["--mode", "sink", "--bytes", n.as_str(), "--server-delay-ms", "2000", "--timeout-ms", "10000"];
+    let plain = mesh(&[], &[]);
+    let srv = serve(plain.pod("a"));
+    let v = run(plain.pod("a"), &args);
+    assert_ok(&v, "plain", &plain);
+    eprintln!("plain TCP, reader idle for 2 s: {v}");
+    assert!(v["write_ms"].as_u64().unwrap() >= 1500, "plain TCP held the writer until the reader read: {v}");
+    drop(srv);
+    drop(plain);
+    let m = accelerated();
+    let _srv = serve(m.pod("a"));
+    let v = run(m.pod("a"), &args);
+    assert_ok(&v, "sockmap", &m);
+    eprintln!("sockmap, reader idle for 2 s: {v}");
+    assert!(v["write_ms"].as_u64().unwrap() < 1500, "the writer waited for the reader, as with TCP: the kernel changed; {v}");
+    assert!(counter(&m, "sockmap_bytes") >= 64 * MIB, "{}", counters(&m));
+}

@@ -4,6 +4,7 @@
 //!   sc-sockmap run ADDR:PORT --mode sink|source|echo|rst-proxy|rst-app [--bytes N]
 //!                  [--conns C] [--via write|sendfile|splice] [--server-splice]
 //!                  [--timeout-ms T] [--pace-ms P] [--strict-blocking]
+//!                  [--server-delay-ms D]
 //!
 //! serve: runs as the proxy (uid 1337) on 127.0.0.1:PORT. Each connection starts with a
 //! 16-byte header from the client (mode, flags, byte count), then:
@@ -26,6 +27,8 @@
 //! Both ends read blocking sockets. A read that fails with EAGAIN well before its timeout
 //! is spurious (counted as "eagain" in both outputs) and retried, as an event loop would
 //! retry it; `--strict-blocking` makes it the app's error, as a blocking application sees it.
+//! `--server-delay-ms D`: the proxy reads nothing for D ms after the header (a slow
+//! reader); sink's output has "write_ms", how long the slowest connection took to write.
 //!
 //! The pattern is position-dependent (splitmix64 of the 8-byte word index), so a lost,
 //! repeated or reordered byte shows at its offset.
@@ -34,7 +37,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -45,6 +48,10 @@ const HEADER: usize = 16;
 static SPURIOUS_EAGAIN: AtomicU64 = AtomicU64::new(0);
 /// `--strict-blocking`: a spurious EAGAIN is an error, as a blocking application takes it.
 static STRICT: AtomicBool = AtomicBool::new(false);
+/// `--server-delay-ms`: the proxy reads nothing for this long after the header.
+static SERVER_DELAY_MS: AtomicU16 = AtomicU16::new(0);
+/// sink: the longest time any connection took to write its bytes (ms).
+static WRITE_MS: AtomicU64 = AtomicU64::new(0);
 
 /// read(2) on a blocking socket with SO_RCVTIMEO. An EAGAIN well before the timeout is
 /// spurious (a blocking read must wait): counted, then the read is retried, as an event
@@ -227,7 +234,10 @@ fn serve_conn(mut s: TcpStream) -> serde_json::Value {
         return json!({"event": "conn", "mode": h[0], "received": 0, "ok": false, "end": "bad header"});
     };
     let splice = h[1] & 1 != 0;
+    let delay = Duration::from_millis(u16::from_le_bytes([h[2], h[3]]).into());
     let n = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    // A slow reader: nothing is read for this long.
+    std::thread::sleep(delay);
     let mut received = 0u64;
     let (ok, end) = match mode {
         Mode::Sink | Mode::RstApp => {
@@ -445,6 +455,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
             "--server-splice" => o.server_splice = true,
             "--strict-blocking" => STRICT.store(true, Ordering::Relaxed),
+            "--server-delay-ms" => SERVER_DELAY_MS.store(num(value(&mut it, a)?, a)?, Ordering::Relaxed),
             "--timeout-ms" => o.timeout = Duration::from_millis(num(value(&mut it, a)?, a)?),
             "--pace-ms" => o.pace = Duration::from_millis(num(value(&mut it, a)?, a)?),
             _ => return Err(format!("unknown flag {a}")),
@@ -460,7 +471,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     let eagain = SPURIOUS_EAGAIN.load(Ordering::Relaxed);
-    println!("{}", json!({"ok": errors.is_empty(), "conns": conns, "bytes": o.bytes, "eagain": eagain, "errors": errors}));
+    let write_ms = WRITE_MS.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        json!({"ok": errors.is_empty(), "conns": conns, "bytes": o.bytes, "eagain": eagain, "write_ms": write_ms, "errors": errors})
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -468,6 +483,7 @@ fn header(mode: Mode, splice: bool, n: u64) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[0] = mode as u8;
     h[1] = u8::from(splice);
+    h[2..4].copy_from_slice(&SERVER_DELAY_MS.load(Ordering::Relaxed).to_le_bytes());
     h[8..16].copy_from_slice(&n.to_le_bytes());
     h
 }
@@ -480,12 +496,14 @@ fn one(o: &RunOpts) -> Result<(), String> {
     match o.mode {
         Mode::Sink => {
             s.write_all(&header(Mode::Sink, o.server_splice, n)).map_err(ctx("header"))?;
+            let t = Instant::now();
             match o.via {
                 Via::Write => send_paced(&mut s, n, o.pace).map_err(ctx("write"))?,
                 Via::Sendfile => send_file(&s, n, o.timeout).map_err(ctx("sendfile"))?,
                 Via::Splice => send_splice(&s, n, o.timeout).map_err(ctx("splice"))?,
             }
             s.shutdown(Shutdown::Write).map_err(ctx("shutdown"))?;
+            WRITE_MS.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
             let mut reply = Vec::new();
             let mut buf = [0u8; 256];
             loop {

@@ -40,6 +40,8 @@ pub enum Mode {
     Direct,
     Iptables,
     Sidecap,
+    /// sidecap with `--sockmap` (its own pod and agent): the keepalive scenario only.
+    SidecapSockmap,
 }
 
 impl Mode {
@@ -49,6 +51,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Iptables => "iptables",
             Mode::Sidecap => "sidecap",
+            Mode::SidecapSockmap => "sidecap+sockmap",
         }
     }
     fn pod(self) -> &'static str {
@@ -56,9 +59,13 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Iptables => "ipt",
             Mode::Sidecap => "sc",
+            Mode::SidecapSockmap => "scm",
         }
     }
 }
+
+/// Pods that run a proxy, in `Sandbox::proxies` order.
+const PROXY_PODS: [&str; 3] = ["ipt", "sc", "scm"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proxy {
@@ -92,11 +99,16 @@ pub struct Sandbox {
     apps: Vec<Spawned>,
     upstream: Spawned,
     pub agent: Agent,
+    /// The second agent, `--sockmap`, attached to the `scm` pod's cgroup only, with its own
+    /// config (that pod alone) and pins.
+    agent_sockmap: Agent,
     pub mesh: MeshDir,
+    _mesh_sockmap: MeshDir,
     topo: Topology,
     _svc_cgroup: TestCgroup,
     scratch: TempDir,
     pub pins: BpfPinDir,
+    pins_sockmap: BpfPinDir,
     pub bins: Bins,
     pub proxy: Proxy,
     pub rules: usize,
@@ -113,6 +125,7 @@ impl Sandbox {
             .pod("direct")
             .pod("ipt")
             .pod("sc")
+            .pod("scm")
             .pod("client")
             .service_addr(SVC)
             .service_addr(SVC_EXCLUDED)
@@ -146,12 +159,23 @@ impl Sandbox {
         // Attached to the sidecap pod's own cgroup: the other pods run no program at all.
         let mut agent = Agent::start(sc.cgroup().path(), pins.path(), mesh.path(), &["--allow-any", "capture"]);
         agent.wait_pods(&[sc.cookie()?], 1, Duration::from_secs(30));
+        let mesh_sockmap = MeshDir::new();
+        mesh_sockmap.service("default", "web", SVC.into(), &[("tcp-web", SVC_PORT)]);
+        let scm = topo.pod("scm");
+        write_pod(&mesh_sockmap, scm, 1);
+        let pins_sockmap = BpfPinDir::new("bench-sockmap")?;
+        let mut agent_sockmap =
+            Agent::start(scm.cgroup().path(), pins_sockmap.path(), mesh_sockmap.path(), &["--allow-any", "capture", "--sockmap"]);
+        agent_sockmap.wait_pods(&[scm.cookie()?], 1, Duration::from_secs(30));
         let scratch = TempDir::new("bench")?;
         let mut sb = Sandbox {
             proxies: Vec::new(),
             apps,
             upstream,
             agent,
+            agent_sockmap,
+            _mesh_sockmap: mesh_sockmap,
+            pins_sockmap,
             mesh,
             topo,
             _svc_cgroup: svc_cgroup,
@@ -230,6 +254,22 @@ impl Sandbox {
             .unwrap_or(Value::Null)
     }
 
+    /// The `--sockmap` pod's kernel counters (cumulative: sockmap messages, bytes, fallbacks).
+    pub fn counters_sockmap(&self) -> Value {
+        let Ok(cookie) = self.topo.pod("scm").cookie() else { return Value::Null };
+        let v = sidecap_tests::inspect(self.pins_sockmap.path());
+        v.as_array()
+            .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
+            .map(|p| p["counters"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    /// The pid of the proxy serving `mode`'s pod (None: direct has none).
+    pub fn proxy_pid(&self, mode: Mode) -> Option<i32> {
+        let i = PROXY_PODS.iter().position(|p| *p == mode.pod())?;
+        self.proxies.get(i).map(Spawned::pid)
+    }
+
     /// Waits (≤ 60 s) until the agent wrote a generation after `before`.
     pub fn wait_generation(&mut self, before: u64) -> anyhow::Result<()> {
         let cookie = self.topo.pod("sc").cookie()?;
@@ -237,10 +277,10 @@ impl Sandbox {
         Ok(())
     }
 
-    /// (Re)starts the proxy of the iptables and sidecap pods.
+    /// (Re)starts the proxy of the iptables and sidecap pods (both sidecap pods).
     pub fn start_proxies(&mut self, proxy: Proxy) -> anyhow::Result<()> {
         self.proxies.clear(); // kills the previous ones
-        for name in ["ipt", "sc"] {
+        for name in PROXY_PODS {
             let pod = self.topo.pod(name);
             let p = match proxy {
                 Proxy::Forward => {
@@ -369,6 +409,7 @@ impl Sandbox {
     /// Fails when a long-running process of the sandbox has died.
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.agent.assert_running();
+        self.agent_sockmap.assert_running();
         for (what, p) in self.proxies.iter_mut().map(|p| ("proxy", p)).chain(self.apps.iter_mut().map(|p| ("app", p))) {
             if let Ok(Some(st)) = p.try_wait() {
                 bail!("{what} exited ({st}): {} {}", p.stdout(), p.stderr());
