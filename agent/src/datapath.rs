@@ -88,6 +88,11 @@ pub enum Error {
     AbiLayout { name: &'static str, field: &'static str, pinned: u32, ours: u32 },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
+    #[error(
+        "--sockmap: linking the sk_msg program to ACCEL_SOCKS failed: {source} (it needs bpf_link for sockmap \
+         programs, Linux 6.10+); run without --sockmap"
+    )]
+    SkMsgLink { source: std::io::Error },
 }
 
 impl Error {

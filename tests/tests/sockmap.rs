@@ -283,3 +283,49 @@ fn kernel_finding_a_slow_proxy_does_not_hold_the_app_back() {
     assert!(v["write_ms"].as_u64().unwrap() < 1500, "the writer waited for the reader, as with TCP: the kernel changed; {v}");
     assert!(counter(&m, "sockmap_bytes") >= 64 * MIB, "{}", counters(&m));
 }
+
+/// The agent restarted with `--sockmap` swaps its pinned sk_msg link in place: a transfer
+/// open across the restart completes, and the next connection is accelerated. Restarted
+/// without the flag, it removes the link and the pod's flag: the open transfer still
+/// completes, new connections take plain TCP.
+#[test]
+fn agent_restarts_keep_open_transfers_and_without_the_flag_turn_it_off() {
+    require_root!();
+    let mut m = accelerated();
+    let a = m.topo.pod("a");
+    let _srv = serve(a);
+    let transfer =
+        |a: &Pod| start_run(a, &["--mode", "echo", "--bytes", &(8 * MIB).to_string(), "--pace-ms", "10", "--timeout-ms", "10000"]);
+    let mut open = transfer(a);
+    std::thread::sleep(Duration::from_millis(300));
+    m.agent.kill9();
+    m.agent.restart();
+    m.agent.wait_ready(WAIT);
+    let (st, out) = open.finish(Duration::from_secs(60));
+    assert!(st.success(), "{out}");
+    assert_ok(&serde_json::from_str(out.trim()).unwrap(), "echo across an agent restart", &m);
+    assert!(m.agent.log().contains("sockmap=true"), "{}", m.agent.log());
+    let before = counter(&m, "sockmap_bytes");
+    assert_ok(&run(a, &["--mode", "source", "--bytes", &MIB.to_string()]), "after the restart", &m);
+    assert!(counter(&m, "sockmap_bytes") >= before + MIB, "{}", counters(&m));
+
+    // Without the flag: a new agent, the same pins and cgroup.
+    let mut open = transfer(a);
+    std::thread::sleep(Duration::from_millis(300));
+    m.agent.stop();
+    let config = m.mesh.path().display().to_string();
+    let mut plain = Agent::start_with_source(m.topo.cgroup().path(), m.pins.path(), &["--config", &config], &[]);
+    plain.wait_ready(WAIT);
+    let deadline = Instant::now() + WAIT;
+    while m.inspect_pod(a)["flags"].as_array().unwrap().contains(&"sockmap".into()) {
+        assert!(Instant::now() < deadline, "the pod kept its sockmap flag: {}", plain.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(plain.log().contains("sk_msg link was removed"), "{}", plain.log());
+    let (st, out) = open.finish(Duration::from_secs(60));
+    assert!(st.success(), "{out}");
+    assert_ok(&serde_json::from_str(out.trim()).unwrap(), "echo across the switch off", &m);
+    let before = counter(&m, "sockmap_bytes");
+    assert_ok(&run(a, &["--mode", "source", "--bytes", &MIB.to_string()]), "with sockmap off", &m);
+    assert_eq!(counter(&m, "sockmap_bytes"), before, "a new connection was accelerated: {}", counters(&m));
+}

@@ -261,7 +261,7 @@ fn attach_sk_msg(bpffs: &Path, ebpf: &mut aya::Ebpf) -> Result<bool, Error> {
     let map_name = abi::ACCEL_SOCKS.name;
     let Some(aya::maps::Map::SockHash(map)) = ebpf.map(map_name) else { return Err(Error::MissingMap { name: map_name }) };
     let path = link_pin(bpffs, pin::SK_MSG_LINK);
-    let attach_err = |source| Error::Attach { name, cgroup: map_pin(bpffs, map_name), source };
+    let attach_err = |source| Error::SkMsgLink { source };
     if path.exists() {
         let link = super::link::get(&path).map_err(Error::io(&path))?;
         super::link::update(link.as_fd(), prog_fd.as_fd()).map_err(attach_err)?;
