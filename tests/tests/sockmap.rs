@@ -217,6 +217,7 @@ fn the_proxy_restarting_mid_stream_fails_the_connection_cleanly_and_the_next_is_
     let m = accelerated();
     let a = m.pod("a");
     let mut srv = serve(a);
+    let fallbacks = counter(&m, "sockmap_fallbacks");
     // 64 MiB at 64 KiB per 10 ms: about 10 s, killed after 0.5 s.
     let mut app = start_run(a, &["--mode", "sink", "--bytes", &(64 * MIB).to_string(), "--pace-ms", "10", "--timeout-ms", "5000"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -229,6 +230,8 @@ fn the_proxy_restarting_mid_stream_fails_the_connection_cleanly_and_the_next_is_
     let err = v["errors"][0].as_str().unwrap().to_string();
     assert!(!err.contains("timed out") && !err.contains("Resource temporarily unavailable"), "the app stalled: {err}");
     assert!(t.elapsed() < Duration::from_secs(5), "the app took {:?} to notice", t.elapsed());
+    // The app's next message found no peer: it went to TCP (which reset it), counted once.
+    assert_eq!(counter(&m, "sockmap_fallbacks"), fallbacks + 1, "{}", counters(&m));
     let before = counter(&m, "sockmap_bytes");
     let _srv2 = serve(a);
     assert_ok(&run(a, &["--mode", "source", "--bytes", &(8 * MIB).to_string()]), "after the restart", &m);

@@ -23,6 +23,12 @@ use crate::{
     netns,
 };
 
+/// Sockmap for a pod: the node's `--sockmap`, which the pod's annotation can turn off but not
+/// on (without the node flag the sk_msg program is not attached).
+fn sockmap_wanted(node: bool, annotation: Option<bool>) -> bool {
+    node && annotation.unwrap_or(true)
+}
+
 /// What the agent knows about one pod it manages.
 struct Managed {
     pod: PodRef,
@@ -287,19 +293,14 @@ impl Syncer {
     /// `sidecap.io/sockmap` says otherwise. Without the node flag the sk_msg program is not
     /// attached, so a pod's "true" cannot turn it on (logged).
     fn sockmap_for(&self, pod_ref: &PodRef, pod: &sidecap_policy::model::Pod) -> bool {
-        match sidecap_policy::knobs::sockmap(pod) {
-            Ok(None) => self.cfg.sockmap,
-            Ok(Some(on)) => {
-                if on && !self.cfg.sockmap {
-                    tracing::warn!(pod = %pod_ref, "sidecap.io/sockmap is true but the agent runs without --sockmap: not accelerated");
-                }
-                on && self.cfg.sockmap
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod_ref, error = %e, "sockmap annotation ignored");
-                self.cfg.sockmap
-            }
+        let annotation = sidecap_policy::knobs::sockmap(pod).unwrap_or_else(|e| {
+            tracing::warn!(pod = %pod_ref, error = %e, "sockmap annotation ignored");
+            None
+        });
+        if annotation == Some(true) && !self.cfg.sockmap {
+            tracing::warn!(pod = %pod_ref, "sidecap.io/sockmap is true but the agent runs without --sockmap: not accelerated");
         }
+        sockmap_wanted(self.cfg.sockmap, annotation)
     }
 
     /// The proxy container's cgroup id from `sidecap.io/proxy-cgroup` (0: none, or not
@@ -750,5 +751,19 @@ impl RateLimit {
             self.suppressed += 1;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sockmap_wanted;
+
+    #[test]
+    fn the_annotation_turns_sockmap_off_never_on() {
+        assert!(sockmap_wanted(true, None));
+        assert!(sockmap_wanted(true, Some(true)));
+        assert!(!sockmap_wanted(true, Some(false)));
+        assert!(!sockmap_wanted(false, None));
+        assert!(!sockmap_wanted(false, Some(true)));
     }
 }
