@@ -116,6 +116,9 @@ fn delta(after: &Value, before: &Value, k: &str) -> u64 {
 
 pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     eprintln!("== scenario 8: keepalive through HAProxy (HTTP mode) and sc-forward to nginx, wrk");
+    if !sb.has_sockmap() {
+        bail!("the sandbox was started without the sidecap+sockmap pod's agent");
+    }
     let dir = sb.scratch().join("nginx");
     std::fs::create_dir_all(&dir)?;
     // Static files: nginx's config strings cannot hold 4 KiB.

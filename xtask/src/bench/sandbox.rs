@@ -100,15 +100,15 @@ pub struct Sandbox {
     upstream: Spawned,
     pub agent: Agent,
     /// The second agent, `--sockmap`, attached to the `scm` pod's cgroup only, with its own
-    /// config (that pod alone) and pins.
-    agent_sockmap: Agent,
+    /// config (that pod alone) and pins; only when the keepalive scenario runs.
+    agent_sockmap: Option<Agent>,
     pub mesh: MeshDir,
-    _mesh_sockmap: MeshDir,
+    _mesh_sockmap: Option<MeshDir>,
     topo: Topology,
     _svc_cgroup: TestCgroup,
     scratch: TempDir,
     pub pins: BpfPinDir,
-    pins_sockmap: BpfPinDir,
+    pins_sockmap: Option<BpfPinDir>,
     pub bins: Bins,
     pub proxy: Proxy,
     pub rules: usize,
@@ -118,7 +118,9 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn start(bins: &Bins, params: &Params) -> anyhow::Result<Sandbox> {
+    /// `sockmap`: also the `scm` pod's agent with `--sockmap` (the keepalive scenario's
+    /// sidecap+sockmap mode).
+    pub fn start(bins: &Bins, params: &Params, sockmap: bool) -> anyhow::Result<Sandbox> {
         // SAFETY: set before the harness starts any agent or thread that reads the environment.
         unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
         let topo = Topology::builder()
@@ -159,14 +161,17 @@ impl Sandbox {
         // Attached to the sidecap pod's own cgroup: the other pods run no program at all.
         let mut agent = Agent::start(sc.cgroup().path(), pins.path(), mesh.path(), &["--allow-any", "capture"]);
         agent.wait_pods(&[sc.cookie()?], 1, Duration::from_secs(30));
-        let mesh_sockmap = MeshDir::new();
-        mesh_sockmap.service("default", "web", SVC.into(), &[("tcp-web", SVC_PORT)]);
-        let scm = topo.pod("scm");
-        write_pod(&mesh_sockmap, scm, 1);
-        let pins_sockmap = BpfPinDir::new("bench-sockmap")?;
-        let mut agent_sockmap =
-            Agent::start(scm.cgroup().path(), pins_sockmap.path(), mesh_sockmap.path(), &["--allow-any", "capture", "--sockmap"]);
-        agent_sockmap.wait_pods(&[scm.cookie()?], 1, Duration::from_secs(30));
+        let (mut agent_sockmap, mut mesh_sockmap, mut pins_sockmap) = (None, None, None);
+        if sockmap {
+            let mesh = MeshDir::new();
+            mesh.service("default", "web", SVC.into(), &[("tcp-web", SVC_PORT)]);
+            let scm = topo.pod("scm");
+            write_pod(&mesh, scm, 1);
+            let pins = BpfPinDir::new("bench-sockmap")?;
+            let mut agent = Agent::start(scm.cgroup().path(), pins.path(), mesh.path(), &["--allow-any", "capture", "--sockmap"]);
+            agent.wait_pods(&[scm.cookie()?], 1, Duration::from_secs(30));
+            (agent_sockmap, mesh_sockmap, pins_sockmap) = (Some(agent), Some(mesh), Some(pins));
+        }
         let scratch = TempDir::new("bench")?;
         let mut sb = Sandbox {
             proxies: Vec::new(),
@@ -254,10 +259,16 @@ impl Sandbox {
             .unwrap_or(Value::Null)
     }
 
+    /// Whether the `scm` pod has its `--sockmap` agent (see [`Sandbox::start`]).
+    pub fn has_sockmap(&self) -> bool {
+        self.agent_sockmap.is_some()
+    }
+
     /// The `--sockmap` pod's kernel counters (cumulative: sockmap messages, bytes, fallbacks).
     pub fn counters_sockmap(&self) -> Value {
         let Ok(cookie) = self.topo.pod("scm").cookie() else { return Value::Null };
-        let v = sidecap_tests::inspect(self.pins_sockmap.path());
+        let Some(pins) = &self.pins_sockmap else { return Value::Null };
+        let v = sidecap_tests::inspect(pins.path());
         v.as_array()
             .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
             .map(|p| p["counters"].clone())
@@ -409,7 +420,9 @@ impl Sandbox {
     /// Fails when a long-running process of the sandbox has died.
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.agent.assert_running();
-        self.agent_sockmap.assert_running();
+        if let Some(a) = &mut self.agent_sockmap {
+            a.assert_running();
+        }
         for (what, p) in self.proxies.iter_mut().map(|p| ("proxy", p)).chain(self.apps.iter_mut().map(|p| ("app", p))) {
             if let Ok(Some(st)) = p.try_wait() {
                 bail!("{what} exited ({st}): {} {}", p.stdout(), p.stderr());
