@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 use sidecap_tests::*;
 
-use sidecap_tests::fixture::{SVC, WAIT};
+use sidecap_tests::fixture::{SVC, SVC6, WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sc-sockmap");
 const MIB: u64 = 1 << 20;
@@ -35,8 +35,12 @@ fn serve(pod: &Pod) -> Spawned {
 }
 
 fn start_run(pod: &Pod, args: &[&str]) -> Spawned {
+    start_run_to(pod, &format!("{SVC}:80"), args)
+}
+
+fn start_run_to(pod: &Pod, to: &str, args: &[&str]) -> Spawned {
     let mut c = Command::new(BIN);
-    c.args(["run", &format!("{SVC}:80")]).args(args);
+    c.args(["run", to]).args(args);
     spawn_in(pod, Creds::APP.uid, Creds::APP.gid, c).expect("sc-sockmap run")
 }
 
@@ -130,6 +134,26 @@ fn large_transfers_both_ways_arrive_exact_and_redirected() {
     let line = body.lines().find(|l| l.starts_with("sidecap_pod_sockmap_bytes_total{")).unwrap_or_else(|| panic!("{body}"));
     let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_eq!(v, c["sockmap_bytes"].as_u64().unwrap(), "{line} vs {c}");
+}
+
+/// IPv6: the app connects to a v6 service, capture sends it to [::1]:15001; the keys are
+/// v6 tuples.
+#[test]
+fn ipv6_transfers_both_ways_arrive_exact_and_redirected() {
+    require_root!();
+    let m = accelerated();
+    let a = m.pod("a");
+    let _srv = serve(a);
+    let to = format!("[{SVC6}]:80");
+    for mode in ["sink", "source", "echo"] {
+        let mut p = start_run_to(a, &to, &["--mode", mode, "--bytes", &(8 * MIB).to_string()]);
+        let (st, out) = p.finish(Duration::from_secs(60));
+        assert!(st.success(), "{out} {}", p.stderr());
+        assert_ok(&serde_json::from_str(out.trim()).unwrap(), mode, &m);
+    }
+    let c = counters(&m);
+    assert_eq!(c["captured"], 3, "{c}");
+    assert!(c["sockmap_bytes"].as_u64().unwrap() >= 8 * MIB * 4, "{c}");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //!                  [--timeout-ms T] [--pace-ms P] [--strict-blocking]
 //!                  [--server-delay-ms D]
 //!
-//! serve: runs as the proxy (uid 1337) on 127.0.0.1:PORT. Each connection starts with a
+//! serve: runs as the proxy (uid 1337) on 127.0.0.1:PORT and [::1]:PORT. Each connection starts with a
 //! 16-byte header from the client (mode, flags, byte count), then:
 //! sink: reads until EOF checking every byte against the pattern (with `--server-splice`
 //! through splice(2) into a pipe, as a splicing proxy reads), replies `ok N` or
@@ -196,20 +196,32 @@ fn serve(args: &[String]) -> Result<ExitCode, String> {
             _ => return Err(format!("unknown flag {a}")),
         }
     }
-    let l = TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))?;
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    // Both loopbacks: a v6 app's captured connect goes to [::1]:PORT.
+    let mut ls = Vec::new();
+    for host in ["127.0.0.1", "::1"] {
+        let l = TcpListener::bind((host, port)).map_err(|e| format!("bind {host}:{port}: {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        ls.push(l);
+    }
     println!("{}", json!({"event": "listening", "port": port}));
     let deadline = Instant::now() + Duration::from_secs(max_secs);
     while Instant::now() < deadline {
-        match l.accept() {
-            Ok((s, _)) => {
-                std::thread::spawn(move || {
-                    let line = serve_one(s);
-                    println!("{line}");
-                });
+        let mut idle = true;
+        for l in &ls {
+            match l.accept() {
+                Ok((s, _)) => {
+                    idle = false;
+                    std::thread::spawn(move || {
+                        let line = serve_one(s);
+                        println!("{line}");
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("accept: {e}")),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(format!("accept: {e}")),
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
     Ok(ExitCode::SUCCESS)
