@@ -263,6 +263,9 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     /// Trace records per second each `sidecap trace` session, and the agent's log, pass.
     pub trace_rate: u32,
+    /// `--sockmap`: accelerate the app↔proxy hop of pods whose `sidecap.io/sockmap` is not
+    /// false (docs/kernel-contract.md, "Sockmap").
+    pub sockmap: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +323,10 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     }
     datapath::probe(&cfg.cgroup)?;
     let mprog = cfg.mprog && datapath::probe_mprog(&cfg.cgroup).map_err(datapath::Error::from)?;
-    let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog)?;
+    if cfg.sockmap {
+        datapath::probe_sockmap()?;
+    }
+    let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog, cfg.sockmap)?;
     // The programs just loaded write their trace records here (pods with the switch on).
     trace::logger::spawn(&mut ebpf, hub.clone(), names.clone())?;
     tracing::info!(
@@ -332,8 +338,12 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
         pod_links_updated = installed.pod_links_updated,
         mprog = installed.mprog,
         preorder = installed.preorder,
+        sockmap = cfg.sockmap,
         "programs in place"
     );
+    if installed.sockmap == Some(false) && !cfg.sockmap {
+        tracing::info!("sockmap acceleration off: the sk_msg link was removed; accelerated connections open now keep it until they close");
+    }
     if !installed.mprog {
         tracing::info!(
             cgroup = %cfg.cgroup.display(),

@@ -24,7 +24,7 @@ pub use install::map_pin;
 pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
 pub use maps::{Capacity, ListenerEntries, Maps, PodState, listeners_by_policy};
 pub use order::{find_pods_cgroup, probe_mprog};
-pub use probe::{ProbeError, probe};
+pub use probe::{ProbeError, probe, probe_sockmap};
 pub use sizes::MapSizes;
 
 /// The eBPF object built by agent/build.rs from `ebpf/sidecap-ebpf`.
@@ -53,6 +53,9 @@ pub const UNPINNED_MAPS: &[&str] = &[TRACE_LOGS_MAP, "TRACE_CONNECT"];
 /// The sk_lookup program: loaded with the others, pinned as a program (`progs/sk_lookup`)
 /// so that any later agent can link it into new pods' netns.
 pub const SK_LOOKUP_PROGRAM: &str = "sidecap_sk_lookup";
+
+/// The sk_msg program (`--sockmap`): linked to `ACCEL_SOCKS`, pinned as `links/sk_msg`.
+pub const SK_MSG_PROGRAM: &str = "sidecap_sk_msg";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -85,6 +88,11 @@ pub enum Error {
     AbiLayout { name: &'static str, field: &'static str, pinned: u32, ours: u32 },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
+    #[error(
+        "--sockmap: linking the sk_msg program to ACCEL_SOCKS failed: {source} (it needs bpf_link for sockmap \
+         programs, Linux 6.10+); run without --sockmap"
+    )]
+    SkMsgLink { source: std::io::Error },
 }
 
 impl Error {

@@ -44,6 +44,11 @@ pub struct Counters {
     pub dropped: u64,
     pub inbound_captured: u64,
     pub dns: u64,
+    /// Sockmap (`sockmap` flag): messages and bytes handed straight to the peer socket,
+    /// and connections' sockets that fell back to TCP.
+    pub sockmap_msgs: u64,
+    pub sockmap_bytes: u64,
+    pub sockmap_fallbacks: u64,
 }
 
 fn action_name(a: u8) -> &'static str {
@@ -65,6 +70,7 @@ fn flag_names(f: u32) -> Vec<&'static str> {
         (pod_flags::LOOPBACK_IN_RANGE, "loopback-in-range"),
         (pod_flags::PROXY_CGROUP, "proxy-cgroup"),
         (pod_flags::TRACE, "trace"),
+        (pod_flags::SOCKMAP, "sockmap"),
     ]
     .into_iter()
     .filter(|(b, _)| f & b != 0)
@@ -167,6 +173,9 @@ pub fn collect(bpffs: &Path, only: Option<&str>) -> Result<Vec<PodView>, datapat
                 dropped: st.counters.dropped,
                 inbound_captured: st.counters.inbound_captured,
                 dns: st.counters.dns,
+                sockmap_msgs: st.counters.sockmap_msgs,
+                sockmap_bytes: st.counters.sockmap_bytes,
+                sockmap_fallbacks: st.counters.sockmap_fallbacks,
             },
             listeners: ls,
         });

@@ -128,6 +128,11 @@ enum Cmd {
         /// own log) passes; the rest are counted and reported as dropped.
         #[arg(long, value_name = "N", default_value_t = sidecap::trace::DEFAULT_RATE, value_parser = clap::value_parser!(u32).range(1..))]
         trace_rate: u32,
+        /// Accelerate the app→proxy loopback hop of captured connections with sockmap
+        /// (sk_msg redirect between the two sockets), for every pod whose `sidecap.io/sockmap`
+        /// annotation is not "false". Off by default: see docs/benchmarks.md ("Sockmap").
+        #[arg(long)]
+        sockmap: bool,
     },
     /// Detach every program and remove every pin sidecap made under the bpffs directory;
     /// with --cni-conf-dir/--cni-bin-dir first remove the chained plugin from the node.
@@ -293,6 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             order_check_secs,
             kube_stale_after_secs,
             trace_rate,
+            sockmap,
         } => {
             let cgroup_root = cgroup_root.or_else(|| cgroup::v2_root().ok());
             let source = match config {
@@ -337,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 order_check: Duration::from_secs(order_check_secs),
                 cgroup_root,
                 trace_rate,
+                sockmap,
             };
             agent::run(&cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -19,6 +19,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use sidecap_common::PodCounters;
+
 use crate::datapath;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +166,22 @@ struct PodLabels {
     action: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodOnly {
+    namespace: String,
+    pod: String,
+}
+
+fn sockmap_msgs(c: &PodCounters) -> u64 {
+    c.sockmap_msgs
+}
+fn sockmap_bytes(c: &PodCounters) -> u64 {
+    c.sockmap_bytes
+}
+fn sockmap_fallbacks(c: &PodCounters) -> u64 {
+    c.sockmap_fallbacks
+}
+
 /// Reads `COUNTERS` from the pinned maps on every scrape.
 #[derive(Debug)]
 pub struct KernelCounters {
@@ -183,9 +201,12 @@ impl Collector for KernelCounters {
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
-        for st in states {
-            let who = names.get(&st.netns).cloned().unwrap_or_else(|| format!("unknown/netns-{}", st.netns));
-            let (namespace, pod) = who.split_once('/').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+        let split = |netns: u64| {
+            let who = names.get(&netns).cloned().unwrap_or_else(|| format!("unknown/netns-{netns}"));
+            who.split_once('/').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default()
+        };
+        for st in &states {
+            let (namespace, pod) = split(st.netns);
             let c = st.counters;
             for (action, v) in [
                 ("captured", c.captured),
@@ -196,6 +217,23 @@ impl Collector for KernelCounters {
             ] {
                 let labels = PodLabels { namespace: namespace.clone(), pod: pod.clone(), action };
                 ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        // Sockmap (`--sockmap`): only pods that have used it, so a node without it exports nothing.
+        let used: Vec<_> = states.iter().filter(|s| s.counters.sockmap_msgs != 0 || s.counters.sockmap_fallbacks != 0).collect();
+        for (name, help, get) in [
+            (
+                "sidecap_pod_sockmap_messages",
+                "Messages the sockmap program handed straight to the peer socket",
+                sockmap_msgs as fn(&PodCounters) -> u64,
+            ),
+            ("sidecap_pod_sockmap_bytes", "Bytes the sockmap program handed straight to the peer socket", sockmap_bytes),
+            ("sidecap_pod_sockmap_fallbacks", "Accelerated sockets whose messages fell back to the TCP path", sockmap_fallbacks),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for st in &used {
+                let (namespace, pod) = split(st.netns);
+                ConstCounter::new(get(&st.counters)).encode(family.encode_family(&PodOnly { namespace, pod })?)?;
             }
         }
         Ok(())

@@ -28,6 +28,8 @@ pub const ANN_PROXY_IDENTITY: &str = "sidecap.io/proxy-identity";
 pub const ANN_PROXY_CGROUP: &str = "sidecap.io/proxy-cgroup";
 /// sidecap's own: `"true"` keeps the pod's live decision trace on (see `sidecap trace`).
 pub const ANN_TRACE: &str = "sidecap.io/trace";
+/// Per-pod override of the agent's `--sockmap` (absent: the node's setting).
+pub const ANN_SOCKMAP: &str = "sidecap.io/sockmap";
 /// istio-iptables `-k` (`RerouteVirtualInterfaces`), from either annotation.
 pub const ANN_KUBEVIRT: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
 pub const ANN_REROUTE_VIRTUAL: &str = "istio.io/reroute-virtual-interfaces";
@@ -136,11 +138,21 @@ pub fn is_meshed(pod: &Pod) -> bool {
 /// `strconv.ParseBool` (as Istio reads its boolean annotations); anything else is an error
 /// naming the annotation and its value.
 pub fn trace(pod: &Pod) -> Result<bool, KnobError> {
-    match pod.metadata.annotations.get(ANN_TRACE).map(String::as_str) {
-        None => Ok(false),
-        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
-        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
-        Some(v) => Err(KnobError::Annotation { key: ANN_TRACE, message: format!("{v:?} is not true or false") }),
+    Ok(bool_annotation(pod, ANN_TRACE)?.unwrap_or(false))
+}
+
+/// The `sidecap.io/sockmap` annotation: None when absent (the node's `--sockmap` decides),
+/// else read as `trace` reads its annotation.
+pub fn sockmap(pod: &Pod) -> Result<Option<bool>, KnobError> {
+    bool_annotation(pod, ANN_SOCKMAP)
+}
+
+fn bool_annotation(pod: &Pod, key: &'static str) -> Result<Option<bool>, KnobError> {
+    match pod.metadata.annotations.get(key).map(String::as_str) {
+        None => Ok(None),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(Some(true)),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(Some(false)),
+        Some(v) => Err(KnobError::Annotation { key, message: format!("{v:?} is not true or false") }),
     }
 }
 
@@ -360,6 +372,15 @@ mod tests {
         assert!(!trace(&pod(&[(ANN_TRACE, "0")])).unwrap());
         let e = trace(&pod(&[(ANN_TRACE, "yes")])).unwrap_err().to_string();
         assert_eq!(e, "annotation sidecap.io/trace: \"yes\" is not true or false");
+    }
+
+    #[test]
+    fn the_sockmap_annotation_is_absent_or_a_go_bool() {
+        assert_eq!(sockmap(&pod(&[])).unwrap(), None);
+        assert_eq!(sockmap(&pod(&[(ANN_SOCKMAP, "true")])).unwrap(), Some(true));
+        assert_eq!(sockmap(&pod(&[(ANN_SOCKMAP, "F")])).unwrap(), Some(false));
+        let e = sockmap(&pod(&[(ANN_SOCKMAP, "on")])).unwrap_err().to_string();
+        assert_eq!(e, "annotation sidecap.io/sockmap: \"on\" is not true or false");
     }
 
     // Defaults from cni/pkg/plugin/sidecar_redirect.go (golden: cni-plugin/basic.txt.golden).

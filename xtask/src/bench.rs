@@ -236,7 +236,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let network = ["connect", "rules", "inbound", "passdrop", "controlplane", "kernel", "keepalive"].iter().any(|s| wanted(s));
     if network {
         let t = Instant::now();
-        let sb = sandbox::Sandbox::start(&bins, &params).context("building the bench sandbox")?;
+        let sockmap = wanted("keepalive") && params.profile != "smoke";
+        let sb = sandbox::Sandbox::start(&bins, &params, sockmap).context("building the bench sandbox")?;
         eprintln!("xtask bench: sandbox up in {:.1} s", t.elapsed().as_secs_f64());
         let mut sb = sb;
         for (name, f) in [

@@ -23,6 +23,12 @@ use crate::{
     netns,
 };
 
+/// Sockmap for a pod: the node's `--sockmap`, which the pod's annotation can turn off but not
+/// on (without the node flag the sk_msg program is not attached).
+fn sockmap_wanted(node: bool, annotation: Option<bool>) -> bool {
+    node && annotation.unwrap_or(true)
+}
+
 /// What the agent knows about one pod it manages.
 struct Managed {
     pod: PodRef,
@@ -243,6 +249,9 @@ impl Syncer {
                     if trace_annotated || self.traced.contains(&pod_ref.to_string()) {
                         config.flags |= pod_flags::TRACE;
                     }
+                    if self.sockmap_for(&pod_ref, pod) {
+                        config.flags |= pod_flags::SOCKMAP;
+                    }
                     wants.push(Want { netns: cookie, pod: pod_ref, path, inputs: key, rules, hash, config, sidecar, trace_annotated });
                 }
                 Err(e) => {
@@ -278,6 +287,20 @@ impl Syncer {
         self.proxy_cgroups.retain(|p, _| live.contains(p));
         self.publish(&report);
         report
+    }
+
+    /// Sockmap acceleration for this pod: the node's `--sockmap`, unless the pod's
+    /// `sidecap.io/sockmap` says otherwise. Without the node flag the sk_msg program is not
+    /// attached, so a pod's "true" cannot turn it on (logged).
+    fn sockmap_for(&self, pod_ref: &PodRef, pod: &sidecap_policy::model::Pod) -> bool {
+        let annotation = sidecap_policy::knobs::sockmap(pod).unwrap_or_else(|e| {
+            tracing::warn!(pod = %pod_ref, error = %e, "sockmap annotation ignored");
+            None
+        });
+        if annotation == Some(true) && !self.cfg.sockmap {
+            tracing::warn!(pod = %pod_ref, "sidecap.io/sockmap is true but the agent runs without --sockmap: not accelerated");
+        }
+        sockmap_wanted(self.cfg.sockmap, annotation)
     }
 
     /// The proxy container's cgroup id from `sidecap.io/proxy-cgroup` (0: none, or not
@@ -728,5 +751,19 @@ impl RateLimit {
             self.suppressed += 1;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sockmap_wanted;
+
+    #[test]
+    fn the_annotation_turns_sockmap_off_never_on() {
+        assert!(sockmap_wanted(true, None));
+        assert!(sockmap_wanted(true, Some(true)));
+        assert!(!sockmap_wanted(true, Some(false)));
+        assert!(!sockmap_wanted(false, None));
+        assert!(!sockmap_wanted(false, Some(true)));
     }
 }

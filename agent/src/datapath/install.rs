@@ -41,6 +41,9 @@ pub struct Installed {
     /// Pods whose pinned sk_lookup link could not be updated for another reason (logged,
     /// left as they are).
     pub pod_links_failed: Vec<u64>,
+    /// The sk_msg link (`--sockmap`): Some(true) attached now, Some(false) updated in place
+    /// (with the flag) or removed (without it), None none before or after.
+    pub sockmap: Option<bool>,
 }
 
 fn maps_dir(bpffs: &Path) -> PathBuf {
@@ -122,7 +125,7 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
 ///
 /// Also returns the loaded object: its `AYA_LOGS` ring buffer (not pinned: each load has
 /// its own, written only by the programs of that load) carries the trace records.
-pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool) -> Result<(Installed, aya::Ebpf), Error> {
+pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool, sockmap: bool) -> Result<(Installed, aya::Ebpf), Error> {
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
@@ -238,7 +241,48 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
     let skl = sk_lookup_pin(bpffs);
     let _ = std::fs::remove_file(&skl);
     super::link::pin(prog_fd.as_fd(), &skl).map_err(Error::io(&skl))?;
+    out.sockmap = if sockmap { Some(attach_sk_msg(bpffs, &mut ebpf)?) } else { detach_sk_msg(bpffs)? };
     Ok((out, ebpf))
+}
+
+/// `--sockmap`: the sk_msg program linked to `ACCEL_SOCKS` (`links/sk_msg`), swapped in
+/// place when already pinned. True when this call attached it.
+fn attach_sk_msg(bpffs: &Path, ebpf: &mut aya::Ebpf) -> Result<bool, Error> {
+    let name = super::SK_MSG_PROGRAM;
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram { name })?;
+    let Program::SkMsg(p) = program else { return Err(Error::MissingProgram { name }) };
+    p.load().map_err(|source| Error::Program { name, source })?;
+    let prog_fd = p
+        .fd()
+        .map_err(|source| Error::Program { name, source })?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(Error::io(bpffs))?;
+    let map_name = abi::ACCEL_SOCKS.name;
+    let Some(aya::maps::Map::SockHash(map)) = ebpf.map(map_name) else { return Err(Error::MissingMap { name: map_name }) };
+    let path = link_pin(bpffs, pin::SK_MSG_LINK);
+    let attach_err = |source| Error::SkMsgLink { source };
+    if path.exists() {
+        let link = super::link::get(&path).map_err(Error::io(&path))?;
+        super::link::update(link.as_fd(), prog_fd.as_fd()).map_err(attach_err)?;
+        return Ok(false);
+    }
+    let fd = super::link::create(prog_fd.as_fd(), map.fd().as_fd(), super::link::attach_type::SK_MSG_VERDICT).map_err(attach_err)?;
+    super::link::pin(fd.as_fd(), &path).map_err(Error::io(&path))?;
+    Ok(true)
+}
+
+/// Without `--sockmap`: an sk_msg link an earlier agent pinned is removed, so no new socket
+/// gets the program (pods lose `pod_flags::SOCKMAP` at the first sync, so none is added to
+/// `ACCEL_SOCKS`); sockets already in it keep theirs until they close. Some(false) when
+/// one was removed, None when there was none.
+fn detach_sk_msg(bpffs: &Path) -> Result<Option<bool>, Error> {
+    let path = link_pin(bpffs, pin::SK_MSG_LINK);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(Some(false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io { path, source: e }),
+    }
 }
 
 enum PodLink {

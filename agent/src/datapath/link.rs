@@ -34,6 +34,8 @@ pub mod flags {
 /// `enum bpf_attach_type` values (include/uapi/linux/bpf.h).
 pub mod attach_type {
     pub const CGROUP_SOCK_OPS: u32 = 3;
+    /// An sk_msg program on a sockmap/sockhash (links: Linux 6.10+).
+    pub const SK_MSG_VERDICT: u32 = 7;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
     pub const CGROUP_INET6_CONNECT: u32 = 11;
     pub const CGROUP_UDP4_SENDMSG: u32 = 14;

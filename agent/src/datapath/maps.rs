@@ -116,6 +116,9 @@ impl Maps {
                 sum.dropped += c.dropped;
                 sum.inbound_captured += c.inbound_captured;
                 sum.dns += c.dns;
+                sum.sockmap_msgs += c.sockmap_msgs;
+                sum.sockmap_bytes += c.sockmap_bytes;
+                sum.sockmap_fallbacks += c.sockmap_fallbacks;
             }
         }
         sum

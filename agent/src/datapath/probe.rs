@@ -85,3 +85,30 @@ fn features() -> Result<(), ProbeError> {
     }
     Ok(())
 }
+
+/// `--sockmap`: what the accelerated hop needs beyond [`probe`] (sk_msg programs, socket
+/// storage, the redirect helper; the sk_msg link itself, Linux 6.10+, is refused at attach
+/// with its own error).
+pub fn probe_sockmap() -> Result<(), ProbeError> {
+    use aya::{
+        maps::MapType,
+        programs::ProgramType as P,
+        sys::{BpfHelper as H, is_helper_supported, is_map_supported, is_program_supported},
+    };
+    let check = |r: Result<bool, String>, what: &str| match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ProbeError::Missing { what: format!("{what} (needed by --sockmap; run without it)") }),
+        Err(error) => Err(ProbeError::Denied { what: what.into(), error }),
+    };
+    check(is_program_supported(P::SkMsg).map_err(|e| e.to_string()), "sk_msg programs")?;
+    check(is_map_supported(MapType::SkStorage).map_err(|e| e.to_string()), "socket storage maps")?;
+    for (p, h, name) in [
+        (P::SkMsg, H::BPF_FUNC_msg_redirect_hash, "bpf_msg_redirect_hash in sk_msg programs"),
+        (P::SkMsg, H::BPF_FUNC_sk_storage_get, "bpf_sk_storage_get in sk_msg programs"),
+        (P::SkMsg, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in sk_msg programs"),
+        (P::SockOps, H::BPF_FUNC_sock_hash_update, "bpf_sock_hash_update in sockops programs"),
+    ] {
+        check(is_helper_supported(p, h).map_err(|e| e.to_string()), name)?;
+    }
+    Ok(())
+}

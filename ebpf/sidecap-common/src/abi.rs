@@ -10,8 +10,8 @@
 use core::mem::size_of;
 
 use crate::{
-    CONNECTING_SLOTS, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters,
-    PodName, PortKey, PortRule, TupleKey,
+    AccelPeer, CONNECTING_SLOTS, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig,
+    PodCounters, PodName, PortKey, PortRule, TupleKey,
 };
 
 /// Version of the pinned layout. 1: the first versioned layout (pins made before it
@@ -19,7 +19,9 @@ use crate::{
 /// `pod_flags::PROXY_CGROUP` (cgroup-bound proxy identity). 3: `pod_flags::TRACE`, and
 /// `OrigDst::flags` (was padding) with `trace::orig_flags::TRACED`, and the `CONNECTING`
 /// map (a captured connect's original destination until its handshake completes).
-pub const VERSION: u32 = 3;
+/// 4: `pod_flags::SOCKMAP`, `trace::orig_flags::SOCKMAP`, the sockmap counters of
+/// `PodCounters` (its value grew), and the `ACCEL_SOCKS` and `ACCEL_PEERS` maps.
+pub const VERSION: u32 = 4;
 
 /// Directories and pins under `--bpffs`.
 pub mod pin {
@@ -31,6 +33,8 @@ pub mod pin {
     pub const NETNS_LINKS_DIR: &str = "netns";
     /// `progs/sk_lookup`: the sk_lookup program, for linking into new pods' netns.
     pub const PROGS_DIR: &str = "progs";
+    /// `links/sk_msg`: the sockmap program's link to `ACCEL_SOCKS` (only under `--sockmap`).
+    pub const SK_MSG_LINK: &str = "sk_msg";
     pub const SK_LOOKUP_PROG: &str = "sk_lookup";
 }
 
@@ -42,6 +46,7 @@ pub mod map_type {
     pub const LRU_HASH: u32 = 9;
     pub const LPM_TRIE: u32 = 11;
     pub const SOCKHASH: u32 = 18;
+    pub const SK_STORAGE: u32 = 24;
     pub const RINGBUF: u32 = 27;
 }
 
@@ -87,6 +92,13 @@ pub const INBOUND_LISTENERS: MapDef = def::<u64, u32>("INBOUND_LISTENERS", map_t
 pub const POD_ADDRS: MapDef = def::<[u8; 16], u64>("POD_ADDRS", map_type::HASH, 16384);
 pub const DNS_ORIG: MapDef = def::<u64, OrigDst>("DNS_ORIG", map_type::LRU_HASH, 65536);
 pub const POD_NAMES: MapDef = def::<u64, PodName>("POD_NAMES", map_type::HASH, 4096);
+/// (netns, a socket's own tuple) → that socket: both ends of a captured connection of a
+/// `pod_flags::SOCKMAP` pod, so that each end's messages go straight to the other.
+pub const ACCEL_SOCKS: MapDef = def::<TupleKey, u32>("ACCEL_SOCKS", map_type::SOCKHASH, 65536);
+/// Socket storage on each socket of `ACCEL_SOCKS`: its peer's key, and whether its messages
+/// take the TCP path for good (a redirect failed once: later ones must not overtake what
+/// TCP carries).
+pub const ACCEL_PEERS: MapDef = def::<i32, AccelPeer>("ACCEL_PEERS", map_type::SK_STORAGE, 0);
 /// `[0]` = [`VERSION`] of the layout the pinned maps were made with (written by the agent).
 pub const ABI_VERSION: MapDef = def::<u32, u32>("ABI_VERSION", map_type::ARRAY, 1);
 
@@ -106,5 +118,7 @@ pub const MAPS: &[MapDef] = &[
     POD_ADDRS,
     DNS_ORIG,
     POD_NAMES,
+    ACCEL_SOCKS,
+    ACCEL_PEERS,
     ABI_VERSION,
 ];

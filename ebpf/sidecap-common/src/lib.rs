@@ -68,6 +68,11 @@ pub mod pod_flags {
     /// send a record of each decision for this pod (`trace`). Every program tests it once,
     /// after its decision, so an untraced pod pays that one branch.
     pub const TRACE: u32 = 1 << 7;
+    /// Sockmap acceleration of the app↔proxy loopback hop (agent `--sockmap`, annotation
+    /// `sidecap.io/sockmap`): connect stamps `trace::orig_flags::SOCKMAP` on a captured
+    /// connection, and sockops puts both of its sockets in `ACCEL_SOCKS`. Off: no program
+    /// pays anything for it beyond that one flag test at connect.
+    pub const SOCKMAP: u32 = 1 << 8;
 }
 
 /// Per-pod configuration: `PODS[netns cookie]`.
@@ -254,6 +259,18 @@ pub struct TupleKey {
     pub _pad: u32,
 }
 
+/// Value of `ACCEL_PEERS` (socket storage) on each socket of `ACCEL_SOCKS`: where its
+/// messages go, so that the sk_msg program reads no address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelPeer {
+    /// The other end's key in `ACCEL_SOCKS` (its own tuple; `netns` is the pod's).
+    pub peer: TupleKey,
+    /// Nonzero once a redirect failed: this socket's messages take TCP for good.
+    pub fell_back: u32,
+    pub _pad: u32,
+}
+
 /// A pod's name, `namespace/name`, NUL-padded (`POD_NAMES[netns]`): only for people and
 /// tools reading the pinned maps while the agent is down; the programs never read it.
 #[repr(C)]
@@ -277,6 +294,13 @@ pub struct PodCounters {
     pub dropped: u64,
     pub inbound_captured: u64,
     pub dns: u64,
+    /// Messages the sockmap program handed straight to the peer socket (`pod_flags::SOCKMAP`).
+    pub sockmap_msgs: u64,
+    /// Bytes in those messages.
+    pub sockmap_bytes: u64,
+    /// Accelerated connections that fell back to the TCP path (the peer socket was not in
+    /// `ACCEL_SOCKS`, or the redirect failed): counted once per socket.
+    pub sockmap_fallbacks: u64,
 }
 
 /// Reason codes of `DropEvent`.
@@ -346,6 +370,9 @@ mod user {
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PodCounters {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
+    unsafe impl aya::Pod for AccelPeer {}
+
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PodName {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for DropEvent {}
@@ -368,6 +395,8 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<DropEvent>(), 40);
+        assert_eq!(size_of::<PodCounters>(), 64);
+        assert_eq!(size_of::<AccelPeer>(), 56);
     }
 
     #[test]

@@ -157,6 +157,9 @@ pub mod inbound_rule {
 pub mod orig_flags {
     /// The connection's pod was traced when it was captured: getsockopt records its answer.
     pub const TRACED: u32 = 1 << 0;
+    /// The connection's pod had `pod_flags::SOCKMAP` when it was captured: sockops puts
+    /// the app's and the proxy's sockets in `ACCEL_SOCKS`.
+    pub const SOCKMAP: u32 = 1 << 1;
 }
 
 impl OutboundStep {

@@ -180,7 +180,12 @@ fn enforce(
                     // SAFETY: the helper reads this program's own context, as the kernel passed it.
                     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                     // getsockopt traces its answer when the pod was traced at connect.
-                    let flags = if traced { trace_codes::orig_flags::TRACED } else { 0 };
+                    let mut flags = if traced { trace_codes::orig_flags::TRACED } else { 0 };
+                    // Only the app's hop to the outbound port is accelerated (both ends in
+                    // this netns, the peer the proxy's accepted socket).
+                    if pod.flags & pod_flags::SOCKMAP != 0 && matches!(kind, RedirectKind::Capture) {
+                        flags |= trace_codes::orig_flags::SOCKMAP;
+                    }
                     let od = OrigDst { addr: addr::to_bytes(&dst), port, family, flags };
                     if !origdst::remember(cookie, od) {
                         // Without the original destination the proxy could not route it.

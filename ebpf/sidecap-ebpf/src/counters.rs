@@ -8,6 +8,7 @@ pub enum Counter {
     Dropped,
     InboundCaptured,
     Dns,
+    SockmapFallback,
 }
 
 #[inline(always)]
@@ -22,7 +23,20 @@ pub fn add(netns: u64, which: Counter) {
                 Counter::Dropped => (*c).dropped += 1,
                 Counter::InboundCaptured => (*c).inbound_captured += 1,
                 Counter::Dns => (*c).dns += 1,
+                Counter::SockmapFallback => (*c).sockmap_fallbacks += 1,
             }
+        }
+    }
+}
+
+/// One message of `size` bytes handed to the peer socket by the sockmap program.
+#[inline(always)]
+pub fn sockmap_redirected(netns: u64, size: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(netns) {
+        // SAFETY: a per-CPU map value from a successful lookup: live for this run and written only from this CPU.
+        unsafe {
+            (*c).sockmap_msgs += 1;
+            (*c).sockmap_bytes += u64::from(size);
         }
     }
 }

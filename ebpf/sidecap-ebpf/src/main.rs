@@ -16,14 +16,15 @@ mod lookup;
 mod maps;
 mod origdst;
 mod outbound;
+mod sockmap;
 mod trace;
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -54,6 +55,13 @@ pub fn sidecap_sockops(ctx: SockOpsContext) -> u32 {
 #[sk_lookup]
 pub fn sidecap_sk_lookup(ctx: SkLookupContext) -> u32 {
     inbound::sk_lookup(&ctx)
+}
+
+/// Attached to `ACCEL_SOCKS` (under `--sockmap` only): runs for each message sent on a
+/// socket in it.
+#[sk_msg]
+pub fn sidecap_sk_msg(ctx: SkMsgContext) -> u32 {
+    sockmap::sk_msg(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -3,12 +3,12 @@
 //! `sidecap_common::abi`'s; the agent's tests check this object against it.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf, SkStorage, SockHash},
     macros::btf_map,
 };
 use sidecap_common::{
-    CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters, PodName, PortKey,
-    PortRule, TupleKey, abi,
+    AccelPeer, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters,
+    PodName, PortKey, PortRule, TupleKey, abi,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -71,6 +71,15 @@ pub static DNS_ORIG: LruHashMap<u64, OrigDst, { abi::DNS_ORIG.max_entries as usi
 /// netns cookie → "namespace/name": for inspection only (the programs never read it).
 #[btf_map]
 pub static POD_NAMES: HashMap<u64, PodName, { abi::POD_NAMES.max_entries as usize }, NO_PREALLOC> = HashMap::new();
+
+/// (netns, a socket's own tuple) → the socket: both ends of a captured connection of a
+/// `pod_flags::SOCKMAP` pod (sockops adds them; the kernel removes each at its close).
+#[btf_map]
+pub static ACCEL_SOCKS: SockHash<TupleKey, { abi::ACCEL_SOCKS.max_entries as usize }> = SockHash::new();
+
+/// Per socket of `ACCEL_SOCKS`: its peer's key, and whether it fell back to TCP for good.
+#[btf_map]
+pub static ACCEL_PEERS: SkStorage<AccelPeer> = SkStorage::new();
 
 /// `[0]`: the pinned layout's `abi::VERSION`, written by the agent (the programs never read
 /// it): an agent of another layout refuses these pins instead of misreading them.

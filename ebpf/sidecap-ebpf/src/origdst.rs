@@ -15,7 +15,7 @@ use sidecap_common::{
 use crate::{
     addr::{self, Addr},
     maps::{CONNECTING, ORIG_DST, ORIG_DST_BY_COOKIE, PODS},
-    trace,
+    sockmap, trace,
 };
 
 const AF_INET: u32 = 2;
@@ -131,7 +131,11 @@ pub fn on_active_established(ctx: &SockOpsContext) {
     let Some(od) = take(cookie) else { return };
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let _ = ORIG_DST.insert(key(netns, local, lport, remote, rport), od, 0);
+    let k = key(netns, local, lport, remote, rport);
+    let _ = ORIG_DST.insert(k, od, 0);
+    if od.flags & orig_flags::SOCKMAP != 0 {
+        sockmap::add(ctx, k, key(netns, remote, rport, local, lport));
+    }
 }
 
 /// sockops PASSIVE_ESTABLISHED_CB, the proxy's accepted socket (on localhost, as above):
@@ -144,8 +148,12 @@ pub fn on_passive_established(ctx: &SockOpsContext) {
     }
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)).is_some() {
+    if let Some(od) = ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)) {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        // SAFETY: a pointer from a successful map lookup points at a live value for this run.
+        if unsafe { (*od).flags } & orig_flags::SOCKMAP != 0 {
+            sockmap::add(ctx, key(netns, local, lport, remote, rport), key(netns, remote, rport, local, lport));
+        }
     }
 }
 

@@ -1,8 +1,10 @@
 //! Scenario 8, keepalive: request/response over persistent connections through HAProxy in
-//! HTTP mode (a sidecar as Envoy is one) to Debian's nginx, load from wrk, 1 and 64
-//! connections, 100 B and 4 KiB responses; direct is wrk to nginx itself. With iptables
-//! every packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack;
-//! with sidecap only the connects run a program.
+//! HTTP mode (a sidecar as Envoy is one), then through sc-forward, to Debian's nginx, load
+//! from wrk, 1 and 64 connections, 100 B, 4 KiB and 64 KiB responses; direct is wrk to nginx
+//! itself. With iptables every packet of the app↔proxy leg and of the proxy's upstream leg
+//! goes through conntrack; with sidecap only the connects run a program; sidecap+sockmap
+//! (issue 16) also hands the app↔proxy leg's messages from socket to socket (sk_msg).
+//! Also CPU per request: the machine's busy time and the proxy's, over each wrk run.
 
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ use super::sandbox::{Mode, Proxy, SVC, Sandbox};
 
 /// nginx's port on the Service address (captured like any other under `--allow-any capture`).
 const NGINX_PORT: u16 = 8090;
-const SIZES: [(&str, usize); 2] = [("100 B", 100), ("4 KiB", 4096)];
+const SIZES: [(&str, usize); 3] = [("100 B", 100), ("4 KiB", 4096), ("64 KiB", 65536)];
 
 fn nginx_config(dir: &std::path::Path) -> String {
     let d = dir.display();
@@ -77,8 +79,46 @@ fn parse_wrk(out: &str) -> Value {
     m
 }
 
+/// Modes of this scenario: the usual three and sidecap with `--sockmap` (issue 16).
+const MODES: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Sidecap, Mode::SidecapSockmap];
+/// HAProxy in HTTP mode (as Envoy is one), then the project's forwarder (bytes only).
+const PROXIES: [Proxy; 2] = [Proxy::HaproxyHttp, Proxy::Forward];
+
+/// Busy and total jiffies of the whole machine (/proc/stat's `cpu` line).
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// utime + stime of a process (all its threads), in jiffies.
+fn process_jiffies(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// µs per jiffy (USER_HZ).
+fn jiffy_us() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { 1e6 / hz as f64 } else { 1e4 }
+}
+
+fn delta(after: &Value, before: &Value, k: &str) -> u64 {
+    after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0))
+}
+
 pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
-    eprintln!("== scenario 8: keepalive through HAProxy (HTTP mode) to nginx, wrk");
+    eprintln!("== scenario 8: keepalive through HAProxy (HTTP mode) and sc-forward to nginx, wrk");
+    if !sb.has_sockmap() {
+        bail!("the sandbox was started without the sidecap+sockmap pod's agent");
+    }
     let dir = sb.scratch().join("nginx");
     std::fs::create_dir_all(&dir)?;
     // Static files: nginx's config strings cannot hold 4 KiB.
@@ -100,30 +140,60 @@ pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     if up != Some(true) {
         bail!("nginx did not start: {} {}", nginx.stdout(), nginx.stderr());
     }
-    sb.start_proxies(Proxy::HaproxyHttp)?;
     let secs = if p.profile == "full" { 3 } else { 1 };
+    let jiffy = jiffy_us();
     let mut runs = Vec::new();
     let result = (|| {
-        for round in 0..p.rounds {
-            for (size, bytes) in SIZES {
-                for &c in &p.concurrency {
-                    let case = format!("{size} c={c}");
-                    for mode in Mode::ALL {
-                        let url = format!("http://{SVC}:{NGINX_PORT}/{bytes}");
-                        let args = ["-t1", &format!("-c{c}"), &format!("-d{secs}s"), "--latency", "--timeout", "2s", &url];
-                        let out = sb.run_in(mode, "wrk", &args, Duration::from_secs(secs + 20)).context("wrk")?;
-                        let m = parse_wrk(&out);
-                        if m["rps"].as_f64().is_none() || m["non_2xx"].as_u64().unwrap_or(0) > 0 || m["socket_errors"].is_string() {
-                            bail!("{case} {}: wrk failed or saw errors: {out}", mode.name());
+        for proxy in PROXIES {
+            sb.start_proxies(proxy)?;
+            for round in 0..p.rounds {
+                for (size, bytes) in SIZES {
+                    for &c in &p.concurrency {
+                        let case = format!("{} {size} c={c}", proxy.name());
+                        for mode in MODES {
+                            let url = format!("http://{SVC}:{NGINX_PORT}/{bytes}");
+                            let args = ["-t1", &format!("-c{c}"), &format!("-d{secs}s"), "--latency", "--timeout", "2s", &url];
+                            let proxy_pid = sb.proxy_pid(mode);
+                            let (m0, p0, k0) = (machine_jiffies(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
+                            let out = sb.run_in(mode, "wrk", &args, Duration::from_secs(secs + 20)).context("wrk")?;
+                            let (m1, p1, k1) = (machine_jiffies(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
+                            let mut m = parse_wrk(&out);
+                            if m["rps"].as_f64().is_none() || m["non_2xx"].as_u64().unwrap_or(0) > 0 || m["socket_errors"].is_string() {
+                                bail!("{case} {}: wrk failed or saw errors: {out}", mode.name());
+                            }
+                            // CPU per request: the whole machine's busy time (everything the
+                            // request touches: wrk, proxy, nginx, softirqs; and anything else
+                            // running, so noisy on a shared machine) and the proxy's alone.
+                            let reqs = m["requests"].as_u64().unwrap_or(0).max(1) as f64;
+                            if let (Some((b0, _)), Some((b1, _))) = (m0, m1) {
+                                m["cpu_us_per_req"] = json!((b1 - b0) as f64 * jiffy / reqs);
+                            }
+                            if let (Some(a), Some(b)) = (p0, p1) {
+                                m["proxy_cpu_us_per_req"] = json!((b - a) as f64 * jiffy / reqs);
+                            }
+                            let sockmap = json!({
+                                "msgs": delta(&k1, &k0, "sockmap_msgs"),
+                                "bytes": delta(&k1, &k0, "sockmap_bytes"),
+                                "fallbacks": delta(&k1, &k0, "sockmap_fallbacks"),
+                            });
+                            eprintln!(
+                                "  {case:<24} {:<15} round {round}: {:>9.0} req/s  p50 {:>7.1} µs  p99 {:>7.1} µs  cpu {:>6.1} µs/req (proxy {:>5.1}){}",
+                                mode.name(),
+                                m["rps"].as_f64().unwrap_or(0.0),
+                                m["p50_us"].as_f64().unwrap_or(f64::NAN),
+                                m["p99_us"].as_f64().unwrap_or(f64::NAN),
+                                m["cpu_us_per_req"].as_f64().unwrap_or(f64::NAN),
+                                m["proxy_cpu_us_per_req"].as_f64().unwrap_or(f64::NAN),
+                                if mode == Mode::SidecapSockmap { format!("  sockmap {sockmap}") } else { String::new() }
+                            );
+                            if mode == Mode::SidecapSockmap && sockmap["msgs"].as_u64() == Some(0) {
+                                bail!("{case}: the sockmap pod redirected nothing: {sockmap}");
+                            }
+                            runs.push(json!({
+                                "case": case, "mode": mode.name(), "round": round, "metrics": m,
+                                "raw": {"wrk": out, "sockmap": sockmap},
+                            }));
                         }
-                        eprintln!(
-                            "  {case:<12} {:<9} round {round}: {:>9.0} req/s  p50 {:>7.1} µs  p99 {:>7.1} µs",
-                            mode.name(),
-                            m["rps"].as_f64().unwrap_or(0.0),
-                            m["p50_us"].as_f64().unwrap_or(f64::NAN),
-                            m["p99_us"].as_f64().unwrap_or(f64::NAN)
-                        );
-                        runs.push(json!({"case": case, "mode": mode.name(), "round": round, "metrics": m, "raw": {"wrk": out}}));
                     }
                 }
             }

@@ -121,12 +121,32 @@ pub fn table_for(name: &str, v: &Value) -> String {
         "controlplane" => controlplane_table(v),
         "micro" => micro_table(v),
         "kernel" => format!("{}\n{}", kernel_table(s), kernel_breakdown(s)),
-        "keepalive" => format!("{}\n{}", table(s, &KEEPALIVE_METRICS), ratios(s, &KEEPALIVE_METRICS)),
+        "keepalive" => format!("{}\n{}\n{}", table(s, &KEEPALIVE_METRICS), ratios(s, &KEEPALIVE_RATIOS), sockmap_ratios(s)),
         _ => String::new(),
     }
 }
 
-const KEEPALIVE_METRICS: [(&str, &str); 3] = [("rps", "req/s"), ("p50_us", "p50 µs"), ("p99_us", "p99 µs")];
+const KEEPALIVE_METRICS: [(&str, &str); 5] = [
+    ("rps", "req/s"),
+    ("p50_us", "p50 µs"),
+    ("p99_us", "p99 µs"),
+    ("cpu_us_per_req", "CPU µs/req (machine)"),
+    ("proxy_cpu_us_per_req", "CPU µs/req (proxy)"),
+];
+const KEEPALIVE_RATIOS: [(&str, &str); 3] = [("rps", "req/s"), ("p50_us", "p50 µs"), ("p99_us", "p99 µs")];
+
+/// Keepalive: sidecap with `--sockmap` against plain sidecap (issue 16's target: ≥ 1.3× req/s
+/// at 4 KiB and 64 connections, p99 no worse).
+fn sockmap_ratios(summary: &Value) -> String {
+    let mut t = String::from(
+        "| case | req/s: sockmap/sidecap | p99: sockmap/sidecap | CPU/req (machine): sockmap/sidecap |\n|---|---:|---:|---:|\n",
+    );
+    for c in cases(summary) {
+        let r = |k: &str| ratio(med(summary, &c, "sidecap+sockmap", k), med(summary, &c, "sidecap", k));
+        let _ = writeln!(t, "| {c} | {} | {} | {} |", r("rps"), r("p99_us"), r("cpu_us_per_req"));
+    }
+    t
+}
 
 const KERNEL_METRICS: [(&str, &str); 3] =
     [("runs_per_conn", "runs per connection"), ("ns_per_run", "ns per run"), ("ns_per_conn", "ns per connection")];

@@ -40,6 +40,8 @@ pub enum Mode {
     Direct,
     Iptables,
     Sidecap,
+    /// sidecap with `--sockmap` (its own pod and agent): the keepalive scenario only.
+    SidecapSockmap,
 }
 
 impl Mode {
@@ -49,6 +51,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Iptables => "iptables",
             Mode::Sidecap => "sidecap",
+            Mode::SidecapSockmap => "sidecap+sockmap",
         }
     }
     fn pod(self) -> &'static str {
@@ -56,9 +59,13 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Iptables => "ipt",
             Mode::Sidecap => "sc",
+            Mode::SidecapSockmap => "scm",
         }
     }
 }
+
+/// Pods that run a proxy, in `Sandbox::proxies` order.
+const PROXY_PODS: [&str; 3] = ["ipt", "sc", "scm"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proxy {
@@ -92,11 +99,16 @@ pub struct Sandbox {
     apps: Vec<Spawned>,
     upstream: Spawned,
     pub agent: Agent,
+    /// The second agent, `--sockmap`, attached to the `scm` pod's cgroup only, with its own
+    /// config (that pod alone) and pins; only when the keepalive scenario runs.
+    agent_sockmap: Option<Agent>,
     pub mesh: MeshDir,
+    _mesh_sockmap: Option<MeshDir>,
     topo: Topology,
     _svc_cgroup: TestCgroup,
     scratch: TempDir,
     pub pins: BpfPinDir,
+    pins_sockmap: Option<BpfPinDir>,
     pub bins: Bins,
     pub proxy: Proxy,
     pub rules: usize,
@@ -108,13 +120,16 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn start(bins: &Bins, params: &Params) -> anyhow::Result<Sandbox> {
+    /// `sockmap`: also the `scm` pod's agent with `--sockmap` (the keepalive scenario's
+    /// sidecap+sockmap mode).
+    pub fn start(bins: &Bins, params: &Params, sockmap: bool) -> anyhow::Result<Sandbox> {
         // SAFETY: set before the harness starts any agent or thread that reads the environment.
         unsafe { std::env::set_var("SIDECAP_BIN", &bins.sidecap) };
         let topo = Topology::builder()
             .pod("direct")
             .pod("ipt")
             .pod("sc")
+            .pod("scm")
             .pod("client")
             .service_addr(SVC)
             .service_addr(SVC_EXCLUDED)
@@ -148,12 +163,26 @@ impl Sandbox {
         // Attached to the sidecap pod's own cgroup: the other pods run no program at all.
         let mut agent = Agent::start(sc.cgroup().path(), pins.path(), mesh.path(), &["--allow-any", "capture"]);
         agent.wait_pods(&[sc.cookie()?], 1, Duration::from_secs(30));
+        let (mut agent_sockmap, mut mesh_sockmap, mut pins_sockmap) = (None, None, None);
+        if sockmap {
+            let mesh = MeshDir::new();
+            mesh.service("default", "web", SVC.into(), &[("tcp-web", SVC_PORT)]);
+            let scm = topo.pod("scm");
+            write_pod(&mesh, scm, 1, &[]);
+            let pins = BpfPinDir::new("bench-sockmap")?;
+            let mut agent = Agent::start(scm.cgroup().path(), pins.path(), mesh.path(), &["--allow-any", "capture", "--sockmap"]);
+            agent.wait_pods(&[scm.cookie()?], 1, Duration::from_secs(30));
+            (agent_sockmap, mesh_sockmap, pins_sockmap) = (Some(agent), Some(mesh), Some(pins));
+        }
         let scratch = TempDir::new("bench")?;
         let mut sb = Sandbox {
             proxies: Vec::new(),
             apps,
             upstream,
             agent,
+            agent_sockmap,
+            _mesh_sockmap: mesh_sockmap,
+            pins_sockmap,
             mesh,
             topo,
             _svc_cgroup: svc_cgroup,
@@ -257,6 +286,28 @@ impl Sandbox {
             .unwrap_or(Value::Null)
     }
 
+    /// Whether the `scm` pod has its `--sockmap` agent (see [`Sandbox::start`]).
+    pub fn has_sockmap(&self) -> bool {
+        self.agent_sockmap.is_some()
+    }
+
+    /// The `--sockmap` pod's kernel counters (cumulative: sockmap messages, bytes, fallbacks).
+    pub fn counters_sockmap(&self) -> Value {
+        let Ok(cookie) = self.topo.pod("scm").cookie() else { return Value::Null };
+        let Some(pins) = &self.pins_sockmap else { return Value::Null };
+        let v = sidecap_tests::inspect(pins.path());
+        v.as_array()
+            .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
+            .map(|p| p["counters"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    /// The pid of the proxy serving `mode`'s pod (None: direct has none).
+    pub fn proxy_pid(&self, mode: Mode) -> Option<i32> {
+        let i = PROXY_PODS.iter().position(|p| *p == mode.pod())?;
+        self.proxies.get(i).map(Spawned::pid)
+    }
+
     /// Waits (≤ 60 s) until the agent wrote a generation after `before`.
     pub fn wait_generation(&mut self, before: u64) -> anyhow::Result<()> {
         let cookie = self.topo.pod("sc").cookie()?;
@@ -264,10 +315,10 @@ impl Sandbox {
         Ok(())
     }
 
-    /// (Re)starts the proxy of the iptables and sidecap pods.
+    /// (Re)starts the proxy of the iptables and sidecap pods (both sidecap pods).
     pub fn start_proxies(&mut self, proxy: Proxy) -> anyhow::Result<()> {
         self.proxies.clear(); // kills the previous ones
-        for name in ["ipt", "sc"] {
+        for name in PROXY_PODS {
             let pod = self.topo.pod(name);
             let p = match proxy {
                 Proxy::Forward => {
@@ -396,6 +447,9 @@ impl Sandbox {
     /// Fails when a long-running process of the sandbox has died.
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.agent.assert_running();
+        if let Some(a) = &mut self.agent_sockmap {
+            a.assert_running();
+        }
         for (what, p) in self.proxies.iter_mut().map(|p| ("proxy", p)).chain(self.apps.iter_mut().map(|p| ("app", p))) {
             if let Ok(Some(st)) = p.try_wait() {
                 bail!("{what} exited ({st}): {} {}", p.stdout(), p.stderr());

@@ -79,6 +79,7 @@ pub fn inbound(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
                     Mode::Direct => "direct",
                     Mode::Iptables => "ipt",
                     Mode::Sidecap => "sc",
+                    Mode::SidecapSockmap => "scm",
                 };
                 let target = SocketAddr::from((sb.pod(pod).ipv4(), APP_PORT));
                 let raw = sb.load_from("client", &Load { target, concurrency: c, expect_fail: false })?;
