@@ -627,7 +627,7 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         &mut d,
         "keepalive",
         "8. Keepalive",
-        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B and\n4 KiB), through HAProxy in HTTP mode (`option http-keep-alive`, `http-reuse always`,\n`option transparent`) for iptables and sidecap; direct is wrk to nginx itself. Connections\nare set up once, so sidecap's programs hardly run; with iptables every packet of the\napp↔proxy leg and of the proxy's upstream leg goes through conntrack and NAT.",
+        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in HTTP mode (`option http-keep-alive`, `http-reuse always`,\n`option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run; with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
         &[],
     );
     d
