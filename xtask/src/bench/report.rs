@@ -454,7 +454,7 @@ pub fn headlines(r: &Value) -> String {
             if let (Some(i), Some(d), Some(sd)) = (t("iptables"), t("direct"), t("sidecap")) {
                 let _ = writeln!(
                     h,
-                    "- **Side by side ({case}, first byte p50)**: iptables {} µs, sidecap {} µs, direct {} µs: istio-init's rules add {} µs over sidecap's on the same proxied path, where sidecap's programs spend {} µs of kernel time per connection.",
+                    "- **Side by side ({case}, first byte p50)**: iptables {} µs, sidecap {} µs, direct {} µs: iptables minus sidecap: {} µs on the same proxied path, where sidecap's programs spend {} µs of kernel time per connection.",
                     num(i),
                     num(sd),
                     num(d),
@@ -469,7 +469,8 @@ pub fn headlines(r: &Value) -> String {
             let g = |mode: &str, k: &str| med(s, &case, mode, k);
             let _ = writeln!(
                 h,
-                "- **Keepalive, {case}** (HAProxy HTTP mode → nginx, wrk): sidecap {} req/s vs iptables {} (×{}), p99 {} vs {} µs; direct {} req/s.",
+                "- **Keepalive, {case}** ({} → nginx, wrk): sidecap {} req/s vs iptables {} (×{}), p99 {} vs {} µs; direct {} req/s.",
+                if case.starts_with("haproxy") { "HAProxy HTTP mode" } else { "sc-forward" },
                 f(g("sidecap", "rps")),
                 f(g("iptables", "rps")),
                 x(g("sidecap", "rps"), g("iptables", "rps")),
