@@ -130,7 +130,7 @@ enum Cmd {
         trace_rate: u32,
         /// Accelerate the app→proxy loopback hop of captured connections with sockmap
         /// (sk_msg redirect between the two sockets), for every pod whose `sidecap.io/sockmap`
-        /// annotation is not "false". Off by default: see docs/benchmarks.md ("Sockmap").
+        /// annotation is not "false". Off by default: see docs/sockmap.md.
         #[arg(long)]
         sockmap: bool,
     },

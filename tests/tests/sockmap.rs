@@ -196,7 +196,7 @@ fn sendfile_and_splice_from_the_app_arrive_exact() {
     assert!(counter(&m, "sockmap_bytes") > 0, "{}", counters(&m));
 }
 
-/// Kernel finding (docs/benchmarks.md, "Sockmap"): a proxy that reads with splice(2)
+/// Kernel finding (docs/sockmap.md): a proxy that reads with splice(2)
 /// (HAProxy can) gets EOF at once, before any byte: redirected bytes sit in the socket's
 /// sk_msg queue, which splice does not read, and nothing falls back. This pins what the
 /// kernel does today; when it fails, the kernel changed: measure again.
