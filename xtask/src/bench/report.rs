@@ -522,7 +522,7 @@ fn markdown(r: &Value, img: &dyn Fn(&str) -> String) -> String {
     );
     let _ = writeln!(
         d,
-        "sidecap against istio-init's iptables rules and against no capture at all, on one machine's\nreal kernel. Reproduce with `{}` (as root; {} s for this run, build excluded;\n`cargo xtask bench --quick` takes under 2 minutes and writes only `target/bench/`).\n",
+        "sidecap against istio-init's iptables rules and against no capture at all, on one machine's\nreal kernel. Reproduce with `{}` (as root; {} s for this run, build excluded;\n`cargo xtask bench --quick` takes about 3 minutes and writes only `target/bench/`).\n",
         r["command"].as_str().unwrap_or(""),
         r["seconds"].as_f64().map(|s| format!("{s:.0}")).unwrap_or_default()
     );
