@@ -2,7 +2,8 @@
 //! with `--sockmap`, `sc-sockmap serve` as the proxy (uid 1337, 127.0.0.1:15001) and
 //! `sc-sockmap run` as the app, connecting to a captured service address. Every transfer
 //! is checked byte by byte against a position-dependent pattern; every socket has
-//! timeouts, so a stalled byte fails the test instead of hanging it.
+//! timeouts, so a stalled byte fails the test instead of hanging it. The inbound hop: `run
+//! --bind 127.0.0.6` (or ::6) as the proxy, `serve --host` on the pod's addresses as the app.
 
 use std::{
     process::Command,

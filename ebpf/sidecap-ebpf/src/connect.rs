@@ -204,8 +204,9 @@ fn enforce(
                     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                     // getsockopt traces its answer when the pod was traced at connect.
                     let mut flags = if traced { trace_codes::orig_flags::TRACED } else { 0 };
-                    // Only the app's hop to the outbound port is accelerated (both ends in
-                    // this netns, the peer the proxy's accepted socket).
+                    // Of the redirects, only the app's hop to the outbound port is
+                    // accelerated (both ends in this netns, the peer the proxy's accepted
+                    // socket); the inbound hop is marked in `mark_inbound_hop`.
                     if pod.flags & pod_flags::SOCKMAP != 0 && matches!(kind, RedirectKind::Capture) {
                         flags |= trace_codes::orig_flags::SOCKMAP;
                     }
