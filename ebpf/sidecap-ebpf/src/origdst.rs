@@ -140,7 +140,7 @@ fn take_from_slot(cookie: u64) -> Option<OrigDst> {
 pub fn on_active_established(ctx: &SockOpsContext) {
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
     if !addr::is_localhost(&remote) {
-        if is_inbound_passthrough(&local) {
+        if sockmap::node_enabled() && is_inbound_passthrough(&local) {
             inbound_hop(ctx, local, lport, remote, rport);
         }
         return;
@@ -187,7 +187,7 @@ fn inbound_hop(ctx: &SockOpsContext, local: Addr, lport: u16, remote: Addr, rpor
 pub fn on_passive_established(ctx: &SockOpsContext) {
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
     if !addr::is_localhost(&local) {
-        if is_inbound_passthrough(&remote) {
+        if sockmap::node_enabled() && is_inbound_passthrough(&remote) {
             inbound_hop_accepted(ctx, local, lport, remote, rport);
         }
         return;
