@@ -2,7 +2,8 @@
 //! with `--sockmap`, `sc-sockmap serve` as the proxy (uid 1337, 127.0.0.1:15001) and
 //! `sc-sockmap run` as the app, connecting to a captured service address. Every transfer
 //! is checked byte by byte against a position-dependent pattern; every socket has
-//! timeouts, so a stalled byte fails the test instead of hanging it.
+//! timeouts, so a stalled byte fails the test instead of hanging it. The inbound hop: `run
+//! --bind 127.0.0.6` (or ::6) as the proxy, `serve --host` on the pod's addresses as the app.
 
 use std::{
     process::Command,
@@ -355,4 +356,97 @@ fn agent_restarts_keep_open_transfers_and_without_the_flag_turn_it_off() {
     let before = counter(&m, "sockmap_bytes");
     assert_ok(&run(a, &["--mode", "source", "--bytes", &MIB.to_string()]), "with sockmap off", &m);
     assert_eq!(counter(&m, "sockmap_bytes"), before, "a new connection was accelerated: {}", counters(&m));
+}
+
+// ---- The inbound hop: Envoy (from 127.0.0.6 / ::6) → the app on the pod's own address ----
+
+const APP_PORT: u16 = 8080;
+
+/// The app, on the pod's own addresses (where the inbound hop connects).
+fn serve_app(pod: &Pod) -> Spawned {
+    let mut c = Command::new(BIN);
+    let (v4, v6) = (pod.ipv4().to_string(), pod.ipv6().to_string());
+    c.args(["serve", "--port", &APP_PORT.to_string(), "--host", &v4, "--host", &v6, "--max-secs", "120"]);
+    let mut p = spawn_in(pod, Creds::APP.uid, Creds::APP.gid, c).expect("sc-sockmap serve (app)");
+    assert!(p.wait_stdout("\"listening\"", Duration::from_secs(10)), "serve did not start: {}", p.stderr());
+    p
+}
+
+/// The proxy's inbound hop: from Envoy's passthrough source to the app at the pod's address.
+fn run_inbound(pod: &Pod, v6: bool, args: &[&str]) -> Value {
+    let (to, bind) = if v6 { (format!("[{}]:{APP_PORT}", pod.ipv6()), "::6") } else { (format!("{}:{APP_PORT}", pod.ipv4()), "127.0.0.6") };
+    let mut c = Command::new(BIN);
+    c.args(["run", &to, "--bind", bind]).args(args);
+    let mut p = spawn_in(pod, Creds::PROXY.uid, Creds::PROXY.gid, c).expect("sc-sockmap run (proxy)");
+    let (st, out) = p.finish(Duration::from_secs(60));
+    assert!(st.success(), "sc-sockmap run {args:?}: {st:?}\nstdout: {out}\nstderr: {}", p.stderr());
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+fn inbound_hop_both_ways(v6: bool) {
+    let m = accelerated();
+    let a = m.pod("a");
+    let srv = serve_app(a);
+    let n = if v6 { 8 * MIB } else { 32 * MIB };
+    // proxy → app (the request direction), then the proxy's half-close.
+    assert_ok(&run_inbound(a, v6, &["--mode", "sink", "--bytes", &n.to_string()]), "proxy → app", &m);
+    let after_sink = counter(&m, "sockmap_bytes");
+    // app → proxy (the response direction).
+    assert_ok(&run_inbound(a, v6, &["--mode", "source", "--bytes", &n.to_string()]), "app → proxy", &m);
+    let after_source = counter(&m, "sockmap_bytes");
+    assert_ok(&run_inbound(a, v6, &["--mode", "echo", "--bytes", &(16 * MIB).to_string()]), "echo", &m);
+    let c = counters(&m);
+    // Both ends join the map before they can send: every byte each way is redirected.
+    assert!(after_sink >= n, "proxy → app not redirected: {c}");
+    assert!(after_source - after_sink >= n, "app → proxy not redirected: {c}");
+    assert!(c["sockmap_bytes"].as_u64().unwrap() - after_source >= 2 * 16 * MIB, "echo not redirected both ways: {c}");
+    assert_eq!(c["sockmap_fallbacks"], 0, "{c}");
+    // Nothing was captured: the hop is Envoy's own connection, left as it is.
+    assert_eq!(c["captured"], 0, "{c}");
+    for conn in wait_conns(&srv, 3) {
+        assert_eq!(conn["ok"], true, "{conn}");
+    }
+}
+
+#[test]
+fn inbound_hop_large_transfers_both_ways_arrive_exact_and_redirected() {
+    require_root!();
+    inbound_hop_both_ways(false);
+}
+
+#[test]
+fn ipv6_inbound_hop_transfers_both_ways_arrive_exact_and_redirected() {
+    require_root!();
+    inbound_hop_both_ways(true);
+}
+
+#[test]
+fn inbound_hop_is_plain_tcp_without_the_flag_or_with_the_annotation() {
+    require_root!();
+    for m in [mesh(&[], &[]), mesh(&["--sockmap"], &[("sidecap.io/sockmap", "false")])] {
+        let a = m.pod("a");
+        let _srv = serve_app(a);
+        assert_ok(&run_inbound(a, false, &["--mode", "echo", "--bytes", &(4 * MIB).to_string()]), "echo", &m);
+        assert_ok(&run_inbound(a, true, &["--mode", "echo", "--bytes", &MIB.to_string()]), "echo v6", &m);
+        let c = counters(&m);
+        assert_eq!(c["sockmap_msgs"], 0, "{c}");
+        assert_eq!(c["sockmap_fallbacks"], 0, "{c}");
+    }
+}
+
+#[test]
+fn inbound_hop_resets_from_either_side_end_the_connection() {
+    require_root!();
+    let m = accelerated();
+    let a = m.pod("a");
+    let srv = serve_app(a);
+    // The app resets after reading 1 MiB: the proxy sees ECONNRESET, not a stall.
+    assert_ok(&run_inbound(a, false, &["--mode", "rst-proxy", "--bytes", &MIB.to_string()]), "reset by the app", &m);
+    // The proxy resets mid-stream: the app's read ends (reset or EOF), not a stall.
+    assert_ok(&run_inbound(a, false, &["--mode", "rst-app", "--bytes", &MIB.to_string()]), "reset by the proxy", &m);
+    let c = wait_conns(&srv, 2);
+    assert_eq!(c.len(), 2, "{c:?}");
+    let proxy_reset = c.iter().find(|v| v["mode"] == "RstApp").unwrap_or_else(|| panic!("{c:?}"));
+    assert_ne!(proxy_reset["end"], "timeout", "the app stalled after the proxy's reset: {proxy_reset}");
+    assert!(counter(&m, "sockmap_msgs") > 0, "{}", counters(&m));
 }

@@ -150,6 +150,9 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
             }
         }
     }
+    // Without `--sockmap` the programs' sockmap paths end at this constant (no lookups).
+    let node_sockmap = u8::from(sockmap);
+    loader.override_global("SIDECAP_SOCKMAP_NODE", &node_sockmap, true);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
     super::abi::stamp(&mut ebpf)?;
 

@@ -160,6 +160,10 @@ pub mod orig_flags {
     /// The connection's pod had `pod_flags::SOCKMAP` when it was captured: sockops puts
     /// the app's and the proxy's sockets in `ACCEL_SOCKS`.
     pub const SOCKMAP: u32 = 1 << 1;
+    /// Envoy's inbound hop (bound to 127.0.0.6 / ::6, to one of the pod's own addresses) in
+    /// a `pod_flags::SOCKMAP` pod: only a marker for sockops to accelerate it; never in
+    /// `ORIG_DST`, so getsockopt never answers from it.
+    pub const ACCEL_ONLY: u32 = 1 << 2;
 }
 
 impl OutboundStep {

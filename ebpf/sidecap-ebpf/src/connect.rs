@@ -5,7 +5,11 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use sidecap_common::{DropEvent, OrigDst, PodConfig, pod_flags, proto, trace as trace_codes};
+use sidecap_common::{
+    DropEvent, OrigDst, PodConfig,
+    decide::{OutboundStep, is_pod_ip},
+    pod_flags, proto, trace as trace_codes,
+};
 
 use crate::{
     addr::{self, Addr},
@@ -122,6 +126,10 @@ fn apply(
     let out = outbound::decide(pod, &c);
     let traced = pod.flags & pod_flags::TRACE != 0;
     let (done, rule, to_port) = enforce(ctx, pod, netns, &c, out.verdict, family, traced);
+    // The one compare an untagged pod pays here.
+    if pod.flags & pod_flags::SOCKMAP != 0 && matches!(out.step, OutboundStep::PassthroughSource) {
+        mark_inbound_hop(ctx, pod, &c, family);
+    }
     // The one branch an untraced pod pays.
     if traced {
         let verdict = if rule == trace_codes::rule::NO_ROOM { trace_codes::verdict::PASSTHROUGH } else { out.verdict.code() };
@@ -143,6 +151,21 @@ fn apply(
         }
     }
     done
+}
+
+/// Envoy's inbound hop (`--sockmap` pods): its connect from 127.0.0.6 / ::6 to one of the
+/// pod's own addresses (the connection sk_lookup gave it on the inbound port) gets a marker
+/// for sockops, which puts both ends in `ACCEL_SOCKS`. Only in the socket's `CONNECTING`
+/// slot: when that is taken the hop stays plain TCP, and sockops looks nowhere else.
+#[inline(always)]
+fn mark_inbound_hop(ctx: &SockAddrContext, pod: &PodConfig, c: &Connect, family: u16) {
+    if c.proto != proto::TCP || !is_pod_ip(pod, &c.dst) {
+        return;
+    }
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let flags = trace_codes::orig_flags::SOCKMAP | trace_codes::orig_flags::ACCEL_ONLY;
+    let _ = origdst::remember_in_slot(cookie, OrigDst { addr: addr::to_bytes(&c.dst), port: c.port, family, flags });
 }
 
 /// Applies the verdict to the socket: counters, drop events, the original destination.
@@ -181,8 +204,9 @@ fn enforce(
                     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                     // getsockopt traces its answer when the pod was traced at connect.
                     let mut flags = if traced { trace_codes::orig_flags::TRACED } else { 0 };
-                    // Only the app's hop to the outbound port is accelerated (both ends in
-                    // this netns, the peer the proxy's accepted socket).
+                    // Of the redirects, only the app's hop to the outbound port is
+                    // accelerated (both ends in this netns, the peer the proxy's accepted
+                    // socket); the inbound hop is marked in `mark_inbound_hop`.
                     if pod.flags & pod_flags::SOCKMAP != 0 && matches!(kind, RedirectKind::Capture) {
                         flags |= trace_codes::orig_flags::SOCKMAP;
                     }

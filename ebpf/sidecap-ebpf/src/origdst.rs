@@ -77,6 +77,12 @@ fn cas(p: *mut u64, old: u64, new: u64) -> bool {
 /// Otherwise in `ORIG_DST_BY_COOKIE`. False when neither could take it.
 #[inline(always)]
 pub fn remember(cookie: u64, od: OrigDst) -> bool {
+    remember_in_slot(cookie, od) || ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_ok()
+}
+
+/// `remember`'s first half: the `CONNECTING` slot only. False when it is held by another.
+#[inline(always)]
+pub fn remember_in_slot(cookie: u64, od: OrigDst) -> bool {
     if let Some(s) = slot(cookie) {
         // SAFETY: s is an array map value, live for this run.
         let p = unsafe { &raw mut (*s).cookie };
@@ -93,12 +99,24 @@ pub fn remember(cookie: u64, od: OrigDst) -> bool {
             return true;
         }
     }
-    ORIG_DST_BY_COOKIE.insert(cookie, od, 0).is_ok()
+    false
 }
 
 /// The original destination `remember` kept for this socket, taken out.
 #[inline(always)]
 fn take(cookie: u64) -> Option<OrigDst> {
+    if let Some(od) = take_from_slot(cookie) {
+        return Some(od);
+    }
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+    let od: OrigDst = unsafe { *ORIG_DST_BY_COOKIE.get_ptr(cookie)? };
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    Some(od)
+}
+
+/// `take`'s first half: what `remember_in_slot` kept, from the `CONNECTING` slot only.
+#[inline(always)]
+fn take_from_slot(cookie: u64) -> Option<OrigDst> {
     if let Some(s) = slot(cookie) {
         // SAFETY: s is an array map value, live for this run.
         let p = unsafe { &raw mut (*s).cookie };
@@ -112,18 +130,19 @@ fn take(cookie: u64) -> Option<OrigDst> {
             }
         }
     }
-    // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
-    let od: OrigDst = unsafe { *ORIG_DST_BY_COOKIE.get_ptr(cookie)? };
-    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
-    Some(od)
+    None
 }
 
 /// sockops ACTIVE_ESTABLISHED_CB, the app's side. Runs before its final ACK leaves, hence
 /// before the proxy can accept and ask. A captured connect always goes to localhost
-/// (127.0.0.1, ::1 or ::ffff:127.0.0.1): any other socket leaves without a lookup.
+/// (127.0.0.1, ::1 or ::ffff:127.0.0.1); Envoy's inbound hop leaves from 127.0.0.6 / ::6
+/// (an array slot only, see `inbound_hop`): any other socket leaves without a lookup.
 pub fn on_active_established(ctx: &SockOpsContext) {
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
     if !addr::is_localhost(&remote) {
+        if sockmap::node_enabled() && is_inbound_passthrough(&local) {
+            inbound_hop(ctx, local, lport, remote, rport);
+        }
         return;
     }
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
@@ -132,18 +151,45 @@ pub fn on_active_established(ctx: &SockOpsContext) {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let k = key(netns, local, lport, remote, rport);
+    if od.flags & orig_flags::ACCEL_ONLY != 0 {
+        return;
+    }
     let _ = ORIG_DST.insert(k, od, 0);
     if od.flags & orig_flags::SOCKMAP != 0 {
         sockmap::add(ctx, k, key(netns, remote, rport, local, lport));
     }
 }
 
+#[inline(always)]
+fn is_inbound_passthrough(a: &Addr) -> bool {
+    addr::eq(a, &addr::from_v4(addr::INBOUND_PASSTHROUGH_V4)) || addr::eq(a, &addr::INBOUND_PASSTHROUGH_V6)
+}
+
+/// Envoy's socket of the inbound hop (connect marked it, `pod_flags::SOCKMAP` pods only):
+/// into `ACCEL_SOCKS`, its peer the app's accepted socket.
+#[inline(always)]
+fn inbound_hop(ctx: &SockOpsContext, local: Addr, lport: u16, remote: Addr, rport: u16) {
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(od) = take_from_slot(cookie) else { return };
+    if od.flags & orig_flags::ACCEL_ONLY == 0 {
+        return;
+    }
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    sockmap::add(ctx, key(netns, local, lport, remote, rport), key(netns, remote, rport, local, lport));
+}
+
 /// sockops PASSIVE_ESTABLISHED_CB, the proxy's accepted socket (on localhost, as above):
 /// when it carries a captured connection, its close ends the entry's use, so it asks for
-/// state callbacks; no other socket ever does.
+/// state callbacks; no other socket ever does. Also the app's socket accepted from
+/// 127.0.0.6 / ::6 (Envoy's inbound hop), accelerated when its pod has `pod_flags::SOCKMAP`.
 pub fn on_passive_established(ctx: &SockOpsContext) {
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
     if !addr::is_localhost(&local) {
+        if sockmap::node_enabled() && is_inbound_passthrough(&remote) {
+            inbound_hop_accepted(ctx, local, lport, remote, rport);
+        }
         return;
     }
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
@@ -155,6 +201,21 @@ pub fn on_passive_established(ctx: &SockOpsContext) {
             sockmap::add(ctx, key(netns, local, lport, remote, rport), key(netns, remote, rport, local, lport));
         }
     }
+}
+
+/// The app's end of the inbound hop. The pod's flag decides (one lookup, paid only by
+/// sockets accepted from 127.0.0.6 / ::6): when Envoy's end is not in `ACCEL_SOCKS` (its
+/// slot was taken) this end's first message finds no peer and it falls back to TCP.
+#[inline(always)]
+fn inbound_hop_accepted(ctx: &SockOpsContext, local: Addr, lport: u16, remote: Addr, rport: u16) {
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(pod) = PODS.get_ptr(netns) else { return };
+    // SAFETY: a pointer from a successful map lookup points at a live value for this run.
+    if unsafe { (*pod).flags } & pod_flags::SOCKMAP == 0 {
+        return;
+    }
+    sockmap::add(ctx, key(netns, local, lport, remote, rport), key(netns, remote, rport, local, lport));
 }
 
 /// sockops STATE_CB: only the proxy's flagged sockets; only their close matters.

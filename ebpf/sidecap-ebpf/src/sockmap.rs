@@ -19,6 +19,20 @@ use crate::{
     maps::{ACCEL_PEERS, ACCEL_SOCKS},
 };
 
+/// 1 when the agent runs with `--sockmap`, set at load (`EbpfLoader::set_global`; read-only,
+/// so the verifier knows it). At 0 the inbound hop's checks in sockops end at this load:
+/// on a node without the flag no socket pays a lookup for the feature.
+#[unsafe(no_mangle)]
+static SIDECAP_SOCKMAP_NODE: u8 = 0;
+
+/// Whether this load of the programs serves `--sockmap`.
+#[inline(always)]
+pub fn node_enabled() -> bool {
+    // SAFETY: a read of a global of this object; volatile keeps the compiler from folding the
+    // 0 it was built with (the loader sets the value).
+    unsafe { core::ptr::read_volatile(&raw const SIDECAP_SOCKMAP_NODE) != 0 }
+}
+
 #[inline(always)]
 fn peers_map() -> *mut core::ffi::c_void {
     (&raw const ACCEL_PEERS).cast_mut().cast()

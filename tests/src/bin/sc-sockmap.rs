@@ -1,12 +1,14 @@
 //! sc-sockmap: both ends of the app↔proxy hop for the sockmap tests (tests/tests/sockmap.rs).
 //!
-//!   sc-sockmap serve [--port 15001] [--max-secs S]
+//!   sc-sockmap serve [--port 15001] [--host IP]... [--max-secs S]
 //!   sc-sockmap run ADDR:PORT --mode sink|source|echo|rst-proxy|rst-app [--bytes N]
+//!                  [--bind IP]
 //!                  [--conns C] [--via write|sendfile|splice] [--server-splice]
 //!                  [--timeout-ms T] [--pace-ms P] [--strict-blocking]
 //!                  [--server-delay-ms D]
 //!
-//! serve: runs as the proxy (uid 1337) on 127.0.0.1:PORT and [::1]:PORT. Each connection starts with a
+//! serve: runs as the proxy (uid 1337) on 127.0.0.1:PORT and [::1]:PORT (`--host`: on those
+//! addresses instead; the inbound hop's app on its pod's own). Each connection starts with a
 //! 16-byte header from the client (mode, flags, byte count), then:
 //! sink: reads until EOF checking every byte against the pattern (with `--server-splice`
 //! through splice(2) into a pipe, as a splicing proxy reads), replies `ok N` or
@@ -18,6 +20,7 @@
 //! run: the app. sink: sends N pattern bytes (`--via`: write, sendfile from a file, or
 //! splice from a pipe), shuts its write side, wants `ok N`. source: wants exactly N pattern
 //! bytes then EOF. echo: a writer thread sends N bytes while the reader checks them.
+//! `--bind IP`: connects from IP (the inbound hop's proxy, from 127.0.0.6 / ::6).
 //! rst-proxy: sends N bytes, wants the reset. rst-app: sends a header promising more than it
 //! sends, then resets. `--conns C` runs C connections at once. Every socket has send and
 //! receive timeouts (default 10 s), so a stall is an error, never a hang. Prints one JSON
@@ -188,17 +191,22 @@ fn end_of(e: &io::Error) -> String {
 
 fn serve(args: &[String]) -> Result<ExitCode, String> {
     let (mut port, mut max_secs) = (15001u16, 300u64);
+    let mut hosts: Vec<std::net::IpAddr> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--port" => port = num(value(&mut it, a)?, a)?,
+            "--host" => hosts.push(num(value(&mut it, a)?, a)?),
             "--max-secs" => max_secs = num(value(&mut it, a)?, a)?,
             _ => return Err(format!("unknown flag {a}")),
         }
     }
     // Both loopbacks: a v6 app's captured connect goes to [::1]:PORT.
+    if hosts.is_empty() {
+        hosts = vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];
+    }
     let mut ls = Vec::new();
-    for host in ["127.0.0.1", "::1"] {
+    for host in hosts {
         let l = TcpListener::bind((host, port)).map_err(|e| format!("bind {host}:{port}: {e}"))?;
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
         ls.push(l);
@@ -431,6 +439,7 @@ enum Via {
 #[derive(Clone, Copy)]
 struct RunOpts {
     to: SocketAddr,
+    bind: Option<std::net::IpAddr>,
     mode: Mode,
     bytes: u64,
     via: Via,
@@ -444,6 +453,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     let to: SocketAddr = num(it.next().ok_or("run needs ADDR:PORT")?, "ADDR:PORT")?;
     let mut o = RunOpts {
         to,
+        bind: None,
         mode: Mode::Sink,
         bytes: 1 << 20,
         via: Via::Write,
@@ -470,6 +480,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             "--server-delay-ms" => SERVER_DELAY_MS.store(num(value(&mut it, a)?, a)?, Ordering::Relaxed),
             "--timeout-ms" => o.timeout = Duration::from_millis(num(value(&mut it, a)?, a)?),
             "--pace-ms" => o.pace = Duration::from_millis(num(value(&mut it, a)?, a)?),
+            "--bind" => o.bind = Some(num(value(&mut it, a)?, a)?),
             _ => return Err(format!("unknown flag {a}")),
         }
     }
@@ -491,6 +502,52 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A blocking connect from `ip` (any port); SO_SNDTIMEO bounds it.
+fn connect_from(ip: std::net::IpAddr, to: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let (fam, from, to) = match (ip, to) {
+        (std::net::IpAddr::V4(a), SocketAddr::V4(t)) => (libc::AF_INET, sockaddr_in(a, 0), sockaddr_in(*t.ip(), t.port())),
+        (std::net::IpAddr::V6(a), SocketAddr::V6(t)) => (libc::AF_INET6, sockaddr_in6(a, 0), sockaddr_in6(*t.ip(), t.port())),
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "--bind and ADDR differ in family")),
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    s.set_write_timeout(Some(timeout))?;
+    // SAFETY: fd is a valid socket; each address is a byte buffer of the length passed.
+    if unsafe { libc::bind(fd, from.as_ptr().cast(), from.len() as libc::socklen_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd, to.as_ptr().cast(), to.len() as libc::socklen_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
+fn sockaddr_in(a: std::net::Ipv4Addr, port: u16) -> Vec<u8> {
+    // SAFETY: all-zero is a valid sockaddr_in.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = port.to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+    // SAFETY: a plain C struct viewed as its bytes.
+    unsafe { std::slice::from_raw_parts((&raw const sa).cast::<u8>(), size_of::<libc::sockaddr_in>()) }.to_vec()
+}
+
+fn sockaddr_in6(a: std::net::Ipv6Addr, port: u16) -> Vec<u8> {
+    // SAFETY: all-zero is a valid sockaddr_in6.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sa.sin6_port = port.to_be();
+    sa.sin6_addr.s6_addr = a.octets();
+    // SAFETY: a plain C struct viewed as its bytes.
+    unsafe { std::slice::from_raw_parts((&raw const sa).cast::<u8>(), size_of::<libc::sockaddr_in6>()) }.to_vec()
+}
+
 fn header(mode: Mode, splice: bool, n: u64) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[0] = mode as u8;
@@ -501,7 +558,11 @@ fn header(mode: Mode, splice: bool, n: u64) -> [u8; HEADER] {
 }
 
 fn one(o: &RunOpts) -> Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&o.to, o.timeout).map_err(|e| format!("connect: {e}"))?;
+    let mut s = match o.bind {
+        None => TcpStream::connect_timeout(&o.to, o.timeout),
+        Some(ip) => connect_from(ip, &o.to, o.timeout),
+    }
+    .map_err(|e| format!("connect: {e}"))?;
     timeouts(&s, o.timeout).map_err(|e| e.to_string())?;
     let n = o.bytes;
     let ctx = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
