@@ -128,9 +128,10 @@ enum Cmd {
         /// own log) passes; the rest are counted and reported as dropped.
         #[arg(long, value_name = "N", default_value_t = sidecap::trace::DEFAULT_RATE, value_parser = clap::value_parser!(u32).range(1..))]
         trace_rate: u32,
-        /// Accelerate the app→proxy loopback hop of captured connections with sockmap
-        /// (sk_msg redirect between the two sockets), for every pod whose `sidecap.io/sockmap`
-        /// annotation is not "false". Off by default: see docs/sockmap.md.
+        /// Accelerate the app↔proxy hops with sockmap (sk_msg redirect between the two
+        /// sockets: the app's captured connection to the proxy, and the proxy's inbound
+        /// connection to the app), for every pod whose `sidecap.io/sockmap` annotation is not
+        /// "false". Off by default: see docs/sockmap.md.
         #[arg(long)]
         sockmap: bool,
     },

@@ -49,13 +49,6 @@ fn features() -> Result<(), ProbeError> {
         programs::ProgramType as P,
         sys::{BpfHelper as H, is_helper_supported, is_map_supported, is_program_supported},
     };
-    let missing = |what: String| ProbeError::Missing { what };
-    // A probe that errors (rather than answering no) is nearly always a missing privilege.
-    let check = |r: Result<bool, String>, what: &str| match r {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(missing(what.into())),
-        Err(error) => Err(ProbeError::Denied { what: what.into(), error }),
-    };
     for (p, name) in [
         (P::CgroupSockAddr, "cgroup/connect and sendmsg programs (CGROUP_SOCK_ADDR)"),
         (P::SockOps, "sockops programs"),
@@ -86,6 +79,16 @@ fn features() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// One probe's answer: a probe that errors (rather than answering no) is nearly always a
+/// missing privilege.
+fn check(r: Result<bool, String>, what: &str) -> Result<(), ProbeError> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ProbeError::Missing { what: what.into() }),
+        Err(error) => Err(ProbeError::Denied { what: what.into(), error }),
+    }
+}
+
 /// `--sockmap`: what the accelerated hop needs beyond [`probe`] (sk_msg programs, socket
 /// storage, the redirect helper; the sk_msg link itself, Linux 6.10+, is refused at attach
 /// with its own error).
@@ -95,18 +98,14 @@ pub fn probe_sockmap() -> Result<(), ProbeError> {
         programs::ProgramType as P,
         sys::{BpfHelper as H, is_helper_supported, is_map_supported, is_program_supported},
     };
-    let check = |r: Result<bool, String>, what: &str| match r {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(ProbeError::Missing { what: format!("{what} (needed by --sockmap; run without it)") }),
-        Err(error) => Err(ProbeError::Denied { what: what.into(), error }),
-    };
+    let check = |r, what: &str| check(r, &format!("{what} (needed by --sockmap; run without it)"));
     check(is_program_supported(P::SkMsg).map_err(|e| e.to_string()), "sk_msg programs")?;
     check(is_map_supported(MapType::SkStorage).map_err(|e| e.to_string()), "socket storage maps")?;
     for (p, h, name) in [
         (P::SkMsg, H::BPF_FUNC_msg_redirect_hash, "bpf_msg_redirect_hash in sk_msg programs"),
         (P::SkMsg, H::BPF_FUNC_sk_storage_get, "bpf_sk_storage_get in sk_msg programs"),
-        (P::SkMsg, H::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in sk_msg programs"),
         (P::SockOps, H::BPF_FUNC_sock_hash_update, "bpf_sock_hash_update in sockops programs"),
+        (P::SockOps, H::BPF_FUNC_sk_storage_get, "bpf_sk_storage_get in sockops programs"),
     ] {
         check(is_helper_supported(p, h).map_err(|e| e.to_string()), name)?;
     }

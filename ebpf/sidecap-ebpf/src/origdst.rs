@@ -148,12 +148,13 @@ pub fn on_active_established(ctx: &SockOpsContext) {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(od) = take(cookie) else { return };
-    // SAFETY: the helper reads this program's own context, as the kernel passed it.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let k = key(netns, local, lport, remote, rport);
+    // An inbound-hop mark is never an original destination (getsockopt must not answer it).
     if od.flags & orig_flags::ACCEL_ONLY != 0 {
         return;
     }
+    // SAFETY: the helper reads this program's own context, as the kernel passed it.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let k = key(netns, local, lport, remote, rport);
     let _ = ORIG_DST.insert(k, od, 0);
     if od.flags & orig_flags::SOCKMAP != 0 {
         sockmap::add(ctx, k, key(netns, remote, rport, local, lport));

@@ -401,12 +401,17 @@ fn send_pattern(s: &mut TcpStream, n: u64) -> io::Result<()> {
 }
 
 fn send_paced(s: &mut TcpStream, n: u64, pace: Duration) -> io::Result<()> {
+    write_pattern(s, n, pace)
+}
+
+/// The first `n` bytes of the pattern, CHUNK by CHUNK, `pace` between chunks.
+fn write_pattern(w: &mut impl Write, n: u64, pace: Duration) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut at = 0u64;
     while at < n {
         let k = CHUNK.min((n - at) as usize);
         fill(&mut buf[..k], at);
-        s.write_all(&buf[..k])?;
+        w.write_all(&buf[..k])?;
         at += k as u64;
         if !pace.is_zero() {
             std::thread::sleep(pace);
@@ -636,17 +641,7 @@ fn one(o: &RunOpts) -> Result<(), String> {
 /// sendfile(2) from a temporary file holding the pattern.
 fn send_file(s: &TcpStream, n: u64, timeout: Duration) -> io::Result<()> {
     let path = std::env::temp_dir().join(format!("sc-sockmap-{}-{:?}", std::process::id(), std::thread::current().id()));
-    {
-        let mut f = std::fs::File::create(&path)?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut at = 0u64;
-        while at < n {
-            let k = CHUNK.min((n - at) as usize);
-            fill(&mut buf[..k], at);
-            f.write_all(&buf[..k])?;
-            at += k as u64;
-        }
-    }
+    write_pattern(&mut std::fs::File::create(&path)?, n, Duration::ZERO)?;
     let f = std::fs::File::open(&path)?;
     let _ = std::fs::remove_file(&path);
     let deadline = Instant::now() + timeout;

@@ -39,18 +39,18 @@ enum PodMode {
     CgroupIdentity,
 }
 
-/// A measured case: the client's netns and cgroup, its target, the pod's configuration.
+/// A measured case: the client's netns (its cgroup is always the sidecap pod's, where the
+/// programs are attached), its target, the pod's configuration.
 struct Case {
     name: &'static str,
     netns: &'static str,
-    cgroup: &'static str,
     target: SocketAddr,
     mode: PodMode,
 }
 
 fn cases() -> [Case; 6] {
     let svc = SocketAddr::from((SVC, SVC_PORT));
-    let case = |name, netns, target, mode| Case { name, netns, cgroup: "sc", target, mode };
+    let case = |name, netns, target, mode| Case { name, netns, target, mode };
     [
         // App → 10.251.100.10 → sc-forward → upstream: the app's socket, the proxy's
         // accepted and upstream sockets are in the cgroup (the upstream's is not).
@@ -197,7 +197,7 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     let _stats = BpfStats::enable()?;
     let mut runs = Vec::new();
     for round in 0..p.rounds {
-        for Case { name: case, netns, cgroup, target, mode } in cases() {
+        for Case { name: case, netns, target, mode } in cases() {
             set_mode(sb, mode).with_context(|| format!("configuring the sidecap pod for {mode:?}"))?;
             let empty = if case == "floor" {
                 Some(empty::EmptyPrograms::attach(sb.pod("sc").cgroup().path()).context("attaching empty programs")?)
@@ -206,7 +206,7 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
             };
             let progs = empty.as_ref().map(|e| e.ids()).unwrap_or_else(|| progs.clone());
             let before = snapshot(&progs)?;
-            let raw = sb.load_count(netns, cgroup, target, n)?;
+            let raw = sb.load_count(netns, "sc", target, n)?;
             // The proxy closes its two sockets after the client's reset: let it finish.
             std::thread::sleep(Duration::from_millis(300));
             let after = snapshot(&progs)?;

@@ -231,13 +231,12 @@ impl Sandbox {
         let cookie = self.topo.pod("sc").cookie()?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let v = sidecap_tests::inspect(self.pins.path());
-            let pod = v.as_array().and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)));
-            if pod.is_some_and(&applied) {
+            let pod = pod_view(self.pins.path(), cookie);
+            if pod.as_ref().is_some_and(&applied) {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                bail!("the sidecap pod's annotations {:?} were not applied within 60 s: {v}", self.annotations);
+                bail!("the sidecap pod's annotations {:?} were not applied within 60 s: {pod:?}", self.annotations);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -269,21 +268,15 @@ impl Sandbox {
     /// The sidecap pod's generation in the maps now.
     pub fn generation(&self) -> anyhow::Result<u64> {
         let cookie = self.topo.pod("sc").cookie()?;
-        let v = sidecap_tests::inspect(self.pins.path());
-        v.as_array()
-            .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
+        pod_view(self.pins.path(), cookie)
             .and_then(|p| p["generation"].as_u64())
-            .ok_or_else(|| anyhow!("the sidecap pod is not in the maps: {v}"))
+            .ok_or_else(|| anyhow!("the sidecap pod (netns {cookie}) is not in the maps"))
     }
 
     /// The sidecap pod's kernel counters (cumulative), from `sidecap inspect`.
     pub fn counters(&self) -> Value {
         let Ok(cookie) = self.topo.pod("sc").cookie() else { return Value::Null };
-        let v = sidecap_tests::inspect(self.pins.path());
-        v.as_array()
-            .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
-            .map(|p| p["counters"].clone())
-            .unwrap_or(Value::Null)
+        pod_view(self.pins.path(), cookie).map(|p| p["counters"].clone()).unwrap_or(Value::Null)
     }
 
     /// Whether the `scm` pod has its `--sockmap` agent (see [`Sandbox::start`]).
@@ -295,11 +288,7 @@ impl Sandbox {
     pub fn counters_sockmap(&self) -> Value {
         let Ok(cookie) = self.topo.pod("scm").cookie() else { return Value::Null };
         let Some(pins) = &self.pins_sockmap else { return Value::Null };
-        let v = sidecap_tests::inspect(pins.path());
-        v.as_array()
-            .and_then(|a| a.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)))
-            .map(|p| p["counters"].clone())
-            .unwrap_or(Value::Null)
+        pod_view(pins.path(), cookie).map(|p| p["counters"].clone()).unwrap_or(Value::Null)
     }
 
     /// The pid of the proxy serving `mode`'s pod (None: direct has none).
@@ -460,6 +449,12 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// A pod's `sidecap inspect` view in the maps pinned under `pins` (None: not there).
+fn pod_view(pins: &Path, cookie: u64) -> Option<Value> {
+    let v = sidecap_tests::inspect(pins);
+    v.as_array()?.iter().find(|p| p["netns_cookie"].as_u64() == Some(cookie)).cloned()
 }
 
 fn command(program: &Path, args: &[&str]) -> Command {
