@@ -272,10 +272,14 @@ fn sixty_four_concurrent_captured_connections_under_churn_each_get_their_own_ori
     let log = hp.wait_log_lines(192, Duration::from_secs(10));
     assert_eq!(log.iter().filter(|e| e.frontend_name == "outbound").count(), 192, "{log:?}");
     assert!(log.iter().all(|e| e.frontend == e.server && !e.is_unresolved_reject()), "{log:?}");
-    // Each entry goes when HAProxy's socket closes: nothing is left once all have.
-    let dump = || map_dump(&m, "ORIG_DST");
-    let emptied = util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || dump().is_empty().then_some(()));
-    assert!(emptied.is_some(), "ORIG_DST entries left behind: {:?}", dump());
+    // Each connection's slot (or ORIG_DST entry) goes when HAProxy's socket closes:
+    // nothing is left once all have.
+    let dump = || (established_owners(&m), map_dump(&m, "ORIG_DST"));
+    let emptied = util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        let (slots, lru) = dump();
+        (slots.is_empty() && lru.is_empty()).then_some(())
+    });
+    assert!(emptied.is_some(), "ESTABLISHED slots / ORIG_DST entries left behind: {:?}", dump());
     // Every connect's slot was released at its handshake (none needed the cookie map).
     assert_eq!(held_slots(&m), Vec::<u64>::new(), "CONNECTING slots still held");
     assert_eq!(map_dump(&m, "ORIG_DST_BY_COOKIE"), Vec::<serde_json::Value>::new());
@@ -294,20 +298,72 @@ fn map_dump(m: &Mesh, name: &str) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).expect("bpftool json")
 }
 
-/// The cookies holding `CONNECTING` slots (bpftool prints the value with its BTF field
-/// names, or as raw bytes: the cookie is the first 8, little-endian).
+/// The cookies holding `CONNECTING` slots.
 fn held_slots(m: &Mesh) -> Vec<u64> {
-    let cookie = |e: &serde_json::Value| -> u64 {
-        let named = e["formatted"]["value"]["cookie"].as_u64().or_else(|| e["value"]["cookie"].as_u64());
+    held_words(m, "CONNECTING", "cookie")
+}
+
+/// The owner words of the `ESTABLISHED` slots held (app cookie, with the WRITING and
+/// ACCEPTED bits).
+fn established_owners(m: &Mesh) -> Vec<u64> {
+    held_words(m, "ESTABLISHED", "owner")
+}
+
+/// The non-zero first words of an array of slots (bpftool prints the value with its BTF
+/// field names, or as raw bytes: the word is the first 8, little-endian).
+fn held_words(m: &Mesh, map: &str, field: &str) -> Vec<u64> {
+    let word = |e: &serde_json::Value| -> u64 {
+        let named = e["formatted"]["value"][field].as_u64().or_else(|| e["value"][field].as_u64());
         named.unwrap_or_else(|| {
-            let bytes = e["value"].as_array().unwrap_or_else(|| panic!("CONNECTING entry without a value: {e}"));
+            let bytes = e["value"].as_array().unwrap_or_else(|| panic!("{map} entry without a value: {e}"));
             bytes.iter().take(8).rev().fold(0, |acc, b| {
                 let b = b.as_str().and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
-                (acc << 8) | b.unwrap_or_else(|| panic!("CONNECTING value byte {e}"))
+                (acc << 8) | b.unwrap_or_else(|| panic!("{map} value byte {e}"))
             })
         })
     };
-    map_dump(m, "CONNECTING").iter().map(cookie).filter(|c| *c != 0).collect()
+    map_dump(m, map).iter().map(word).filter(|c| *c != 0).collect()
+}
+
+#[test]
+fn two_live_connections_sharing_an_established_slot_each_get_their_own_original_destination() {
+    require_root!();
+    let m = mesh(&["a"], &[]);
+    let a = m.topo.pod("a");
+    let targets = [sa(SVC, 80), sa(SVC2, 80)];
+    let _ups: Vec<Upstream> = targets.iter().map(|t| Upstream::start(m.topo.services(), *t).expect("upstream")).collect();
+    let hp = Haproxy::start(a, HaproxyConfig::default()).expect("haproxy");
+
+    // Ports 41000 and 41001 share a slot (`established::slot` halves the app's port): the
+    // first connection takes it, the second is kept in ORIG_DST. Both are held open so
+    // that both are live at once.
+    let p = probe();
+    let opts = |port: u16| ConnectOpts {
+        bind: Some(format!("0.0.0.0:{port}")),
+        send: Some("x".into()),
+        hold_ms: Some(1500),
+        timeout_ms: Some(8000),
+        ..Default::default()
+    };
+    let first = p.start_connect(a, Creds::APP, &targets[0].to_string(), &opts(41000));
+    let both_live = util::wait_for(Duration::from_secs(5), Duration::from_millis(20), || (established_owners(&m).len() == 1).then_some(()));
+    assert!(both_live.is_some(), "the first connection holds no slot: {:?}", established_owners(&m));
+    let second = p.start_connect(a, Creds::APP, &targets[1].to_string(), &opts(41001));
+    let in_lru = util::wait_for(Duration::from_secs(5), Duration::from_millis(20), || (map_dump(&m, "ORIG_DST").len() == 1).then_some(()));
+    assert!(in_lru.is_some(), "the second connection is not in ORIG_DST: {:?}", map_dump(&m, "ORIG_DST"));
+    assert_eq!(established_owners(&m).len(), 1, "two connections in one slot");
+    for (mut s, t, port) in [(first, targets[0], 41000), (second, targets[1], 41001)] {
+        let r = p.finish_connect(&mut s, &t.to_string(), &opts(port));
+        assert!(r.ok, "{t} from port {port}: {r:?}\nagent log:\n{}", m.agent.log());
+        assert_eq!(r.banner(), format!("upstream {t}"), "from port {port}: reached another destination: {r:?}");
+    }
+    let log = hp.wait_log_lines(2, Duration::from_secs(10));
+    assert!(log.iter().all(|e| e.frontend == e.server && !e.is_unresolved_reject()), "{log:?}");
+    // Both go with HAProxy's sockets: the slot is free and ORIG_DST empty.
+    let emptied = util::wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        (established_owners(&m).is_empty() && map_dump(&m, "ORIG_DST").is_empty()).then_some(())
+    });
+    assert!(emptied.is_some(), "left behind: slots {:?}, ORIG_DST {:?}", established_owners(&m), map_dump(&m, "ORIG_DST"));
 }
 
 #[test]

@@ -10,8 +10,8 @@
 use core::mem::size_of;
 
 use crate::{
-    AccelPeer, CONNECTING_SLOTS, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig,
-    PodCounters, PodName, PortKey, PortRule, TupleKey,
+    AccelPeer, CONNECTING_SLOTS, CidrKey, CidrRule, ConnectingSlot, EstablishedSlot, InPortKey, InPortRule, ListenerKey, ListenerRule,
+    OrigDst, PodConfig, PodCounters, PodName, PortKey, PortRule, TupleKey,
 };
 
 /// Version of the pinned layout. 1: the first versioned layout (pins made before it
@@ -21,7 +21,9 @@ use crate::{
 /// map (a captured connect's original destination until its handshake completes).
 /// 4: `pod_flags::SOCKMAP`, `trace::orig_flags::SOCKMAP`, the sockmap counters of
 /// `PodCounters` (its value grew), and the `ACCEL_SOCKS` and `ACCEL_PEERS` maps.
-pub const VERSION: u32 = 4;
+/// 5: the `ESTABLISHED` map (a captured connection's original destination while the
+/// proxy's socket lives; `ORIG_DST` only takes a connection whose slot is held).
+pub const VERSION: u32 = 5;
 
 /// Directories and pins under `--bpffs`.
 pub mod pin {
@@ -83,6 +85,9 @@ pub const ORIG_DST_BY_COOKIE: MapDef = def::<u64, OrigDst>("ORIG_DST_BY_COOKIE",
 /// path; `ORIG_DST_BY_COOKIE` takes a connect whose slot is held by another).
 pub const CONNECTING: MapDef = def::<u32, ConnectingSlot>("CONNECTING", map_type::ARRAY, CONNECTING_SLOTS);
 pub const ORIG_DST: MapDef = def::<TupleKey, OrigDst>("ORIG_DST", map_type::LRU_HASH, 65536);
+/// Slot (`established::slot` of the app's tuple) → a captured connection's original
+/// destination (the fast path; `ORIG_DST` takes a connection whose slot is held).
+pub const ESTABLISHED: MapDef = def::<u32, EstablishedSlot>("ESTABLISHED", map_type::ARRAY, crate::established::SLOTS);
 pub const COUNTERS: MapDef = def::<u64, PodCounters>("COUNTERS", map_type::PERCPU_HASH, 4096);
 /// A ring buffer: no key or value; `max_entries` is its size in bytes.
 pub const DROP_EVENTS: MapDef =
@@ -112,6 +117,7 @@ pub const MAPS: &[MapDef] = &[
     ORIG_DST_BY_COOKIE,
     CONNECTING,
     ORIG_DST,
+    ESTABLISHED,
     COUNTERS,
     DROP_EVENTS,
     INBOUND_LISTENERS,

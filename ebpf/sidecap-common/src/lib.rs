@@ -246,6 +246,66 @@ pub const CONNECTING_SLOTS: u32 = 1 << 14;
 /// (`tcp_syn_retries` 6: 127 s). One word is claimed, so a takeover is one compare-and-swap.
 pub const CONNECTING_STALE_COOKIES: u64 = 1 << 24;
 
+/// A slot of `ESTABLISHED`: the original destination of one captured connection, from the
+/// app's handshake until the proxy's accepted socket closes. `owner` (0 when free) is the
+/// app socket's cookie with [`established::WRITING`] while the slot is being filled and
+/// [`established::ACCEPTED`] once the proxy's socket holds it; it is claimed, marked and
+/// released with compare-and-swap, so a slot has one owner at a time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EstablishedSlot {
+    pub owner: u64,
+    pub key: TupleKey,
+    pub od: OrigDst,
+}
+
+/// `ESTABLISHED`'s slot index and owner word: pure, so that the tests compute what the
+/// programs do.
+pub mod established {
+    use super::TupleKey;
+
+    /// Slots in `ESTABLISHED` (a power of two).
+    pub const SLOTS: u32 = 1 << 14;
+    /// Owner bit: the app's sockops is still writing the slot (readers skip it).
+    pub const WRITING: u64 = 1 << 62;
+    /// Owner bit: the proxy accepted the connection; its close releases the slot, which is
+    /// therefore never stale.
+    pub const ACCEPTED: u64 = 1 << 63;
+    /// The app socket's cookie in an owner word.
+    pub const COOKIE: u64 = !(WRITING | ACCEPTED);
+
+    /// The slot of a connection, from its tuple as the app's socket sees it: a base spread
+    /// by the pod (netns, addresses, the proxy's port), plus the app's port halved. Linux
+    /// gives a socket's connects to one destination ports of one parity, close to the
+    /// previous one, so one pod's successive connections fill neighbouring slots: the
+    /// cache lines and pages a connection touches are those the last one did. A hash of
+    /// the whole tuple lands anywhere in the map's 1.3 MB, and that cold access cost more
+    /// than the LRU insert it replaced (bench scenario 7, docs/kernel-contract.md).
+    #[inline(always)]
+    pub fn slot(k: &TupleKey) -> u32 {
+        let w = |a: &[u8; 16]| u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        let pod = (k.netns as u32) ^ ((k.netns >> 32) as u32) ^ w(&k.local) ^ w(&k.remote).rotate_left(7) ^ k.remote_port as u32;
+        (pod.wrapping_mul(0x9E37_79B1) >> 16).wrapping_add(k.local_port as u32 >> 1) & (SLOTS - 1)
+    }
+
+    /// Whether a new connection (its app socket's `cookie`) may take a slot held by
+    /// `owner`: free, or claimed by a connection the proxy never accepted (its socket was
+    /// dropped before accept: no close will release it) that is
+    /// `CONNECTING_STALE_COOKIES` sockets older.
+    #[inline(always)]
+    pub fn may_take(owner: u64, cookie: u64) -> bool {
+        owner == 0 || (owner & ACCEPTED == 0 && crate::stale_claim(owner & COOKIE, cookie))
+    }
+}
+
+/// Whether a claim by the socket `held` is stale for the newer socket `cookie` (see
+/// [`CONNECTING_STALE_COOKIES`]). Signed: cookies are handed out in per-CPU batches, so a
+/// live claim can be newer.
+#[inline(always)]
+pub fn stale_claim(held: u64, cookie: u64) -> bool {
+    held != 0 && (cookie.wrapping_sub(held) as i64) > CONNECTING_STALE_COOKIES as i64
+}
+
 /// Key of `ORIG_DST`: one TCP connection as seen from the connecting socket.
 /// The netns cookie matters: 127.0.0.1 tuples repeat in every pod.
 #[repr(C)]
@@ -366,6 +426,8 @@ mod user {
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for ConnectingSlot {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
+    unsafe impl aya::Pod for EstablishedSlot {}
+    // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for TupleKey {}
     // SAFETY: repr(C) and Copy, with explicit padding fields and no pointers: any bytes are a valid value.
     unsafe impl aya::Pod for PodCounters {}
@@ -397,6 +459,51 @@ mod tests {
         assert_eq!(size_of::<DropEvent>(), 40);
         assert_eq!(size_of::<PodCounters>(), 64);
         assert_eq!(size_of::<AccelPeer>(), 56);
+        assert_eq!(size_of::<EstablishedSlot>(), 80);
+    }
+
+    fn tuple(netns: u64, app_port: u16) -> TupleKey {
+        let lo = addr::v4_mapped([127, 0, 0, 1]);
+        TupleKey { netns, local: lo, remote: lo, local_port: app_port, remote_port: 15001, _pad: 0 }
+    }
+
+    #[test]
+    fn one_pods_successive_connects_take_neighbouring_slots_and_pods_start_apart() {
+        // connect() ports: one parity, ascending. Successive ones take successive slots.
+        let s0 = established::slot(&tuple(7, 40000));
+        assert_eq!(established::slot(&tuple(7, 40002)), (s0 + 1) % established::SLOTS);
+        assert_eq!(established::slot(&tuple(7, 40000 + 2 * 100)), (s0 + 100) % established::SLOTS);
+        // The other parity (an app that bound its port) shares its neighbour's slot: the
+        // second of two such live connections goes to ORIG_DST (a test pins that).
+        assert_eq!(established::slot(&tuple(7, 40001)), s0);
+        // 14,000 live connects of one pod (an ephemeral range's worth) never share a slot.
+        let mut seen = [false; established::SLOTS as usize];
+        for port in (32768..60768u16).step_by(2) {
+            let s = established::slot(&tuple(7, port)) as usize;
+            assert!(!seen[s], "port {port} shares slot {s}");
+            seen[s] = true;
+        }
+        // Pods begin at different places (their netns cookies are small counters).
+        let mut starts = [0u32; 64];
+        for (i, s) in starts.iter_mut().enumerate() {
+            *s = established::slot(&tuple(i as u64 + 1, 32768));
+        }
+        starts.sort_unstable();
+        let distinct = 1 + starts.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct >= 60, "64 pods start at only {distinct} places");
+    }
+
+    #[test]
+    fn an_accepted_slot_is_never_stale_and_a_never_accepted_one_is_after_its_time() {
+        use established::{ACCEPTED, WRITING, may_take};
+        let old = 1000u64;
+        let newer = old + CONNECTING_STALE_COOKIES + 1;
+        assert!(may_take(0, old));
+        assert!(!may_take(old, old + 5), "a fresh claim is kept");
+        assert!(!may_take(old | WRITING, old + 5));
+        assert!(may_take(old, newer), "never accepted, 2^24 sockets later: stale");
+        assert!(!may_take(old | ACCEPTED, newer), "the proxy's close will release it");
+        assert!(!may_take(newer, old), "an older cookie never takes a newer claim");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use sidecap_common::{
-    AccelPeer, CidrKey, CidrRule, ConnectingSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig, PodCounters,
-    PodName, PortKey, PortRule, TupleKey, abi,
+    AccelPeer, CidrKey, CidrRule, ConnectingSlot, EstablishedSlot, InPortKey, InPortRule, ListenerKey, ListenerRule, OrigDst, PodConfig,
+    PodCounters, PodName, PortKey, PortRule, TupleKey, abi,
 };
 
 const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
@@ -43,7 +43,14 @@ pub static CONNECTING: Array<ConnectingSlot, { abi::CONNECTING.max_entries as us
 #[btf_map]
 pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, { abi::ORIG_DST_BY_COOKIE.max_entries as usize }> = LruHashMap::new();
 
-/// (netns, client tuple) → original destination, while the proxy's connection lives.
+/// `established::slot` of the app's tuple → the connection's original destination, from
+/// the app's handshake until the proxy's accepted socket closes: the lock-free fast path
+/// (a plain array slot claimed by compare-and-swap).
+#[btf_map]
+pub static ESTABLISHED: Array<EstablishedSlot, { abi::ESTABLISHED.max_entries as usize }> = Array::new();
+
+/// (netns, client tuple) → original destination, while the proxy's connection lives, for a
+/// connection whose `ESTABLISHED` slot another holds.
 #[btf_map]
 pub static ORIG_DST: LruHashMap<TupleKey, OrigDst, { abi::ORIG_DST.max_entries as usize }> = LruHashMap::new();
 

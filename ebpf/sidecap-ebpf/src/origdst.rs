@@ -1,6 +1,8 @@
 //! Original destination: sockops moves it from the connecting socket's cookie to the
 //! connection's tuple; cgroup/getsockopt answers SO_ORIGINAL_DST from it on the proxy side.
 
+mod established;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE},
@@ -8,7 +10,7 @@ use aya_ebpf::{
     programs::{SockOpsContext, SockoptContext},
 };
 use sidecap_common::{
-    CONNECTING_SLOTS, CONNECTING_STALE_COOKIES, ConnectingSlot, OrigDst, PodConfig, TupleKey, pod_flags,
+    CONNECTING_SLOTS, ConnectingSlot, OrigDst, PodConfig, TupleKey, pod_flags, stale_claim,
     trace::{lookup, orig_flags},
 };
 
@@ -88,8 +90,7 @@ pub fn remember_in_slot(cookie: u64, od: OrigDst) -> bool {
         let p = unsafe { &raw mut (*s).cookie };
         // SAFETY: as above; an aligned 8-byte load is atomic, and only a compare-and-swap acts on what it read.
         let held = unsafe { core::ptr::read_volatile(p) };
-        // Signed: cookies are handed out in per-CPU batches, so a live claim can be newer.
-        let stale = held != 0 && (cookie.wrapping_sub(held) as i64) > CONNECTING_STALE_COOKIES as i64;
+        let stale = stale_claim(held, cookie);
         // held == cookie: this socket connects again (after a failed attempt); its claim is
         // its own, and its connects are serialized by the socket lock.
         if held == cookie || ((held == 0 || stale) && cas(p, held, cookie)) {
@@ -155,7 +156,9 @@ pub fn on_active_established(ctx: &SockOpsContext) {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let k = key(netns, local, lport, remote, rport);
-    let _ = ORIG_DST.insert(k, od, 0);
+    if !established::put(&k, &od, cookie) {
+        let _ = ORIG_DST.insert(k, od, 0);
+    }
     if od.flags & orig_flags::SOCKMAP != 0 {
         sockmap::add(ctx, k, key(netns, remote, rport, local, lport));
     }
@@ -195,12 +198,19 @@ pub fn on_passive_established(ctx: &SockOpsContext) {
     }
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if let Some(od) = ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)) {
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    let app = key(netns, remote, rport, local, lport);
+    let flags = if let Some((s, held, od)) = established::find(&app) {
+        established::accept(s, held);
+        od.flags
+    } else if let Some(od) = ORIG_DST.get_ptr(app) {
         // SAFETY: a pointer from a successful map lookup points at a live value for this run.
-        if unsafe { (*od).flags } & orig_flags::SOCKMAP != 0 {
-            sockmap::add(ctx, key(netns, local, lport, remote, rport), key(netns, remote, rport, local, lport));
-        }
+        unsafe { (*od).flags }
+    } else {
+        return;
+    };
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if flags & orig_flags::SOCKMAP != 0 {
+        sockmap::add(ctx, key(netns, local, lport, remote, rport), app);
     }
 }
 
@@ -227,7 +237,13 @@ pub fn on_state(ctx: &SockOpsContext) {
     let Some((local, lport, remote, rport)) = sockops_tuple(ctx) else { return };
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let _ = ORIG_DST.remove(key(netns, remote, rport, local, lport));
+    let app = key(netns, remote, rport, local, lport);
+    match established::find(&app) {
+        Some((s, held, _)) => established::release(s, held),
+        None => {
+            let _ = ORIG_DST.remove(app);
+        }
+    }
 }
 
 pub fn getsockopt(ctx: &SockoptContext) -> i32 {
@@ -272,10 +288,14 @@ fn answer(ctx: &SockoptContext, v6: bool) -> Option<()> {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The client's view: its local end is our remote end.
-    let (od, traced, result): (Option<OrigDst>, bool, u8) = match ORIG_DST.get_ptr(key(netns, remote, rport, local, lport)) {
+    let app = key(netns, remote, rport, local, lport);
+    let found = match established::find(&app) {
+        Some((_, _, od)) => Some(od),
+        // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
+        None => ORIG_DST.get_ptr(app).map(|od| unsafe { *od }),
+    };
+    let (od, traced, result): (Option<OrigDst>, bool, u8) = match found {
         Some(od) => {
-            // SAFETY: a pointer from a successful map lookup points at a live value for this run; it is copied out at once.
-            let od = unsafe { *od };
             // Stamped at connect when the pod was traced: no PODS lookup on this path.
             (Some(od), od.flags & orig_flags::TRACED != 0, lookup::CAPTURED)
         }
