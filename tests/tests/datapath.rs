@@ -171,14 +171,22 @@ fn inbound_exemptions_reach_the_app_directly() {
     let conns = app8080.wait_connections(2, Duration::from_secs(5));
     assert_eq!(conns[1].peer.rsplit_once(':').map(|(ip, _)| ip), Some(b.ipv4().to_string().as_str()), "{conns:?}");
 
-    // A pod whose proxy is not listening: connections go to the app as if uncaptured
-    // (sidecap's documented choice; iptables would refuse them).
+    // A pod whose proxy is not listening: a captured port is refused, as istio-init's
+    // REDIRECT to a closed 15006 is; the app never sees the connection uncaptured. An
+    // exempt port still reaches the app. The agent says so, naming pod and destination.
     let app_c = probe().listen(c, Creds::APP, "0.0.0.0:8080", &[]);
+    let app_c_exempt = probe().listen(c, Creds::APP, "0.0.0.0:15020", &[]);
     let r = probe().connect(a, Creds::APP, &format!("{}:8080", c.ipv4()), &ConnectOpts::send("early"));
+    assert!(!r.ok, "reached a pod whose proxy is not up: {r:?}");
+    assert!(r.error.as_deref().unwrap_or_default().contains("refused"), "{r:?}");
+    let r = probe().connect(a, Creds::APP, &format!("{}:15020", c.ipv4()), &ConnectOpts::send("exempt"));
     assert!(r.ok, "{r:?}");
-    let conn = app_c.wait_connections(1, Duration::from_secs(5)).remove(0);
-    assert!(conn.peer.starts_with(&a.ipv4().to_string()), "{conn:?}");
+    assert_eq!(app_c_exempt.wait_connections(1, Duration::from_secs(5)).len(), 1);
+    assert!(app_c.connections().is_empty(), "the app saw an uncaptured connection: {:?}", app_c.connections());
     assert_eq!(m.inspect_pod(c)["counters"]["inbound_captured"], 0);
+    assert_eq!(m.inspect_pod(c)["counters"]["dropped"], 1, "{:#}", m.inspect_pod(c));
+    let want = format!("inbound connection refused pod=default/c destination={}:8080", c.ipv4());
+    wait_until("the refusal logged, naming pod and destination", Duration::from_secs(5), || m.agent.log().contains(&want));
 }
 
 #[test]

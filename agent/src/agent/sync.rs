@@ -710,13 +710,18 @@ impl Syncer {
             let pod = self.managed.get(&ev.netns).map(|m| m.pod.to_string()).unwrap_or_else(|| format!("netns {}", ev.netns));
             let ip = Ipv6Addr::from(ev.addr);
             let ip: IpAddr = ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip));
+            let destination = std::net::SocketAddr::new(ip, ev.port);
+            if ev.reason == drop_reason::INBOUND_NO_PROXY {
+                tracing::warn!(pod = %pod, destination = %destination, reason = "the proxy has no inbound listener (not up yet, or restarting)", "inbound connection refused");
+                continue;
+            }
             let why = match ev.reason {
                 drop_reason::REGISTRY_ONLY => "REGISTRY_ONLY: no listener",
                 drop_reason::LISTENER => "listener rule",
                 _ => "unknown",
             };
             let proto = if ev.proto == 17 { "udp" } else { "tcp" };
-            tracing::warn!(pod = %pod, destination = %std::net::SocketAddr::new(ip, ev.port), proto, uid = ev.uid, reason = why, "connect denied");
+            tracing::warn!(pod = %pod, destination = %destination, proto, uid = ev.uid, reason = why, "connect denied");
         }
     }
 }

@@ -369,6 +369,10 @@ pub mod drop_reason {
     pub const REGISTRY_ONLY: u32 = 1;
     /// A listener rule said DROP.
     pub const LISTENER: u32 = 2;
+    /// Inbound (sk_lookup): a captured port of a pod whose proxy has no inbound listener
+    /// (not up yet, or restarting). Refused, as istio-init's REDIRECT to a closed 15006
+    /// is: the app never sees an uncaptured connection. `addr`/`port`: the pod's end.
+    pub const INBOUND_NO_PROXY: u32 = 3;
 }
 
 /// A denied connect, sent on the `DROP_EVENTS` ring buffer.

@@ -138,7 +138,7 @@ pub mod assign {
     pub const ASSIGNED: u8 = 1;
     /// Not captured (see `step=`): the normal socket lookup goes on.
     pub const PASSED: u8 = 2;
-    /// Captured, but the proxy has no inbound listener (yet): passed to the app.
+    /// Captured, but the proxy has no inbound listener (yet): refused.
     pub const NO_LISTENER: u8 = 3;
 }
 
@@ -308,7 +308,7 @@ pub mod names {
         Some(match code {
             assign::ASSIGNED => "assigned",
             assign::PASSED => "passed",
-            assign::NO_LISTENER => "passed: no proxy listener",
+            assign::NO_LISTENER => "refused: no proxy listener",
             _ => return None,
         })
     }

@@ -8,13 +8,13 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::{SkLookupContext, SockOpsContext},
 };
-use sidecap_common::{decide, pod_flags, proto, trace::assign};
+use sidecap_common::{DropEvent, decide, drop_reason, pod_flags, proto, trace::assign};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     lookup::KernelMaps,
-    maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
+    maps::{DROP_EVENTS, INBOUND_LISTENERS, POD_ADDRS, PODS},
     trace,
 };
 
@@ -22,6 +22,7 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// SockHash key bit for a netns's IPv6 listener (cookies are small counters).
 pub const V6_LISTENER: u64 = 1 << 63;
+const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
 
 #[inline(always)]
@@ -49,13 +50,12 @@ pub fn on_listen(ctx: &SockOpsContext) {
 }
 
 pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
-    let _ = try_sk_lookup(ctx);
-    // Always pass: either we assigned the proxy's socket, or the normal lookup goes on.
-    SK_PASS
+    // Pass unless refused: either we assigned the proxy's socket, or the normal lookup goes on.
+    try_sk_lookup(ctx).unwrap_or(SK_PASS)
 }
 
 #[inline(always)]
-fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
+fn try_sk_lookup(ctx: &SkLookupContext) -> Option<u32> {
     let l = ctx.lookup;
     // SAFETY: ctx.lookup is the kernel's bpf_sk_lookup for this run; fields are read by value.
     let (family, protocol, lport) = unsafe { ((*l).family, (*l).protocol, (*l).local_port) };
@@ -87,8 +87,9 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     let result = if !decision.capture {
         assign::PASSED
     } else {
-        // An IPv4 connection may go to a dual-stack IPv6 listener; no listener yet means the
-        // proxy is not up: the connection goes to the app as if uncaptured.
+        // An IPv4 connection may go to a dual-stack IPv6 listener; no listener means the
+        // proxy is not up (yet, or again): the connection is refused (below), never
+        // handed to the app uncaptured.
         let assigned = if family == AF_INET {
             INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns, 0).is_ok()
                 || INBOUND_LISTENERS.redirect_sk_lookup(ctx, netns | V6_LISTENER, 0).is_ok()
@@ -99,6 +100,19 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
             counters::add(netns, Counter::InboundCaptured);
             assign::ASSIGNED
         } else {
+            counters::add(netns, Counter::Dropped);
+            let ev = DropEvent {
+                netns,
+                policy: pod.policy,
+                reason: drop_reason::INBOUND_NO_PROXY,
+                addr: addr::to_bytes(&local),
+                port: lport as u16,
+                proto: proto::TCP,
+                family: family as u8,
+                uid: 0,
+            };
+            // Best effort: a full ring must not turn the refusal into a pass.
+            let _ = DROP_EVENTS.output(ev, 0);
             assign::NO_LISTENER
         }
     };
@@ -107,5 +121,6 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<()> {
     if pod.flags & pod_flags::TRACE != 0 {
         trace::sk_lookup(ctx, netns, decision.step.rule(), result);
     }
-    Some(())
+    // SK_DROP: the kernel finds no socket and answers the SYN with a reset.
+    Some(if result == assign::NO_LISTENER { SK_DROP } else { SK_PASS })
 }
