@@ -718,6 +718,7 @@ impl Syncer {
             let why = match ev.reason {
                 drop_reason::REGISTRY_ONLY => "REGISTRY_ONLY: no listener",
                 drop_reason::LISTENER => "listener rule",
+                drop_reason::NO_ROOM => "no room to keep the original destination",
                 _ => "unknown",
             };
             let proto = if ev.proto == 17 { "udp" } else { "tcp" };

@@ -373,6 +373,10 @@ pub mod drop_reason {
     /// (not up yet, or restarting). Refused, as istio-init's REDIRECT to a closed 15006
     /// is: the app never sees an uncaptured connection. `addr`/`port`: the pod's end.
     pub const INBOUND_NO_PROXY: u32 = 3;
+    /// A captured connect whose original destination had nowhere to be kept (its
+    /// `CONNECTING` slot held and `ORIG_DST_BY_COOKIE` refusing the insert): failed, not
+    /// sent direct.
+    pub const NO_ROOM: u32 = 4;
 }
 
 /// A denied connect, sent on the `DROP_EVENTS` ring buffer.

@@ -277,7 +277,7 @@ pub mod names {
             rule::OUT_OF_RANGE => "outside the included ranges and ports",
             rule::LISTENER => "outbound listener",
             rule::NO_LISTENER => "no listener: the pod's default",
-            rule::NO_ROOM => "captured, but no room to keep the original destination",
+            rule::NO_ROOM => "captured, but no room to keep the original destination: refused",
             _ => return None,
         })
     }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use sidecap_common::{
     DropEvent, OrigDst, PodConfig,
     decide::{OutboundStep, is_pod_ip},
-    pod_flags, proto, trace as trace_codes,
+    drop_reason, pod_flags, proto, trace as trace_codes,
 };
 
 use crate::{
@@ -132,7 +132,7 @@ fn apply(
     }
     // The one branch an untraced pod pays.
     if traced {
-        let verdict = if rule == trace_codes::rule::NO_ROOM { trace_codes::verdict::PASSTHROUGH } else { out.verdict.code() };
+        let verdict = if rule == trace_codes::rule::NO_ROOM { trace_codes::verdict::DROP } else { out.verdict.code() };
         let d = trace::Decision {
             verdict,
             step: out.step.number(),
@@ -212,9 +212,21 @@ fn enforce(
                     }
                     let od = OrigDst { addr: addr::to_bytes(&dst), port, family, flags };
                     if !origdst::remember(cookie, od) {
-                        // Without the original destination the proxy could not route it.
-                        counters::add(netns, Counter::Passthrough);
-                        return (Some(None), trace_codes::rule::NO_ROOM, 0);
+                        // Without the original destination the proxy could not route it,
+                        // and going direct would leave it uncaptured: the connect fails.
+                        counters::add(netns, Counter::Dropped);
+                        let ev = DropEvent {
+                            netns,
+                            policy: pod.policy,
+                            reason: drop_reason::NO_ROOM,
+                            addr: addr::to_bytes(&dst),
+                            port,
+                            proto,
+                            family: family as u8,
+                            uid: c.uid,
+                        };
+                        let _ = DROP_EVENTS.output(ev, 0);
+                        return (None, trace_codes::rule::NO_ROOM, 0);
                     }
                     counters::add(netns, if matches!(kind, RedirectKind::Capture) { Counter::Captured } else { Counter::InboundCaptured });
                 }
