@@ -207,6 +207,13 @@ fn kernel_breakdown(summary: &Value) -> String {
         100.0 * floor_sum / total,
         num(own_sum)
     );
+    t.push_str(
+        "\nsidecap's own work is its map accesses on the captured path: the pod's `PODS` entry and the outbound decision in connect4 \
+         (twice: the app's connect and the proxy's upstream one), the original destination's hand-over in sockops (the `CONNECTING` \
+         slot, then the `ESTABLISHED` slot claimed at the app's handshake and released at the proxy's close) and getsockopt's read of it. \
+         Each costs mostly its first touch of memory shared by the whole node, not its instructions; \
+         [docs/kernel-contract.md](kernel-contract.md#original-destination) has the per-access measurements and the alternatives measured.\n",
+    );
     t
 }
 
