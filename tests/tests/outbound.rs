@@ -341,15 +341,17 @@ fn two_live_connections_sharing_an_established_slot_each_get_their_own_original_
     let opts = |port: u16| ConnectOpts {
         bind: Some(format!("0.0.0.0:{port}")),
         send: Some("x".into()),
-        hold_ms: Some(1500),
-        timeout_ms: Some(8000),
+        // Long enough that the first is still open while the second is checked, even on a
+        // loaded machine (the first's slot is released when it closes).
+        hold_ms: Some(5000),
+        timeout_ms: Some(15000),
         ..Default::default()
     };
     let first = p.start_connect(a, Creds::APP, &targets[0].to_string(), &opts(41000));
     let both_live = util::wait_for(Duration::from_secs(5), Duration::from_millis(20), || (established_owners(&m).len() == 1).then_some(()));
     assert!(both_live.is_some(), "the first connection holds no slot: {:?}", established_owners(&m));
     let second = p.start_connect(a, Creds::APP, &targets[1].to_string(), &opts(41001));
-    let in_lru = util::wait_for(Duration::from_secs(5), Duration::from_millis(20), || (map_dump(&m, "ORIG_DST").len() == 1).then_some(()));
+    let in_lru = util::wait_for(Duration::from_secs(3), Duration::from_millis(20), || (map_dump(&m, "ORIG_DST").len() == 1).then_some(()));
     assert!(in_lru.is_some(), "the second connection is not in ORIG_DST: {:?}", map_dump(&m, "ORIG_DST"));
     assert_eq!(established_owners(&m).len(), 1, "two connections in one slot");
     for (mut s, t, port) in [(first, targets[0], 41000), (second, targets[1], 41001)] {
