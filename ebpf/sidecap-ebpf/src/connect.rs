@@ -15,7 +15,7 @@ use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     identity,
-    maps::{DROP_EVENTS, PODS},
+    maps::PODS,
     origdst,
     outbound::{self, Connect, RedirectKind, Verdict},
     trace,
@@ -182,7 +182,7 @@ fn enforce(
     family: u16,
     traced: bool,
 ) -> (Option<Option<(Addr, u32)>>, u8, u16) {
-    let (dst, port, proto) = (c.dst, c.port, c.proto);
+    let (dst, port) = (c.dst, c.port);
     match verdict {
         Verdict::Untouched => (Some(None), 0, 0),
         Verdict::Passthrough => {
@@ -190,11 +190,7 @@ fn enforce(
             (Some(None), 0, 0)
         }
         Verdict::Drop { reason } => {
-            counters::add(netns, Counter::Dropped);
-            let ev =
-                DropEvent { netns, policy: pod.policy, reason, addr: addr::to_bytes(&dst), port, proto, family: family as u8, uid: c.uid };
-            // Best effort: a full ring must not turn a drop into an allow.
-            let _ = DROP_EVENTS.output(ev, 0);
+            deny(pod, netns, c, family, reason);
             (None, 0, 0)
         }
         Verdict::Redirect { port: to_port, kind } => {
@@ -214,18 +210,7 @@ fn enforce(
                     if !origdst::remember(cookie, od) {
                         // Without the original destination the proxy could not route it,
                         // and going direct would leave it uncaptured: the connect fails.
-                        counters::add(netns, Counter::Dropped);
-                        let ev = DropEvent {
-                            netns,
-                            policy: pod.policy,
-                            reason: drop_reason::NO_ROOM,
-                            addr: addr::to_bytes(&dst),
-                            port,
-                            proto,
-                            family: family as u8,
-                            uid: c.uid,
-                        };
-                        let _ = DROP_EVENTS.output(ev, 0);
+                        deny(pod, netns, c, family, drop_reason::NO_ROOM);
                         return (None, trace_codes::rule::NO_ROOM, 0);
                     }
                     counters::add(netns, if matches!(kind, RedirectKind::Capture) { Counter::Captured } else { Counter::InboundCaptured });
@@ -236,4 +221,20 @@ fn enforce(
             (Some(Some((ip, (to_port.to_be() as u32)))), 0, to_port)
         }
     }
+}
+
+/// A denied connect: counted, and reported with its destination and caller.
+#[inline(always)]
+fn deny(pod: &PodConfig, netns: u64, c: &Connect, family: u16, reason: u32) {
+    let addr = addr::to_bytes(&c.dst);
+    counters::refused(DropEvent {
+        netns,
+        policy: pod.policy,
+        reason,
+        addr,
+        port: c.port,
+        proto: c.proto,
+        family: family as u8,
+        uid: c.uid,
+    });
 }

@@ -1,6 +1,8 @@
-//! Per-pod per-CPU counters.
+//! Per-pod per-CPU counters, and the refusals reported to the agent.
 
-use crate::maps::COUNTERS;
+use sidecap_common::DropEvent;
+
+use crate::maps::{COUNTERS, DROP_EVENTS};
 
 pub enum Counter {
     Captured,
@@ -27,6 +29,14 @@ pub fn add(netns: u64, which: Counter) {
             }
         }
     }
+}
+
+/// A refused connection: counted as dropped and sent to the agent's log. Best effort: a
+/// full ring must not turn a refusal into a pass.
+#[inline(always)]
+pub fn refused(ev: DropEvent) {
+    add(ev.netns, Counter::Dropped);
+    let _ = DROP_EVENTS.output(ev, 0);
 }
 
 /// One message of `size` bytes handed to the peer socket by the sockmap program.

@@ -14,7 +14,7 @@ use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     lookup::KernelMaps,
-    maps::{DROP_EVENTS, INBOUND_LISTENERS, POD_ADDRS, PODS},
+    maps::{INBOUND_LISTENERS, POD_ADDRS, PODS},
     trace,
 };
 
@@ -100,19 +100,9 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<u32> {
             counters::add(netns, Counter::InboundCaptured);
             assign::ASSIGNED
         } else {
-            counters::add(netns, Counter::Dropped);
-            let ev = DropEvent {
-                netns,
-                policy: pod.policy,
-                reason: drop_reason::INBOUND_NO_PROXY,
-                addr: addr::to_bytes(&local),
-                port: lport as u16,
-                proto: proto::TCP,
-                family: family as u8,
-                uid: 0,
-            };
-            // Best effort: a full ring must not turn the refusal into a pass.
-            let _ = DROP_EVENTS.output(ev, 0);
+            let (addr, port, family) = (addr::to_bytes(&local), lport as u16, family as u8);
+            let reason = drop_reason::INBOUND_NO_PROXY;
+            counters::refused(DropEvent { netns, policy: pod.policy, reason, addr, port, proto: proto::TCP, family, uid: 0 });
             assign::NO_LISTENER
         }
     };

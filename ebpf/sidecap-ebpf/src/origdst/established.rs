@@ -18,9 +18,15 @@ fn slot_of(k: &TupleKey) -> Option<*mut EstablishedSlot> {
 }
 
 #[inline(always)]
+fn owner_ptr(s: *mut EstablishedSlot) -> *mut u64 {
+    // SAFETY: address arithmetic on a live array map value.
+    unsafe { &raw mut (*s).owner }
+}
+
+#[inline(always)]
 fn owner(s: *mut EstablishedSlot) -> u64 {
     // SAFETY: s is an array map value, live for this run; an aligned 8-byte load is atomic.
-    unsafe { core::ptr::read_volatile(&raw const (*s).owner) }
+    unsafe { core::ptr::read_volatile(owner_ptr(s)) }
 }
 
 /// The app's ACTIVE_ESTABLISHED: keeps `od` for the connection `k` (the app's view) in its
@@ -29,7 +35,7 @@ fn owner(s: *mut EstablishedSlot) -> u64 {
 pub fn put(k: &TupleKey, od: &OrigDst, cookie: u64) -> bool {
     let Some(s) = slot_of(k) else { return false };
     let held = owner(s);
-    if !may_take(held, cookie) || !cas(unsafe_owner(s), held, (cookie & COOKIE) | WRITING) {
+    if !may_take(held, cookie) || !cas(owner_ptr(s), held, (cookie & COOKIE) | WRITING) {
         return false;
     }
     // SAFETY: the slot is this connection's (WRITING): readers skip it until the store below.
@@ -41,12 +47,6 @@ pub fn put(k: &TupleKey, od: &OrigDst, cookie: u64) -> bool {
         core::ptr::write_volatile(&raw mut (*s).owner, cookie & COOKIE);
     }
     true
-}
-
-#[inline(always)]
-fn unsafe_owner(s: *mut EstablishedSlot) -> *mut u64 {
-    // SAFETY: address arithmetic on a live array map value.
-    unsafe { &raw mut (*s).owner }
 }
 
 /// The slot holding connection `k` (the app's view), its owner word and value; None when
@@ -93,12 +93,12 @@ fn same(slot_key: *const TupleKey, k: &TupleKey) -> bool {
 #[inline(always)]
 pub fn accept(s: *mut EstablishedSlot, held: u64) {
     if held & ACCEPTED == 0 {
-        let _ = cas(unsafe_owner(s), held, held | ACCEPTED);
+        let _ = cas(owner_ptr(s), held, held | ACCEPTED);
     }
 }
 
 /// The proxy's close: the slot is free again (unless it was taken over meanwhile).
 #[inline(always)]
 pub fn release(s: *mut EstablishedSlot, held: u64) {
-    let _ = cas(unsafe_owner(s), held, 0);
+    let _ = cas(owner_ptr(s), held, 0);
 }
