@@ -238,7 +238,10 @@ pub enum SourceConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: SourceConfig,
+    /// Where connect4/6 and sendmsg4/6 are attached.
     pub cgroup: PathBuf,
+    /// Where sockops, getsockopt and recvmsg4/6 are attached: `cgroup` or below it.
+    pub pods_cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub engine: sidecap_policy::EngineOptions,
     pub poll_interval: Duration,
@@ -326,11 +329,13 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     if cfg.sockmap {
         datapath::probe_sockmap()?;
     }
-    let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &cfg.cgroup, &cfg.map_sizes, mprog, cfg.sockmap)?;
+    let at = datapath::Placement { cgroup: cfg.cgroup.clone(), pods_cgroup: cfg.pods_cgroup.clone(), cgroup_root: cfg.cgroup_root.clone() };
+    let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &at, &cfg.map_sizes, mprog, cfg.sockmap)?;
     // The programs just loaded write their trace records here (pods with the switch on).
     trace::logger::spawn(&mut ebpf, hub.clone(), names.clone())?;
     tracing::info!(
         cgroup = %cfg.cgroup.display(),
+        pods_cgroup = %cfg.pods_cgroup.display(),
         bpffs = %cfg.bpffs.display(),
         updated = ?installed.updated,
         attached = ?installed.attached,

@@ -11,6 +11,7 @@ mod install;
 pub mod link;
 pub mod listeners;
 mod maps;
+pub mod observers;
 pub mod order;
 mod probe;
 mod sizes;
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 pub use sidecap_policy::Generation;
 
 pub use install::map_pin;
-pub use install::{Installed, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
+pub use install::{Installed, Placement, attach_pod_netns, detach_pod_netns, install, pod_links, uninstall};
 pub use maps::{Capacity, ListenerEntries, Maps, PodState, listeners_by_policy};
 pub use order::{find_pods_cgroup, probe_mprog};
 pub use probe::{ProbeError, probe, probe_sockmap};
@@ -77,6 +78,8 @@ pub enum Error {
     NotInstalled { path: PathBuf },
     #[error(transparent)]
     Order(#[from] order::Error),
+    #[error(transparent)]
+    Observers(#[from] observers::Error),
     #[error(
         "the maps pinned under {path} have layout version {pinned}, this sidecap uses version {ours}: \
          refusing to read or reuse them. Run the sidecap that made them, or remove them with \

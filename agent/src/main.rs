@@ -68,6 +68,14 @@ enum Cmd {
         /// balancers attached at the root].
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// cgroup v2 directory holding every pod, where sockops, getsockopt and recvmsg4/6
+        /// are attached (they serve pods' sockets only, so host processes never run them);
+        /// --cgroup itself or a cgroup below it. A captured connect or DNS query from a
+        /// process outside it is refused (EPERM), never sent direct [default: when --cgroup
+        /// is the cgroup2 root, the cgroup that holds all pods (kubepods, kubepods.slice)
+        /// if there is one; otherwise --cgroup].
+        #[arg(long, value_name = "PATH")]
+        pods_cgroup: Option<PathBuf>,
         /// The host's cgroup v2 mount as this process sees it (in the DaemonSet:
         /// /host/sys/fs/cgroup): searched for proxy containers' cgroups, and the base of
         /// relative `sidecap.io/proxy-cgroup` paths [default: the cgroup2 mount in
@@ -283,6 +291,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kubeconfig,
             node_name,
             cgroup,
+            pods_cgroup,
             cgroup_root,
             bpffs,
             allow_any,
@@ -321,9 +330,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(c) => c,
                 None => default_cgroup(no_mprog)?,
             };
+            let pods_cgroup = match pods_cgroup {
+                Some(p) => p,
+                None => default_pods_cgroup(&cgroup, cgroup_root.as_deref()),
+            };
             let cfg = agent::Config {
                 source,
                 cgroup,
+                pods_cgroup,
                 bpffs,
                 engine: engine(allow_any, proxy_identity),
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
@@ -464,6 +478,27 @@ fn default_cgroup(no_mprog: bool) -> anyhow::Result<PathBuf> {
                  (pass --cgroup with the cgroup that holds the pods)"
             );
             Ok(root)
+        }
+    }
+}
+
+/// Where sockops, getsockopt and recvmsg go without `--pods-cgroup`: below a root attach,
+/// the cgroup that holds all pods, so that host processes do not run them; anywhere else
+/// (an attach already narrowed to the pods, or a test's cgroup), the attach cgroup itself.
+fn default_pods_cgroup(cgroup: &std::path::Path, root: Option<&std::path::Path>) -> PathBuf {
+    let same =
+        |a: &std::path::Path, b: &std::path::Path| std::fs::canonicalize(a).ok().is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a));
+    if !root.is_some_and(|r| same(cgroup, r)) {
+        return cgroup.into();
+    }
+    match datapath::find_pods_cgroup(cgroup) {
+        Some(pods) => {
+            tracing::info!(cgroup = %pods.display(), "sockops, getsockopt and recvmsg go on the cgroup that holds all pods: host processes do not run them");
+            pods
+        }
+        None => {
+            tracing::info!(cgroup = %cgroup.display(), "no kubepods cgroup found: every program on the root (pass --pods-cgroup to narrow sockops, getsockopt and recvmsg)");
+            cgroup.into()
         }
     }
 }

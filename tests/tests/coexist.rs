@@ -259,3 +259,60 @@ fn an_agent_given_another_cgroup_moves_its_pinned_links_there() {
     lb.attach(topo.cgroup().path(), 0).expect("attach the socket LB");
     assert_proxy_sees_vip(a, &agent);
 }
+
+/// Issue 14: sockops, getsockopt and recvmsg serve pods' sockets only, so they may sit on the
+/// cgroup that holds the pods (`--pods-cgroup`) while connect and sendmsg stay on the
+/// node's: a host process then runs connect alone. A meshed pod's process outside the pods
+/// cgroup would be captured with no sockops to hand its original destination to the proxy
+/// (and no recvmsg to restore a DNS reply): its captured connect and DNS query fail with
+/// EPERM and are logged, never sent direct. A socket load balancer at the node's cgroup
+/// still comes after sidecap.
+#[test]
+fn observers_on_the_pods_cgroup_serve_the_pods_and_refuse_a_captured_caller_outside_it() {
+    require_root!();
+    let topo = Topology::builder().pod("a").service_addr(BACKEND).pods_under("kubepods").build().expect("topology");
+    let a = topo.pod("a");
+    let mesh = MeshDir::new();
+    let proxy = ProxyContainer { env: vec![("ISTIO_META_DNS_CAPTURE".into(), "true".into())], ..Default::default() };
+    mesh.pod_with_proxy(a, "default", &[("app", "a")], &[], &proxy);
+    mesh.service("default", "lb", IpAddr::V4(*VIP.ip()), &[("tcp-lb", VIP.port())]);
+    let _up = Upstream::start(topo.services(), backend()).expect("backend");
+    let mut lb = SockLb::load(VIP, BACKEND).expect("load the socket LB");
+    lb.attach(topo.cgroup().path(), 0).expect("attach the socket LB");
+
+    let pins = BpfPinDir::new("cx-observers").expect("pins");
+    let pods = topo.pods_cgroup().path().display().to_string();
+    let agent = start_agent(topo.cgroup().path(), &pins, &mesh, a, &["--pods-cgroup", &pods]);
+    let node: Vec<String> = attached_here(topo.cgroup().path()).into_iter().filter(|n| n.starts_with("sidecap")).collect();
+    let below: Vec<String> = attached_here(topo.pods_cgroup().path()).into_iter().filter(|n| n.starts_with("sidecap")).collect();
+    for hook in ["sidecap_connect4", "sidecap_connect6", "sidecap_sendmsg4", "sidecap_sendmsg6"] {
+        assert!(node.iter().any(|n| n == hook) && !below.iter().any(|n| n == hook), "{hook}: node {node:?}, pods {below:?}");
+    }
+    for hook in ["sidecap_sockops", "sidecap_getsockopt", "sidecap_recvmsg4", "sidecap_recvmsg6"] {
+        assert!(below.iter().any(|n| n == hook) && !node.iter().any(|n| n == hook), "{hook}: node {node:?}, pods {below:?}");
+    }
+
+    // The pod's own processes: captured, and the proxy learns the VIP.
+    assert_proxy_sees_vip(a, &agent);
+
+    // A process in the pod's netns but outside the pods cgroup.
+    let host = topo.cgroup().child("host").expect("host cgroup");
+    let r = probe_at().connect_in(a, &host, Creds::APP, &VIP.to_string(), &ConnectOpts::send("hi"));
+    assert_eq!((r.stage.as_str(), r.errno), ("connect", Some(libc::EPERM)), "captured outside the pods cgroup: {r:?}");
+    let q = ConnectOpts { sendto: true, send: Some("query".into()), timeout_ms: Some(500), ..Default::default() };
+    let d = probe_at().connect_in(a, &host, Creds::APP, "10.251.100.20:53", &q);
+    assert_eq!(d.errno, Some(libc::EPERM), "DNS query outside the pods cgroup: {d:?}");
+    wait_until("both refusals in the agent log", Duration::from_secs(5), || {
+        let log = agent.log();
+        log.contains(&format!("connect denied pod=default/a destination={VIP} proto=\"tcp\""))
+            && log.contains("destination=10.251.100.20:53 proto=\"udp\"")
+            && log.matches("the caller is outside --pods-cgroup").count() >= 2
+    });
+    let v = inspect(pins.path());
+    assert_eq!(v[0]["counters"]["dropped"], 2, "{v:#}");
+    drop(host);
+}
+
+fn probe_at() -> Probe {
+    Probe::at(probe_bin!())
+}

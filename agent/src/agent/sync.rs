@@ -719,6 +719,9 @@ impl Syncer {
                 drop_reason::REGISTRY_ONLY => "REGISTRY_ONLY: no listener",
                 drop_reason::LISTENER => "listener rule",
                 drop_reason::NO_ROOM => "no room to keep the original destination",
+                drop_reason::OUTSIDE_PODS_CGROUP => {
+                    "the caller is outside --pods-cgroup: no sockops or getsockopt there to hand the original destination to the proxy"
+                }
                 _ => "unknown",
             };
             let proto = if ev.proto == 17 { "udp" } else { "tcp" };

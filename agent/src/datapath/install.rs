@@ -14,9 +14,20 @@ use aya::{
 
 use sidecap_common::abi::{self, pin};
 
-use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, order};
+use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, observers, order};
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Where the cgroup programs go (see [`observers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// connect4/6 and sendmsg4/6: `--cgroup`.
+    pub cgroup: PathBuf,
+    /// sockops, getsockopt and recvmsg4/6: `--pods-cgroup`, `cgroup` or a cgroup below it.
+    pub pods_cgroup: PathBuf,
+    /// The cgroup2 mount, from which the pods cgroup's level is counted.
+    pub cgroup_root: Option<PathBuf>,
+}
 
 /// What `install` found or did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -125,7 +136,8 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), Error> {
 ///
 /// Also returns the loaded object: its `AYA_LOGS` ring buffer (not pinned: each load has
 /// its own, written only by the programs of that load) carries the trace records.
-pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool, sockmap: bool) -> Result<(Installed, aya::Ebpf), Error> {
+pub fn install(bpffs: &Path, at: &Placement, sizes: &super::MapSizes, mprog: bool, sockmap: bool) -> Result<(Installed, aya::Ebpf), Error> {
+    let cgroup = at.cgroup.as_path();
     ensure_bpffs_dir(bpffs)?;
     std::fs::create_dir_all(maps_dir(bpffs)).map_err(Error::io(maps_dir(bpffs)))?;
     std::fs::create_dir_all(netns_links_dir(bpffs)).map_err(Error::io(netns_links_dir(bpffs)))?;
@@ -153,14 +165,21 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
     // Without `--sockmap` the programs' sockmap paths end at this constant (no lookups).
     let node_sockmap = u8::from(sockmap);
     loader.override_global("SIDECAP_SOCKMAP_NODE", &node_sockmap, true);
+    // The redirecting programs refuse callers the observers do not cover (level 0: no check).
+    let check = observers::check(at.cgroup_root.as_deref(), cgroup, &at.pods_cgroup)?;
+    loader.override_global("SIDECAP_PODS_CGROUP_LEVEL", &check.level, true);
+    loader.override_global("SIDECAP_PODS_CGROUP_ID", &check.id, true);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
     super::abi::stamp(&mut ebpf)?;
 
     let mut out = Installed { mprog, preorder: mprog && order::has_children(cgroup), ..Installed::default() };
-    let cgroup_file = File::open(cgroup).map_err(Error::io(cgroup))?;
-    let cgroup_id = order::cgroup_id(cgroup)?;
+    let rewriters = (File::open(cgroup).map_err(Error::io(cgroup))?, order::cgroup_id(cgroup)?);
+    let pods = at.pods_cgroup.as_path();
+    let watchers = (File::open(pods).map_err(Error::io(pods))?, order::cgroup_id(pods)?);
     let preorder = out.preorder;
     for (prog, link, attach_type) in CGROUP_PROGRAMS {
+        let (cgroup, (cgroup_file, cgroup_id)) = if observers::observes(link) { (pods, &watchers) } else { (cgroup, &rewriters) };
+        let cgroup_id = *cgroup_id;
         let program = ebpf.program_mut(prog).ok_or(Error::MissingProgram { name: prog })?;
         let perr = |source| Error::Program { name: prog, source };
         match program {
@@ -173,7 +192,7 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
         let first = mprog && order::ORDERED_HOOKS.contains(link);
         let attach = || -> Result<OwnedFd, Error> {
             if first {
-                Ok(order::attach_first(prog_fd.as_fd(), &cgroup_file, cgroup, link, *attach_type, preorder)?)
+                Ok(order::attach_first(prog_fd.as_fd(), cgroup_file, cgroup, link, *attach_type, preorder)?)
             } else {
                 super::link::create(prog_fd.as_fd(), cgroup_file.as_fd(), *attach_type).map_err(|source| Error::Attach {
                     name: prog,
@@ -193,7 +212,7 @@ pub fn install(bpffs: &Path, cgroup: &Path, sizes: &super::MapSizes, mprog: bool
             out.updated.push(*link);
             let info = super::link::link_info(link_fd.as_fd()).map_err(Error::io(&path))?;
             let elsewhere = info.target != cgroup_id;
-            let behind = first && !elsewhere && !order::is_first(&cgroup_file, cgroup, link, *attach_type, info.prog_id)?;
+            let behind = first && !elsewhere && !order::is_first(cgroup_file, cgroup, link, *attach_type, info.prog_id)?;
             if elsewhere || behind {
                 let fd = attach()?;
                 replace_pin(fd.as_fd(), &path)?;

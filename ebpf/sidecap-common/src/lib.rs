@@ -377,6 +377,11 @@ pub mod drop_reason {
     /// `CONNECTING` slot held and `ORIG_DST_BY_COOKIE` refusing the insert): failed, not
     /// sent direct.
     pub const NO_ROOM: u32 = 4;
+    /// A captured connect or DNS query from a process outside the cgroup where sockops,
+    /// getsockopt and recvmsg are attached (`--pods-cgroup`): the proxy could not learn
+    /// its original destination (or the reply its resolver's address). Failed, not sent
+    /// direct.
+    pub const OUTSIDE_PODS_CGROUP: u32 = 5;
 }
 
 /// A denied connect, sent on the `DROP_EVENTS` ring buffer.

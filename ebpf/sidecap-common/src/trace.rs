@@ -118,8 +118,11 @@ pub mod rule {
     pub const OUT_OF_RANGE: u8 = 11;
     pub const LISTENER: u8 = 12;
     pub const NO_LISTENER: u8 = 13;
-    /// Captured, but `ORIG_DST_BY_COOKIE` refused the entry: let through instead.
+    /// Captured, but `ORIG_DST_BY_COOKIE` refused the entry: the connect fails.
     pub const NO_ROOM: u8 = 14;
+    /// Captured, but the caller is outside `--pods-cgroup` (see
+    /// `drop_reason::OUTSIDE_PODS_CGROUP`): refused.
+    pub const OUTSIDE_PODS_CGROUP: u8 = 15;
 }
 
 /// `result=` of a getsockopt record.
@@ -278,6 +281,7 @@ pub mod names {
             rule::LISTENER => "outbound listener",
             rule::NO_LISTENER => "no listener: the pod's default",
             rule::NO_ROOM => "captured, but no room to keep the original destination: refused",
+            rule::OUTSIDE_PODS_CGROUP => "captured, but outside the pods cgroup (no sockops or getsockopt there): refused",
             _ => return None,
         })
     }

@@ -16,7 +16,7 @@ use crate::{
     counters::{self, Counter},
     identity,
     maps::PODS,
-    origdst,
+    observers, origdst,
     outbound::{self, Connect, RedirectKind, Verdict},
     trace,
 };
@@ -132,7 +132,8 @@ fn apply(
     }
     // The one branch an untraced pod pays.
     if traced {
-        let verdict = if rule == trace_codes::rule::NO_ROOM { trace_codes::verdict::DROP } else { out.verdict.code() };
+        // Set only by a refused redirect.
+        let verdict = if rule != 0 { trace_codes::verdict::DROP } else { out.verdict.code() };
         let d = trace::Decision {
             verdict,
             step: out.step.number(),
@@ -194,6 +195,13 @@ fn enforce(
             (None, 0, 0)
         }
         Verdict::Redirect { port: to_port, kind } => {
+            if !observers::cover_current() {
+                // No sockops would hand the original destination over (nor recvmsg restore
+                // a DNS reply): redirected, the connection could not be served; direct, it
+                // would be uncaptured. It fails.
+                deny(pod, netns, c, family, drop_reason::OUTSIDE_PODS_CGROUP);
+                return (None, trace_codes::rule::OUTSIDE_PODS_CGROUP, 0);
+            }
             match kind {
                 RedirectKind::Capture | RedirectKind::ProxyToSelf => {
                     // SAFETY: the helper reads this program's own context, as the kernel passed it.

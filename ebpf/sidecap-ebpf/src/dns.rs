@@ -7,17 +7,19 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use sidecap_common::{OrigDst, decide, pod_flags, trace::DnsRecord};
+use sidecap_common::{DropEvent, OrigDst, decide, drop_reason, pod_flags, proto, trace::DnsRecord};
 
 use crate::{
     addr::{self, Addr},
     counters::{self, Counter},
     identity,
     maps::{DNS_ORIG, PODS},
-    trace,
+    observers, trace,
 };
 
 const ALLOW: i32 = 1;
+/// Fails the sendmsg with EPERM.
+const DENY: i32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
@@ -30,6 +32,7 @@ unsafe fn rd(p: &u32) -> u32 {
 /// Where a captured query goes, and what a traced pod's record needs.
 struct Target {
     netns: u64,
+    policy: u32,
     dns_port: u16,
     traced: bool,
     ids: u64,
@@ -54,7 +57,7 @@ fn dns_target(ctx: &SockAddrContext, port: u16) -> Option<Target> {
         return None;
     }
     let ids = (u64::from(gid) << 32) | u64::from(uid);
-    Some(Target { netns, dns_port: pod.dns_port, traced: pod.flags & pod_flags::TRACE != 0, ids })
+    Some(Target { netns, policy: pod.policy, dns_port: pod.dns_port, traced: pod.flags & pod_flags::TRACE != 0, ids })
 }
 
 /// A traced pod's record of one redirected query.
@@ -89,6 +92,24 @@ fn traced(ctx: &SockAddrContext, t: &Target, dst: &Addr, port: u16, family: u8) 
     }
 }
 
+/// A query from outside the observers' cgroup (see `observers`): no recvmsg there would
+/// show the reply as the resolver's, and sent on as it is it would bypass the DNS proxy.
+/// Refused, counted and reported.
+#[inline(always)]
+fn refuse(t: &Target, dst: &Addr, port: u16, family: u16) -> i32 {
+    counters::refused(DropEvent {
+        netns: t.netns,
+        policy: t.policy,
+        reason: drop_reason::OUTSIDE_PODS_CGROUP,
+        addr: addr::to_bytes(dst),
+        port,
+        proto: proto::UDP,
+        family: family as u8,
+        uid: t.ids as u32,
+    });
+    DENY
+}
+
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, dst: &Addr, port: u16, family: u16) {
     // SAFETY: the helper reads this program's own context, as the kernel passed it.
@@ -106,6 +127,9 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     let dst = addr::from_v4(ip);
     if addr::is_loopback(&dst) {
         return ALLOW;
+    }
+    if !observers::cover_current() {
+        return refuse(&t, &dst, port, AF_INET);
     }
     remember(ctx, &dst, port, AF_INET);
     counters::add(t.netns, Counter::Dns);
@@ -130,6 +154,9 @@ pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
     let Some(t) = dns_target(ctx, port) else { return ALLOW };
     if addr::is_loopback(&dst) {
         return ALLOW;
+    }
+    if !observers::cover_current() {
+        return refuse(&t, &dst, port, AF_INET6);
     }
     remember(ctx, &dst, port, AF_INET6);
     counters::add(t.netns, Counter::Dns);

@@ -14,6 +14,7 @@ mod identity;
 mod inbound;
 mod lookup;
 mod maps;
+mod observers;
 mod origdst;
 mod outbound;
 mod sockmap;
