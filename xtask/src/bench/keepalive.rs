@@ -81,8 +81,10 @@ fn parse_wrk(out: &str) -> Value {
 
 /// Modes of this scenario: the usual three and sidecap with `--sockmap` (issue 16).
 const MODES: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Sidecap, Mode::SidecapSockmap];
-/// HAProxy in HTTP mode (as Envoy is one), then the project's forwarder (bytes only).
-const PROXIES: [Proxy; 2] = [Proxy::HaproxyHttp, Proxy::Forward];
+/// HAProxy in TCP mode (each client connection forwarded on its own upstream connection:
+/// issue 14's reference setup), in HTTP mode (as Envoy is one), then the project's
+/// forwarder (bytes only).
+const PROXIES: [Proxy; 3] = [Proxy::Haproxy, Proxy::HaproxyHttp, Proxy::Forward];
 
 /// Busy and total jiffies of the whole machine (/proc/stat's `cpu` line).
 fn machine_jiffies() -> Option<(u64, u64)> {

@@ -11,6 +11,7 @@
 //! running a program there costs.
 
 mod empty;
+mod node;
 
 use std::{
     net::SocketAddr,
@@ -39,8 +40,9 @@ enum PodMode {
     CgroupIdentity,
 }
 
-/// A measured case: the client's netns (its cgroup is always the sidecap pod's, where the
-/// programs are attached), its target, the pod's configuration.
+/// A measured case: the client's netns, its target, the pod's configuration; its cgroup is
+/// the sidecap pod's, where the sandbox's agent attached everything, except for the host
+/// process (see `node`).
 struct Case {
     name: &'static str,
     netns: &'static str,
@@ -48,7 +50,10 @@ struct Case {
     mode: PodMode,
 }
 
-fn cases() -> [Case; 6] {
+/// The case run from the node-like attach's root cgroup, with that agent's programs counted.
+const HOST: &str = "host process";
+
+fn cases() -> [Case; 7] {
     let svc = SocketAddr::from((SVC, SVC_PORT));
     let case = |name, netns, target, mode| Case { name, netns, target, mode };
     [
@@ -57,9 +62,11 @@ fn cases() -> [Case; 6] {
         case("captured", "sc", svc, PodMode::Plain),
         // An excluded destination: only the app's socket, which the programs let go.
         case("passthrough", "sc", SocketAddr::from((SVC_EXCLUDED, SVC_PORT)), PodMode::Plain),
-        // A process of no meshed pod (its netns is not in PODS) in the attached cgroup, as
-        // every host process is when the programs sit on a node's root cgroup.
+        // A process of no meshed pod (its netns is not in PODS) under every program: an
+        // unmeshed pod's, or any host process's when all programs sit on the root.
         case("unmeshed", "client", svc, PodMode::Plain),
+        // The same process under the default placement, above the pods' cgroup: connect only.
+        case(HOST, "client", svc, PodMode::Plain),
         // The captured case while the pod is traced: what its records cost.
         case("captured, traced", "sc", svc, PodMode::Traced),
         // The captured case under the cgroup-bound proxy identity.
@@ -193,6 +200,8 @@ fn connections(p: &Params) -> u64 {
 pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     eprintln!("== scenario 7: kernel time per connection (bpf_stats)");
     let progs = programs(sb.pins.path())?;
+    let mut node = node::NodeAttach::start().context("the node-like attach (host process case)")?;
+    let node_progs = programs(node.pins.path())?;
     let n = connections(p);
     let _stats = BpfStats::enable()?;
     let mut runs = Vec::new();
@@ -204,9 +213,18 @@ pub fn kernel(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
             } else {
                 None
             };
-            let progs = empty.as_ref().map(|e| e.ids()).unwrap_or_else(|| progs.clone());
+            let progs = match (&empty, case == HOST) {
+                (Some(e), _) => e.ids(),
+                (None, true) => node_progs.clone(),
+                (None, false) => progs.clone(),
+            };
             let before = snapshot(&progs)?;
-            let raw = sb.load_count(netns, "sc", target, n)?;
+            let raw = if case == HOST {
+                node.assert_running();
+                sb.load_count_in(netns, &node.node, target, n)?
+            } else {
+                sb.load_count(netns, "sc", target, n)?
+            };
             // The proxy closes its two sockets after the client's reset: let it finish.
             std::thread::sleep(Duration::from_millis(300));
             let after = snapshot(&progs)?;

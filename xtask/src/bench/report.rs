@@ -446,10 +446,11 @@ pub fn headlines(r: &Value) -> String {
         let g = |case: &str| med(s, case, "total", "ns_per_conn");
         let _ = writeln!(
             h,
-            "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, a socket of an unmeshed process in the attached cgroup {} ns; empty programs on sockops, connect4 and getsockopt cost {} ns per captured connection. Captured with the pod traced: {} ns; under the cgroup-bound proxy identity: {} ns.",
+            "- **Kernel time per connection** (bpf_stats, all programs): captured {} ns, passthrough {} ns, an unmeshed process's socket under every program (an unmeshed pod's) {} ns and above the pods' cgroup (a host process's, the default placement) {} ns; empty programs on sockops, connect4 and getsockopt cost {} ns per captured connection. Captured with the pod traced: {} ns; under the cgroup-bound proxy identity: {} ns.",
             f(g("captured")),
             f(g("passthrough")),
             f(g("unmeshed")),
+            f(g("host process")),
             f(g("floor")),
             f(g("captured, traced")),
             f(g("captured, cgroup identity"))
@@ -628,7 +629,7 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         &mut d,
         "kernel",
         "7. Kernel time per connection",
-        "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup (as every host process is under a node-wide attach).\n*captured, traced*: the captured case with the pod's trace switch on (`sidecap.io/trace`), what\nits records cost; an untraced pod pays one branch per program run for the switch.\n*captured, cgroup identity*: the captured case under `sidecap.io/proxy-identity: cgroup`, the\nproxy's upstream connect checking its cgroup id.\n*floor*: the captured case again with `r0 = 1; exit` programs attached beside sidecap's on\nsockops, connect4 and getsockopt, and only theirs counted: what running any program on those\nhooks costs here (dispatch and the accounting's own two clock reads), against which the\nrest is what sidecap's programs do. Per-run averages are much less sensitive to other load\non the machine than rates are.",
+        "What sidecap's programs cost the kernel, from its own accounting: `kernel.bpf_stats_enabled=1`\n(set for the scenario, then put back) and the `run_time_ns` / `run_cnt` of each program\nbehind the agent's pinned links, read before and after exactly N connections made one\nafter the other. *captured*: app → Service → `sc-forward` → upstream; the app's socket and\nthe proxy's two sockets are in the attached cgroup, the upstream's is not. *passthrough*:\nan excluded destination, only the app's socket. *unmeshed*: a process whose netns is no\nmeshed pod's, in the attached cgroup: under every program, as an unmeshed pod's process is.\n*host process*: the same process under a second agent placed as the DaemonSet's default\nplaces it (`--cgroup` standing for the root, `--pods-cgroup` on its `kubepods` child, the\nprocess in the first only): connect4 runs, sockops, getsockopt and recvmsg do not.\n*captured, traced*: the captured case with the pod's trace switch on (`sidecap.io/trace`), what\nits records cost; an untraced pod pays one branch per program run for the switch.\n*captured, cgroup identity*: the captured case under `sidecap.io/proxy-identity: cgroup`, the\nproxy's upstream connect checking its cgroup id.\n*floor*: the captured case again with `r0 = 1; exit` programs attached beside sidecap's on\nsockops, connect4 and getsockopt, and only theirs counted: what running any program on those\nhooks costs here (dispatch and the accounting's own two clock reads), against which the\nrest is what sidecap's programs do. Per-run averages are much less sensitive to other load\non the machine than rates are.",
         &[],
     );
     section(
@@ -691,7 +692,12 @@ mod tests {
     fn kernel_section_lists_programs_per_case() {
         let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
         let row = |case: &str, prog: &str, ns: f64| json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(1.0), "ns_per_run": spread(ns), "ns_per_conn": spread(ns)}});
-        let summary = json!([row("captured", "connect4", 900.0), row("captured", "total", 1500.0), row("unmeshed", "total", 80.0)]);
+        let summary = json!([
+            row("captured", "connect4", 900.0),
+            row("captured", "total", 1500.0),
+            row("unmeshed", "total", 80.0),
+            row("host process", "total", 75.0)
+        ]);
         let r = json!({"command": "cargo xtask bench", "params": {}, "machine": {},
             "scenarios": {"kernel": {"summary": summary, "seconds": 1.0}}});
         let md = markdown(&r, &|n| format!("[{n}]\n"));
@@ -701,7 +707,7 @@ mod tests {
         // No floor measured here: the program's whole time is counted as its own.
         assert!(md.contains("| connect4 | 1.00 | 900 | not measured | ≤ 900 |"), "{md}");
         assert!(
-            md.contains("captured 1500 ns, passthrough – ns, a socket of an unmeshed process in the attached cgroup 80.0 ns; empty"),
+            md.contains("captured 1500 ns, passthrough – ns, an unmeshed process's socket under every program (an unmeshed pod's) 80.0 ns and above the pods' cgroup (a host process's, the default placement) 75.0 ns; empty"),
             "{md}"
         );
     }

@@ -386,28 +386,13 @@ impl Sandbox {
     /// cgroup); returns its JSON.
     pub fn load_count(&mut self, netns_pod: &str, cgroup_pod: &str, target: SocketAddr, count: u64) -> anyhow::Result<Value> {
         self.check_alive()?;
-        let (netns, cgroup) = (self.topo.pod(netns_pod).netns(), self.topo.pod(cgroup_pod).cgroup());
-        let args = [
-            "run".to_string(),
-            target.to_string(),
-            "--max-count".into(),
-            count.to_string(),
-            "--warmup-ms".into(),
-            "0".into(),
-            "--duration-ms".into(),
-            "120000".into(),
-            "--timeout-ms".into(),
-            "2000".into(),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = spawn_with(netns, cgroup, Creds::APP, command(&self.bins.sc_load, &args))?;
-        let limit = Duration::from_secs(135);
-        if p.wait_timeout(limit)?.is_none() {
-            p.kill();
-            bail!("sc-load in {netns_pod} did not finish within {limit:?}");
-        }
-        let out = p.stdout();
-        serde_json::from_str(out.lines().last().unwrap_or("")).map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
+        count_connections(&self.bins, self.topo.pod(netns_pod), self.topo.pod(cgroup_pod).cgroup(), target, count)
+    }
+
+    /// Like [`Sandbox::load_count`], in a cgroup of the caller's.
+    pub fn load_count_in(&mut self, netns_pod: &str, cgroup: &TestCgroup, target: SocketAddr, count: u64) -> anyhow::Result<Value> {
+        self.check_alive()?;
+        count_connections(&self.bins, self.topo.pod(netns_pod), cgroup, target, count)
     }
 
     /// Runs `program args` in the pod of `mode` as the app user, for at most `limit`;
@@ -530,6 +515,31 @@ pub fn istio_rules(golden: &str, cidrs: &[String], ports: &[u16]) -> String {
 
 /// HAProxy as a transparent sidecar, without per-connection logging (it would dominate);
 /// `nolinger` so that closed connections leave no TIME_WAIT.
+/// `load_count`'s run: `sc-load` in `pod`'s netns and `cgroup`, exactly `count` connections.
+fn count_connections(bins: &Bins, pod: &Pod, cgroup: &TestCgroup, target: SocketAddr, count: u64) -> anyhow::Result<Value> {
+    let args = [
+        "run".to_string(),
+        target.to_string(),
+        "--max-count".into(),
+        count.to_string(),
+        "--warmup-ms".into(),
+        "0".into(),
+        "--duration-ms".into(),
+        "120000".into(),
+        "--timeout-ms".into(),
+        "2000".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = spawn_with(pod.netns(), cgroup, Creds::APP, command(&bins.sc_load, &args))?;
+    let limit = Duration::from_secs(135);
+    if p.wait_timeout(limit)?.is_none() {
+        p.kill();
+        bail!("sc-load in {} did not finish within {limit:?}", pod.name());
+    }
+    let out = p.stdout();
+    serde_json::from_str(out.lines().last().unwrap_or("")).map_err(|e| anyhow!("sc-load output {out:?} ({e}); stderr {}", p.stderr()))
+}
+
 fn haproxy_config() -> String {
     "global
     nbthread 1
