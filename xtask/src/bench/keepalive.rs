@@ -1,5 +1,5 @@
 //! Scenario 8, keepalive: request/response over persistent connections through HAProxy in
-//! HTTP mode (a sidecar as Envoy is one), then through sc-forward, to Debian's nginx, load
+//! TCP mode, in HTTP mode (a sidecar as Envoy is one), then through sc-forward, to Debian's nginx, load
 //! from wrk, 1 and 64 connections, 100 B, 4 KiB and 64 KiB responses; direct is wrk to nginx
 //! itself. With iptables every packet of the app↔proxy leg and of the proxy's upstream leg
 //! goes through conntrack; with sidecap only the connects run a program; sidecap+sockmap
@@ -117,7 +117,7 @@ fn delta(after: &Value, before: &Value, k: &str) -> u64 {
 }
 
 pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
-    eprintln!("== scenario 8: keepalive through HAProxy (HTTP mode) and sc-forward to nginx, wrk");
+    eprintln!("== scenario 8: keepalive through HAProxy (TCP and HTTP mode) and sc-forward to nginx, wrk");
     if !sb.has_sockmap() {
         bail!("the sandbox was started without the sidecap+sockmap pod's agent");
     }

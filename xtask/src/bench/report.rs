@@ -478,7 +478,13 @@ pub fn headlines(r: &Value) -> String {
             let _ = writeln!(
                 h,
                 "- **Keepalive, {case}** ({} → nginx, wrk): sidecap {} req/s vs iptables {} (×{}), p99 {} vs {} µs; direct {} req/s.",
-                if case.starts_with("haproxy") { "HAProxy HTTP mode" } else { "sc-forward" },
+                if case.starts_with("haproxy-http") {
+                    "HAProxy HTTP mode"
+                } else if case.starts_with("haproxy") {
+                    "HAProxy TCP mode"
+                } else {
+                    "sc-forward"
+                },
                 f(g("sidecap", "rps")),
                 f(g("iptables", "rps")),
                 x(g("sidecap", "rps"), g("iptables", "rps")),
@@ -636,7 +642,7 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         &mut d,
         "keepalive",
         "8. Keepalive",
-        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in HTTP mode (`option http-keep-alive`, `http-reuse always`,\n`option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run; with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
+        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in TCP mode (each client connection on its own upstream\nconnection: issue 14's reference setup), in HTTP mode (`option http-keep-alive`,\n`http-reuse always`, `option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run; with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
         &[],
     );
     d
