@@ -329,7 +329,7 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     if cfg.sockmap {
         datapath::probe_sockmap()?;
     }
-    let at = datapath::Placement { cgroup: cfg.cgroup.clone(), pods_cgroup: cfg.pods_cgroup.clone(), cgroup_root: cfg.cgroup_root.clone() };
+    let at = datapath::Placement { cgroup: cfg.cgroup.clone(), pods_cgroup: cfg.pods_cgroup.clone() };
     let (installed, mut ebpf) = datapath::install(&cfg.bpffs, &at, &cfg.map_sizes, mprog, cfg.sockmap)?;
     // The programs just loaded write their trace records here (pods with the switch on).
     trace::logger::spawn(&mut ebpf, hub.clone(), names.clone())?;

@@ -332,7 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let pods_cgroup = match pods_cgroup {
                 Some(p) => p,
-                None => default_pods_cgroup(&cgroup, cgroup_root.as_deref()),
+                None => default_pods_cgroup(&cgroup),
             };
             let cfg = agent::Config {
                 source,
@@ -482,24 +482,15 @@ fn default_cgroup(no_mprog: bool) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Where sockops, getsockopt and recvmsg go without `--pods-cgroup`: below a root attach,
-/// the cgroup that holds all pods, so that host processes do not run them; anywhere else
-/// (an attach already narrowed to the pods, or a test's cgroup), the attach cgroup itself.
-fn default_pods_cgroup(cgroup: &std::path::Path, root: Option<&std::path::Path>) -> PathBuf {
-    let same =
-        |a: &std::path::Path, b: &std::path::Path| std::fs::canonicalize(a).ok().is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a));
-    if !root.is_some_and(|r| same(cgroup, r)) {
-        return cgroup.into();
-    }
-    match datapath::find_pods_cgroup(cgroup) {
+/// Where sockops, getsockopt and recvmsg go without `--pods-cgroup` (see
+/// `datapath::observers::default_pods_cgroup`).
+fn default_pods_cgroup(cgroup: &std::path::Path) -> PathBuf {
+    match datapath::observers::default_pods_cgroup(cgroup) {
         Some(pods) => {
             tracing::info!(cgroup = %pods.display(), "sockops, getsockopt and recvmsg go on the cgroup that holds all pods: host processes do not run them");
             pods
         }
-        None => {
-            tracing::info!(cgroup = %cgroup.display(), "no kubepods cgroup found: every program on the root (pass --pods-cgroup to narrow sockops, getsockopt and recvmsg)");
-            cgroup.into()
-        }
+        None => cgroup.into(),
     }
 }
 

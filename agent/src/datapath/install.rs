@@ -25,8 +25,6 @@ pub struct Placement {
     pub cgroup: PathBuf,
     /// sockops, getsockopt and recvmsg4/6: `--pods-cgroup`, `cgroup` or a cgroup below it.
     pub pods_cgroup: PathBuf,
-    /// The cgroup2 mount, from which the pods cgroup's level is counted.
-    pub cgroup_root: Option<PathBuf>,
 }
 
 /// What `install` found or did.
@@ -166,7 +164,7 @@ pub fn install(bpffs: &Path, at: &Placement, sizes: &super::MapSizes, mprog: boo
     let node_sockmap = u8::from(sockmap);
     loader.override_global("SIDECAP_SOCKMAP_NODE", &node_sockmap, true);
     // The redirecting programs refuse callers the observers do not cover (level 0: no check).
-    let check = observers::check(at.cgroup_root.as_deref(), cgroup, &at.pods_cgroup)?;
+    let check = observers::check(cgroup, &at.pods_cgroup)?;
     loader.override_global("SIDECAP_PODS_CGROUP_LEVEL", &check.level, true);
     loader.override_global("SIDECAP_PODS_CGROUP_ID", &check.id, true);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;

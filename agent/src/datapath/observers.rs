@@ -17,10 +17,11 @@ pub enum Error {
         cgroup.display()
     )]
     NotBelow { pods: PathBuf, cgroup: PathBuf },
-    #[error("--pods-cgroup {}: not under the cgroup2 mount {} (--cgroup-root)", pods.display(), root.display())]
-    NotUnderRoot { pods: PathBuf, root: PathBuf },
-    #[error("--pods-cgroup {} is below --cgroup {}, but the cgroup2 mount is unknown (pass --cgroup-root)", pods.display(), cgroup.display())]
-    NoRoot { pods: PathBuf, cgroup: PathBuf },
+    #[error(
+        "--pods-cgroup {}: its level below the cgroup2 root cannot be told: the mount does not reach the root (a cgroup namespace?); mount the host's cgroup2 hierarchy",
+        pods.display()
+    )]
+    NoRoot { pods: PathBuf },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -39,29 +40,58 @@ pub struct Check {
     pub id: u64,
 }
 
-/// The check for observers on `pods` while the rest is on `cgroup` (`root`: the cgroup2
-/// mount). `pods` must be `cgroup` or below it.
-pub fn check(root: Option<&Path>, cgroup: &Path, pods: &Path) -> Result<Check, Error> {
+/// The check for observers on `pods` while the rest is on `cgroup`. `pods` must be
+/// `cgroup` or below it.
+pub fn check(cgroup: &Path, pods: &Path) -> Result<Check, Error> {
     use std::os::unix::fs::MetadataExt;
-    let canon = |p: &Path| std::fs::canonicalize(p).map_err(|source| Error::Io { path: p.into(), source });
-    let (c, p) = (canon(cgroup)?, canon(pods)?);
+    let (c, p) = (canonical(cgroup)?, canonical(pods)?);
     if c == p {
         return Ok(Check::default());
     }
     if !p.starts_with(&c) {
         return Err(Error::NotBelow { pods: pods.into(), cgroup: cgroup.into() });
     }
-    let root = root.ok_or_else(|| Error::NoRoot { pods: pods.into(), cgroup: cgroup.into() })?;
-    let level = level(&canon(root)?, &p).ok_or_else(|| Error::NotUnderRoot { pods: pods.into(), root: root.into() })?;
+    let level = level(&p).ok_or_else(|| Error::NoRoot { pods: pods.into() })?;
     let id = std::fs::metadata(&p).map_err(|source| Error::Io { path: p.clone(), source })?.ino();
     Ok(Check { level, id })
 }
 
-/// How many cgroups below the cgroup2 mount `root` the directory `path` is (the kernel's
-/// `ancestor_level`: the root is 0). None when it is not under it.
-pub fn level(root: &Path, path: &Path) -> Option<u32> {
-    let rel = path.strip_prefix(root).ok()?;
-    u32::try_from(rel.components().count()).ok()
+/// Where the observers go when no `--pods-cgroup` is given: below the cgroup2 root, the
+/// cgroup that holds all pods when there is one; anywhere else (an attach already narrowed
+/// to the pods, a test's cgroup) None, for `cgroup` itself.
+pub fn default_pods_cgroup(cgroup: &Path) -> Option<PathBuf> {
+    if !is_root(cgroup) {
+        return None;
+    }
+    super::order::find_pods_cgroup(cgroup)
+}
+
+fn canonical(p: &Path) -> Result<PathBuf, Error> {
+    std::fs::canonicalize(p).map_err(|source| Error::Io { path: p.into(), source })
+}
+
+/// The cgroup2 root is the one cgroup without a `cgroup.type` file (a cgroup namespace's
+/// root, as its mount shows it, has one).
+fn is_root(dir: &Path) -> bool {
+    dir.join("cgroup.procs").exists() && !dir.join("cgroup.type").exists()
+}
+
+/// How many cgroups below the root `dir` is (the kernel's `ancestor_level`: the root is 0),
+/// counted up its parents. None when the walk leaves the cgroup2 tree without meeting the
+/// root (a mount that shows only part of the hierarchy).
+pub fn level(dir: &Path) -> Option<u32> {
+    let mut n = 0;
+    let mut cur = dir;
+    loop {
+        if !cur.join("cgroup.procs").exists() {
+            return None;
+        }
+        if is_root(cur) {
+            return Some(n);
+        }
+        cur = cur.parent()?;
+        n += 1;
+    }
 }
 
 #[cfg(test)]
@@ -74,30 +104,64 @@ mod tests {
         assert_eq!(observed, ["sockops", "getsockopt", "recvmsg4", "recvmsg6"]);
     }
 
+    /// A fake cgroup2 tree under a temp dir: every directory has `cgroup.procs`, all but
+    /// `root` have `cgroup.type` (as the kernel shows them).
+    fn tree(name: &str, dirs: &[&str]) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("sidecap-observers-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("cgroup.procs"), "").unwrap();
+        for d in dirs {
+            let mut p = root.clone();
+            for part in d.split('/') {
+                p = p.join(part);
+                std::fs::create_dir_all(&p).unwrap();
+                std::fs::write(p.join("cgroup.procs"), "").unwrap();
+                std::fs::write(p.join("cgroup.type"), "domain\n").unwrap();
+            }
+        }
+        root
+    }
+
     #[test]
-    fn levels_count_from_the_mount() {
-        let root = Path::new("/sys/fs/cgroup");
-        assert_eq!(level(root, Path::new("/sys/fs/cgroup")), Some(0));
-        assert_eq!(level(root, Path::new("/sys/fs/cgroup/kubepods.slice")), Some(1));
-        assert_eq!(level(root, Path::new("/sys/fs/cgroup/kubelet.slice/kubelet-kubepods.slice")), Some(2));
-        assert_eq!(level(root, Path::new("/sys/fs/other")), None);
+    fn levels_count_up_to_the_root() {
+        let root = tree("levels", &["kubepods.slice/kubepods-burstable.slice", "kubelet.slice/kubelet-kubepods.slice"]);
+        assert_eq!(level(&root), Some(0));
+        assert_eq!(level(&root.join("kubepods.slice")), Some(1));
+        assert_eq!(level(&root.join("kubepods.slice/kubepods-burstable.slice")), Some(2));
+        assert_eq!(level(&root.join("kubelet.slice/kubelet-kubepods.slice")), Some(2));
+        // A cgroup namespace's view: the mount's top is a cgroup with `cgroup.type`, and
+        // above it is no cgroup: the level cannot be told.
+        std::fs::write(root.join("cgroup.type"), "domain\n").unwrap();
+        assert_eq!(level(&root.join("kubepods.slice")), None, "no root in sight");
+        let _ = std::fs::remove_dir_all(root.parent().unwrap());
     }
 
     #[test]
     fn pods_cgroup_must_be_below_the_attach_cgroup() {
-        let base = std::env::temp_dir().join(format!("sidecap-observers-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(base.join("node/kubepods/pod1")).unwrap();
-        std::fs::create_dir_all(base.join("other")).unwrap();
-        let (node, pods) = (base.join("node"), base.join("node/kubepods"));
-        assert_eq!(check(Some(&base), &node, &node).unwrap(), Check::default(), "same cgroup: no check");
-        let c = check(Some(&base), &node, &pods).unwrap();
+        let root = tree("below", &["node/kubepods/pod1", "other"]);
+        let (node, pods) = (root.join("node"), root.join("node/kubepods"));
+        assert_eq!(check(&node, &node).unwrap(), Check::default(), "same cgroup: no check");
+        let c = check(&node, &pods).unwrap();
         assert_eq!(c.level, 2);
         use std::os::unix::fs::MetadataExt;
         assert_eq!(c.id, std::fs::metadata(&pods).unwrap().ino());
-        assert!(matches!(check(Some(&base), &node, &base.join("other")), Err(Error::NotBelow { .. })));
-        assert!(matches!(check(None, &node, &pods), Err(Error::NoRoot { .. })));
-        assert!(matches!(check(Some(&base.join("other")), &node, &pods), Err(Error::NotUnderRoot { .. })));
-        let _ = std::fs::remove_dir_all(&base);
+        assert!(matches!(check(&node, &root.join("other")), Err(Error::NotBelow { .. })));
+        std::fs::write(root.join("cgroup.type"), "domain\n").unwrap();
+        assert!(matches!(check(&node, &pods), Err(Error::NoRoot { .. })));
+        let _ = std::fs::remove_dir_all(root.parent().unwrap());
+    }
+
+    #[test]
+    fn by_default_only_a_root_attach_puts_the_observers_on_the_pods_cgroup() {
+        let root = tree("default", &["kubepods.slice/kubepods-besteffort.slice", "system.slice"]);
+        assert_eq!(default_pods_cgroup(&root), Some(root.join("kubepods.slice")));
+        assert_eq!(default_pods_cgroup(&root.join("kubepods.slice")), None, "already narrowed");
+        assert_eq!(default_pods_cgroup(&root.join("system.slice")), None);
+        let bare = tree("bare", &["system.slice"]);
+        assert_eq!(default_pods_cgroup(&bare), None, "no kubepods: everything on the root");
+        let _ = std::fs::remove_dir_all(root.parent().unwrap());
+        let _ = std::fs::remove_dir_all(bare.parent().unwrap());
     }
 }
