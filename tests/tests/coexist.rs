@@ -297,10 +297,10 @@ fn observers_on_the_pods_cgroup_serve_the_pods_and_refuse_a_captured_caller_outs
 
     // A process in the pod's netns but outside the pods cgroup.
     let host = topo.cgroup().child("host").expect("host cgroup");
-    let r = probe_at().connect_in(a, &host, Creds::APP, &VIP.to_string(), &ConnectOpts::send("hi"));
+    let r = Probe::at(probe_bin!()).connect_in(a, &host, Creds::APP, &VIP.to_string(), &ConnectOpts::send("hi"));
     assert_eq!((r.stage.as_str(), r.errno), ("connect", Some(libc::EPERM)), "captured outside the pods cgroup: {r:?}");
     let q = ConnectOpts { sendto: true, send: Some("query".into()), timeout_ms: Some(500), ..Default::default() };
-    let d = probe_at().connect_in(a, &host, Creds::APP, "10.251.100.20:53", &q);
+    let d = Probe::at(probe_bin!()).connect_in(a, &host, Creds::APP, "10.251.100.20:53", &q);
     assert_eq!(d.errno, Some(libc::EPERM), "DNS query outside the pods cgroup: {d:?}");
     wait_until("both refusals in the agent log", Duration::from_secs(5), || {
         let log = agent.log();
@@ -311,8 +311,4 @@ fn observers_on_the_pods_cgroup_serve_the_pods_and_refuse_a_captured_caller_outs
     let v = inspect(pins.path());
     assert_eq!(v[0]["counters"]["dropped"], 2, "{v:#}");
     drop(host);
-}
-
-fn probe_at() -> Probe {
-    Probe::at(probe_bin!())
 }

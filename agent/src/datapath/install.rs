@@ -19,7 +19,7 @@ use super::{CGROUP_PROGRAMS, EBPF_OBJECT, Error, observers, order};
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Where the cgroup programs go (see [`observers`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Placement {
     /// connect4/6 and sendmsg4/6: `--cgroup`.
     pub cgroup: PathBuf,
@@ -171,13 +171,15 @@ pub fn install(bpffs: &Path, at: &Placement, sizes: &super::MapSizes, mprog: boo
     super::abi::stamp(&mut ebpf)?;
 
     let mut out = Installed { mprog, preorder: mprog && order::has_children(cgroup), ..Installed::default() };
-    let rewriters = (File::open(cgroup).map_err(Error::io(cgroup))?, order::cgroup_id(cgroup)?);
-    let pods = at.pods_cgroup.as_path();
-    let watchers = (File::open(pods).map_err(Error::io(pods))?, order::cgroup_id(pods)?);
+    // (path, open directory, id) of the two targets; they may be the same cgroup.
+    let target =
+        |p: &Path| -> Result<(PathBuf, File, u64), Error> { Ok((p.into(), File::open(p).map_err(Error::io(p))?, order::cgroup_id(p)?)) };
+    let rewriting = target(cgroup)?;
+    let observing = target(&at.pods_cgroup)?;
     let preorder = out.preorder;
     for (prog, link, attach_type) in CGROUP_PROGRAMS {
-        let (cgroup, (cgroup_file, cgroup_id)) = if observers::observes(link) { (pods, &watchers) } else { (cgroup, &rewriters) };
-        let cgroup_id = *cgroup_id;
+        let (cgroup, cgroup_file, cgroup_id) = if observers::observes(link) { &observing } else { &rewriting };
+        let (cgroup, cgroup_id) = (cgroup.as_path(), *cgroup_id);
         let program = ebpf.program_mut(prog).ok_or(Error::MissingProgram { name: prog })?;
         let perr = |source| Error::Program { name: prog, source };
         match program {
