@@ -19,6 +19,7 @@
 
 mod cluster;
 mod controlplane;
+mod cpu;
 mod keepalive;
 mod kernel;
 mod micro;

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use sidecap_tests::process::is_listening;
 
 use super::Params;
+use super::cpu::{Machine, jiffy_us, process_jiffies};
 use super::sandbox::{Mode, Proxy, SVC, Sandbox};
 
 /// nginx's port on the Service address (captured like any other under `--allow-any capture`).
@@ -86,32 +87,6 @@ const MODES: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Sidecap, Mode::Sid
 /// forwarder (bytes only).
 const PROXIES: [Proxy; 3] = [Proxy::Haproxy, Proxy::HaproxyHttp, Proxy::Forward];
 
-/// Busy and total jiffies of the whole machine (/proc/stat's `cpu` line).
-fn machine_jiffies() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: u64 = v.iter().sum();
-    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
-}
-
-/// utime + stime of a process (all its threads), in jiffies.
-fn process_jiffies(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// µs per jiffy (USER_HZ).
-fn jiffy_us() -> f64 {
-    // SAFETY: sysconf reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { 1e6 / hz as f64 } else { 1e4 }
-}
-
 fn delta(after: &Value, before: &Value, k: &str) -> u64 {
     after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0))
 }
@@ -156,9 +131,9 @@ pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
                             let url = format!("http://{SVC}:{NGINX_PORT}/{bytes}");
                             let args = ["-t1", &format!("-c{c}"), &format!("-d{secs}s"), "--latency", "--timeout", "2s", &url];
                             let proxy_pid = sb.proxy_pid(mode);
-                            let (m0, p0, k0) = (machine_jiffies(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
+                            let (m0, p0, k0) = (Machine::now(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
                             let out = sb.run_in(mode, "wrk", &args, Duration::from_secs(secs + 20)).context("wrk")?;
-                            let (m1, p1, k1) = (machine_jiffies(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
+                            let (m1, p1, k1) = (Machine::now(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
                             let mut m = parse_wrk(&out);
                             if m["rps"].as_f64().is_none() || m["non_2xx"].as_u64().unwrap_or(0) > 0 || m["socket_errors"].is_string() {
                                 bail!("{case} {}: wrk failed or saw errors: {out}", mode.name());
@@ -167,8 +142,8 @@ pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
                             // request touches: wrk, proxy, nginx, softirqs; and anything else
                             // running, so noisy on a shared machine) and the proxy's alone.
                             let reqs = m["requests"].as_u64().unwrap_or(0).max(1) as f64;
-                            if let (Some((b0, _)), Some((b1, _))) = (m0, m1) {
-                                m["cpu_us_per_req"] = json!((b1 - b0) as f64 * jiffy / reqs);
+                            if let (Some(m0), Some(m1)) = (m0, m1) {
+                                m["cpu_us_per_req"] = json!(m1.busy_since(&m0) as f64 * jiffy / reqs);
                             }
                             if let (Some(a), Some(b)) = (p0, p1) {
                                 m["proxy_cpu_us_per_req"] = json!((b - a) as f64 * jiffy / reqs);

@@ -86,12 +86,14 @@ fn ratios(summary: &Value, metrics: &[(&str, &str)]) -> String {
     t
 }
 
-const CONNECT_METRICS: [(&str, &str); 5] = [
+const CONNECT_METRICS: [(&str, &str); 7] = [
     ("rate", "conn/s"),
     ("ttfb_p50_us", "first byte p50 µs"),
     ("ttfb_p99_us", "p99 µs"),
     ("ttfb_p999_us", "p99.9 µs"),
     ("connect_p50_us", "connect() p50 µs"),
+    ("busy_cpus", "busy CPUs"),
+    ("cpu_us_per_conn", "CPU µs/conn (machine)"),
 ];
 const CONNECT_RATIOS: [(&str, &str); 2] = [("rate", "conn/s"), ("ttfb_p50_us", "first byte p50")];
 const RULE_METRICS: [(&str, &str); 4] = [
@@ -215,6 +217,80 @@ fn kernel_breakdown(summary: &Value) -> String {
          [docs/kernel-contract.md](kernel-contract.md#original-destination) has the per-access measurements and the alternatives measured.\n",
     );
     t
+}
+
+/// Short connections, one scenario 1 case: CPU per connection in each mode, the machine's
+/// and the proxy process's, against sidecap's programs' kernel time.
+struct Budget {
+    case: String,
+    /// The machine's CPU µs per connection: direct, iptables, sidecap.
+    machine: [Option<f64>; 3],
+    /// The proxy process's CPU µs per connection: iptables, sidecap.
+    proxy: [Option<f64>; 2],
+    /// Busy CPUs on average: iptables, sidecap.
+    busy: [Option<f64>; 2],
+    /// Scenario 7's kernel time per captured connection, µs.
+    programs: Option<f64>,
+    /// conn/s, sidecap over iptables.
+    ratio: Option<f64>,
+}
+
+fn budgets(r: &Value) -> Vec<Budget> {
+    let sc = &r["scenarios"];
+    let Some(s) = sc.get("connect").map(|v| &v["summary"]) else { return Vec::new() };
+    let programs = sc.get("kernel").and_then(|k| med(&k["summary"], "captured", "total", "ns_per_conn")).map(|ns| ns / 1000.0);
+    let mut out = Vec::new();
+    for case in cases(s) {
+        let g = |mode: &str, k: &str| med(s, &case, mode, k);
+        if g("sidecap", "cpu_us_per_conn").is_none() {
+            continue;
+        }
+        let ratio = g("sidecap", "rate").zip(g("iptables", "rate")).filter(|(_, i)| *i > 0.0).map(|(a, b)| a / b);
+        out.push(Budget {
+            machine: ["direct", "iptables", "sidecap"].map(|m| g(m, "cpu_us_per_conn")),
+            proxy: ["iptables", "sidecap"].map(|m| g(m, "proxy_cpu_us_per_conn")),
+            busy: ["iptables", "sidecap"].map(|m| g(m, "busy_cpus")),
+            programs,
+            ratio,
+            case,
+        });
+    }
+    out
+}
+
+/// Scenario 1's "where the difference goes" table.
+fn short_connection_budget(r: &Value) -> Option<String> {
+    let rows = budgets(r);
+    if rows.is_empty() {
+        return None;
+    }
+    let cores = r["machine"]["cores"].as_u64().map(|c| c.to_string()).unwrap_or_else(|| "all".into());
+    let mut t = format!(
+        "Where the time goes: CPU per connection, the whole machine's (busy CPUs over the run ÷ conn/s: client, proxy, upstream, softirqs) and the proxy process's own (its threads, and the kernel work done in its context), against *sidecap's programs*, scenario 7's kernel time per captured connection (sc-forward, one connection at a time). *busy CPUs* is of the machine's {cores}: where they are not all busy, the rate is bound by the proxy and the wake-ups between client, proxy and upstream rather than by CPU, and making sidecap's programs cheaper could move it by at most their share of the proxy's time.\n\n\
+         | case | machine CPU µs/conn: direct | iptables | sidecap | iptables − sidecap | proxy CPU µs/conn: iptables | sidecap | sidecap's programs | busy CPUs: iptables | sidecap | conn/s: sidecap/iptables |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let f = |v: Option<f64>| v.map(num).unwrap_or_else(|| "–".into());
+    let x = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+    for b in rows {
+        let [direct, ipt, sdc] = b.machine;
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            b.case,
+            f(direct),
+            f(ipt),
+            f(sdc),
+            f(ipt.zip(sdc).map(|(i, s)| i - s)),
+            f(b.proxy[0]),
+            f(b.proxy[1]),
+            f(b.programs),
+            x(b.busy[0]),
+            x(b.busy[1]),
+            x(b.ratio)
+        );
+    }
+    Some(t)
 }
 
 fn ms(v: &Value) -> String {
@@ -472,6 +548,25 @@ pub fn headlines(r: &Value) -> String {
             }
         }
     }
+    for b in budgets(r).into_iter().filter(|b| b.case.ends_with("c=64")) {
+        let (Some(k), [Some(ipt), Some(sdc)], [Some(pi), Some(ps)], Some(busy)) =
+            (b.programs, [b.machine[1], b.machine[2]], b.proxy, b.busy[1])
+        else {
+            continue;
+        };
+        let cores = r["machine"]["cores"].as_u64().map(|c| format!(" of {c}")).unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "- **Short connections, where the time goes ({})**: {} µs of machine CPU per connection with iptables, {} µs with sidecap; the proxy process alone {} vs {} µs; all of sidecap's programs' kernel time is {} µs per connection; {:.2}{cores} CPUs busy under sidecap.",
+            b.case,
+            num(ipt),
+            num(sdc),
+            num(pi),
+            num(ps),
+            num(k),
+            busy
+        );
+    }
     if let Some(s) = sc.get("keepalive").map(|v| &v["summary"]) {
         for case in cases(s) {
             let g = |mode: &str, k: &str| med(s, &case, mode, k);
@@ -590,6 +685,9 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         "The app connects to a Service address (10.251.100.10:8080); iptables REDIRECTs and sidecap's\n`connect4` rewrites it to the proxy on 127.0.0.1:15001, which asks `SO_ORIGINAL_DST` and\nforwards there. Direct connects to the upstream itself (no proxy).",
         &["connect-rate.svg", "connect-latency.svg"],
     );
+    if let Some(t) = short_connection_budget(r) {
+        let _ = writeln!(d, "{t}");
+    }
     section(
         &mut d,
         "rules",
@@ -716,5 +814,31 @@ mod tests {
             md.contains("captured 1500 ns, passthrough – ns, an unmeshed process's socket under every program (an unmeshed pod's) 80.0 ns and above the pods' cgroup (a host process's, the default placement) 75.0 ns; empty"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn short_connection_budget_sets_cpu_per_connection_against_the_programs() {
+        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
+        let row = |case: &str, mode: &str, rate: f64, busy: f64, proxy: f64| json!({"case": case, "mode": mode, "metrics": {"rate": spread(rate), "busy_cpus": spread(busy), "cpu_us_per_conn": spread(busy * 1e6 / rate), "proxy_cpu_us_per_conn": spread(proxy * 1e6 / rate)}});
+        let connect = json!([
+            row("p c=64", "direct", 40000.0, 2.0, 0.0),
+            // 150 µs of machine CPU and 80 of the proxy's per connection with iptables; 120 and 64 with sidecap.
+            row("p c=64", "iptables", 10000.0, 1.5, 0.8),
+            row("p c=64", "sidecap", 12500.0, 1.5, 0.8),
+            row("p c=1", "iptables", 5000.0, 1.0, 0.5),
+            row("p c=1", "sidecap", 5000.0, 0.9, 0.5),
+        ]);
+        let kernel = json!([{"case": "captured", "mode": "total", "metrics": {"ns_per_conn": spread(3_000.0)}}]);
+        let r = json!({"command": "cargo xtask bench", "params": {}, "machine": {"cores": 2},
+            "scenarios": {"connect": {"summary": connect, "seconds": 1.0}, "kernel": {"summary": kernel, "seconds": 1.0}}});
+        let md = markdown(&r, &|n| format!("[{n}]\n"));
+        assert!(md.contains("| p c=64 | 50.0 | 150 | 120 | 30.0 | 80.0 | 64.0 | 3.00 | 1.50 | 1.50 | 1.25 |"), "{md}");
+        assert!(md.contains("| p c=1 | – | 200 | 180 | 20.0 | 100 | 100 | 3.00 | 1.00 | 0.90 | 1.00 |"), "{md}");
+        assert!(md.contains("busy CPUs* is of the machine's 2:"), "{md}");
+        assert!(
+            md.contains("(p c=64)**: 150 µs of machine CPU per connection with iptables, 120 µs with sidecap; the proxy process alone 80.0 vs 64.0 µs; all of sidecap's programs' kernel time is 3.00 µs per connection; 1.50 of 2 CPUs busy under sidecap."),
+            "{md}"
+        );
+        assert!(!md.contains("where the time goes (p c=1)"), "{md}");
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 
 use super::Params;
+use super::cpu::{Machine, process_jiffies};
 use super::sandbox::{APP_PORT, Load, Mode, Proxy, SVC, SVC_EXCLUDED, SVC_PORT, SVC_UNKNOWN, Sandbox};
 
 pub type Scenario = fn(&mut Sandbox, &Params) -> anyhow::Result<Vec<Value>>;
@@ -14,10 +15,19 @@ fn sa(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
-/// The numbers kept from one sc-load result.
+/// The numbers kept from one sc-load result. CPU per connection: the machine's busy CPUs
+/// over the load's life (warm-up included) divided by its rate, everything a connection
+/// touches (client, proxy, upstream, softirqs) and anything else running; then the proxy
+/// process's own (its threads, and the kernel work done in its context).
 fn metrics(raw: &Value) -> Value {
     let f = |k: &str, q: &str| raw[k][q].as_f64();
+    let rate = raw["rate"].as_f64().filter(|r| *r > 0.0);
+    let per_conn = |k: &str| raw[k].as_f64().zip(rate).map(|(cpus, r)| cpus * 1e6 / r);
     json!({
+        "busy_cpus": raw["busy_cpus"].as_f64(),
+        "cpu_us_per_conn": per_conn("busy_cpus"),
+        "proxy_cpus": raw["proxy_cpus"].as_f64(),
+        "proxy_cpu_us_per_conn": per_conn("proxy_cpus"),
         "rate": raw["rate"].as_f64(),
         "connect_p50_us": f("connect_us", "p50"),
         "connect_p99_us": f("connect_us", "p99"),
@@ -27,6 +37,21 @@ fn metrics(raw: &Value) -> Value {
         "ok": raw["ok"].as_f64(),
         "failed": raw["failed"].as_f64(),
     })
+}
+
+/// A load (`run`'s sc-load result), with the machine's busy CPUs over it added
+/// (`busy_cpus`), and the proxy's (`proxy_cpus`, when `proxy` is its pid).
+fn with_cpu(proxy: Option<i32>, run: impl FnOnce() -> anyhow::Result<Value>) -> anyhow::Result<Value> {
+    let before = (Machine::now(), proxy.and_then(process_jiffies));
+    let mut raw = run()?;
+    let after = (Machine::now(), proxy.and_then(process_jiffies));
+    if let (Some(a), Some(b)) = (before.0, after.0) {
+        raw["busy_cpus"] = json!(b.busy_cpus_since(&a));
+        if let (Some(p0), Some(p1)) = (before.1, after.1) {
+            raw["proxy_cpus"] = json!(b.cpus_since(&a, p1.saturating_sub(p0)));
+        }
+    }
+    Ok(raw)
 }
 
 fn record(runs: &mut Vec<Value>, case: &str, mode: Mode, round: usize, raw: Value) {
@@ -53,7 +78,9 @@ pub fn connect(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
             for &c in &p.concurrency {
                 let case = format!("{} c={c}", proxy.name());
                 for mode in Mode::ALL {
-                    let raw = sb.load(mode, &Load { target: sa(SVC, SVC_PORT), concurrency: c, expect_fail: false })?;
+                    let raw = with_cpu(sb.proxy_pid(mode), || {
+                        sb.load(mode, &Load { target: sa(SVC, SVC_PORT), concurrency: c, expect_fail: false })
+                    })?;
                     record(&mut runs, &case, mode, round, raw);
                 }
             }
@@ -82,7 +109,7 @@ pub fn inbound(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
                     Mode::SidecapSockmap => "scm",
                 };
                 let target = SocketAddr::from((sb.pod(pod).ipv4(), APP_PORT));
-                let raw = sb.load_from("client", &Load { target, concurrency: c, expect_fail: false })?;
+                let raw = with_cpu(sb.proxy_pid(mode), || sb.load_from("client", &Load { target, concurrency: c, expect_fail: false }))?;
                 record(&mut runs, &case, mode, round, raw);
             }
         }
