@@ -14,6 +14,7 @@ use sidecap_tests::process::is_listening;
 
 use super::Params;
 use super::cpu::{Machine, jiffy_us, process_jiffies};
+use super::kernel;
 use super::sandbox::{Mode, Proxy, SVC, Sandbox};
 
 /// nginx's port on the Service address (captured like any other under `--allow-any capture`).
@@ -119,6 +120,9 @@ pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
     }
     let secs = if p.profile == "full" { 3 } else { 1 };
     let jiffy = jiffy_us();
+    // The sidecap pod's programs, counted over its runs (bpf_stats on for those only): how
+    // often they run per request once the connections are up.
+    let progs = kernel::programs(sb.pins.path()).context("the sidecap pod's programs")?;
     let mut runs = Vec::new();
     let result = (|| {
         for proxy in PROXIES {
@@ -131,9 +135,23 @@ pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
                             let url = format!("http://{SVC}:{NGINX_PORT}/{bytes}");
                             let args = ["-t1", &format!("-c{c}"), &format!("-d{secs}s"), "--latency", "--timeout", "2s", &url];
                             let proxy_pid = sb.proxy_pid(mode);
+                            let counted = if mode == Mode::Sidecap {
+                                let stats = kernel::BpfStats::enable()?;
+                                Some((stats, kernel::snapshot(&progs)?))
+                            } else {
+                                None
+                            };
                             let (m0, p0, k0) = (Machine::now(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
                             let out = sb.run_in(mode, "wrk", &args, Duration::from_secs(secs + 20)).context("wrk")?;
                             let (m1, p1, k1) = (Machine::now(), proxy_pid.and_then(process_jiffies), sb.counters_sockmap());
+                            let program_runs = match counted {
+                                Some((stats, before)) => {
+                                    let after = kernel::snapshot(&progs)?;
+                                    drop(stats);
+                                    Some(before.iter().zip(&after).map(|((_, r0), (_, r1))| r1.saturating_sub(*r0)).sum::<u64>())
+                                }
+                                None => None,
+                            };
                             let mut m = parse_wrk(&out);
                             if m["rps"].as_f64().is_none() || m["non_2xx"].as_u64().unwrap_or(0) > 0 || m["socket_errors"].is_string() {
                                 bail!("{case} {}: wrk failed or saw errors: {out}", mode.name());
@@ -147,6 +165,10 @@ pub fn keepalive(sb: &mut Sandbox, p: &Params) -> anyhow::Result<Vec<Value>> {
                             }
                             if let (Some(a), Some(b)) = (p0, p1) {
                                 m["proxy_cpu_us_per_req"] = json!((b - a) as f64 * jiffy / reqs);
+                            }
+                            // All of them together, per 1,000 requests (wrk's connections included).
+                            if let Some(n) = program_runs {
+                                m["program_runs_per_1k_req"] = json!(n as f64 * 1000.0 / reqs);
                             }
                             let sockmap = json!({
                                 "msgs": delta(&k1, &k0, "sockmap_msgs"),

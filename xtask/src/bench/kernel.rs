@@ -92,12 +92,12 @@ fn set_mode(sb: &mut Sandbox, mode: PodMode) -> anyhow::Result<()> {
 }
 
 /// Turns `kernel.bpf_stats_enabled` on and puts the previous value back on drop.
-struct BpfStats {
+pub(super) struct BpfStats {
     previous: String,
 }
 
 impl BpfStats {
-    fn enable() -> anyhow::Result<BpfStats> {
+    pub(super) fn enable() -> anyhow::Result<BpfStats> {
         let previous = std::fs::read_to_string(STATS_SYSCTL).with_context(|| format!("reading {STATS_SYSCTL}"))?;
         std::fs::write(STATS_SYSCTL, "1").with_context(|| format!("writing 1 to {STATS_SYSCTL}"))?;
         Ok(BpfStats { previous: previous.trim().to_string() })
@@ -127,7 +127,7 @@ fn bpftool_json(args: &[&str], path: Option<&Path>) -> anyhow::Result<Value> {
 
 /// (hook name, program id) of every program the agent attached: its pinned cgroup links
 /// and its pinned sk_lookup program.
-fn programs(pins: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+pub(super) fn programs(pins: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     let links = pins.join("links");
     let mut out = Vec::new();
     let mut entries: Vec<PathBuf> = std::fs::read_dir(&links)
@@ -155,7 +155,7 @@ fn stats(id: u64) -> anyhow::Result<(u64, u64)> {
     Ok((v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)))
 }
 
-fn snapshot(progs: &[(String, u64)]) -> anyhow::Result<Vec<(u64, u64)>> {
+pub(super) fn snapshot(progs: &[(String, u64)]) -> anyhow::Result<Vec<(u64, u64)>> {
     progs.iter().map(|(_, id)| stats(*id)).collect()
 }
 

@@ -128,12 +128,13 @@ pub fn table_for(name: &str, v: &Value) -> String {
     }
 }
 
-const KEEPALIVE_METRICS: [(&str, &str); 5] = [
+const KEEPALIVE_METRICS: [(&str, &str); 6] = [
     ("rps", "req/s"),
     ("p50_us", "p50 µs"),
     ("p99_us", "p99 µs"),
     ("cpu_us_per_req", "CPU µs/req (machine)"),
     ("proxy_cpu_us_per_req", "CPU µs/req (proxy)"),
+    ("program_runs_per_1k_req", "sidecap program runs per 1,000 req"),
 ];
 const KEEPALIVE_RATIOS: [(&str, &str); 3] = [("rps", "req/s"), ("p50_us", "p50 µs"), ("p99_us", "p99 µs")];
 
@@ -740,7 +741,8 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         &mut d,
         "keepalive",
         "8. Keepalive",
-        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in TCP mode (each client connection on its own upstream\nconnection: issue 14's reference setup), in HTTP mode (`option http-keep-alive`,\n`http-reuse always`, `option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run; with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
+        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in TCP mode (each client connection on its own upstream\nconnection: issue 14's reference setup), in HTTP mode (`option http-keep-alive`,\n`http-reuse always`, `option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run (the last column
+counts their runs, all programs of the sidecap pod's agent, with bpf_stats on for its runs only); with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
         &[],
     );
     d
