@@ -549,13 +549,13 @@ pub fn headlines(r: &Value) -> String {
             }
         }
     }
+    let cores = r["machine"]["cores"].as_u64().map(|c| format!(" of {c}")).unwrap_or_default();
     for b in budgets(r).into_iter().filter(|b| b.case.ends_with("c=64")) {
         let (Some(k), [Some(ipt), Some(sdc)], [Some(pi), Some(ps)], Some(busy)) =
             (b.programs, [b.machine[1], b.machine[2]], b.proxy, b.busy[1])
         else {
             continue;
         };
-        let cores = r["machine"]["cores"].as_u64().map(|c| format!(" of {c}")).unwrap_or_default();
         let _ = writeln!(
             h,
             "- **Short connections, where the time goes ({})**: {} µs of machine CPU per connection with iptables, {} µs with sidecap; the proxy process alone {} vs {} µs; all of sidecap's programs' kernel time is {} µs per connection; {:.2}{cores} CPUs busy under sidecap.",
@@ -741,8 +741,7 @@ The load generator `sc-load` runs in the pod (its netns and cgroup, as uid 1000)
         &mut d,
         "keepalive",
         "8. Keepalive",
-        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in TCP mode (each client connection on its own upstream\nconnection: issue 14's reference setup), in HTTP mode (`option http-keep-alive`,\n`http-reuse always`, `option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run (the last column
-counts their runs, all programs of the sidecap pod's agent, with bpf_stats on for its runs only); with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
+        "Request/response over persistent connections: wrk (one thread, 1 or 64 connections) in the\npod to Debian's nginx in the services namespace (10.251.100.10:8090, bodies of 100 B, 4 KiB\nand 64 KiB), through HAProxy in TCP mode (each client connection on its own upstream\nconnection: issue 14's reference setup), in HTTP mode (`option http-keep-alive`,\n`http-reuse always`, `option transparent`), then through sc-forward, for iptables and sidecap; direct is wrk to\nnginx itself. Connections are set up once, so sidecap's programs hardly run (the last column\ncounts their runs, all programs of the sidecap pod's agent, with bpf_stats on for its runs only); with iptables\nevery packet of the app↔proxy leg and of the proxy's upstream leg goes through conntrack and\nNAT. *sidecap+sockmap* is a fifth pod with its own agent run with `--sockmap` (issue 16: the\napp↔proxy leg's messages handed from socket to socket by sk_msg; off by default, and why:\n[sockmap.md](sockmap.md)). CPU µs per request: the machine's busy time over a run divided by\nits requests, then the proxy process's own.",
         &[],
     );
     d
@@ -752,6 +751,17 @@ counts their runs, all programs of the sidecap pod's agent, with bpf_stats on fo
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// One round's value as the summary holds it.
+    fn spread(m: f64) -> Value {
+        json!({"median": m, "min": m, "max": m, "n": 1})
+    }
+
+    /// The whole report for these scenarios on this machine.
+    fn render(machine: Value, scenarios: Value) -> String {
+        let r = json!({"command": "cargo xtask bench", "params": {"rule_sizes": [1]}, "machine": machine, "scenarios": scenarios});
+        markdown(&r, &|n| format!("[{n}]\n"))
+    }
 
     #[test]
     fn cells_and_ratios() {
@@ -764,7 +774,6 @@ mod tests {
 
     #[test]
     fn report_renders_from_results() {
-        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
         let summary = json!([
             {"case": "N=1 captured", "mode": "direct", "metrics": {"connect_p50_us": spread(10.0)}},
             {"case": "N=1 captured", "mode": "iptables", "metrics": {"connect_p50_us": spread(20.0)}},
@@ -780,7 +789,6 @@ mod tests {
 
     #[test]
     fn kernel_breakdown_takes_the_floor_out_of_each_program() {
-        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
         let row = |case: &str, prog: &str, runs: f64, per_run: f64| json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(runs), "ns_per_run": spread(per_run), "ns_per_conn": spread(runs * per_run)}});
         let summary = json!([
             row("captured", "sockops", 16.0, 70.0),
@@ -796,7 +804,6 @@ mod tests {
 
     #[test]
     fn kernel_section_lists_programs_per_case() {
-        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
         let row = |case: &str, prog: &str, ns: f64| json!({"case": case, "mode": prog, "metrics": {"runs_per_conn": spread(1.0), "ns_per_run": spread(ns), "ns_per_conn": spread(ns)}});
         let summary = json!([
             row("captured", "connect4", 900.0),
@@ -804,9 +811,7 @@ mod tests {
             row("unmeshed", "total", 80.0),
             row("host process", "total", 75.0)
         ]);
-        let r = json!({"command": "cargo xtask bench", "params": {}, "machine": {},
-            "scenarios": {"kernel": {"summary": summary, "seconds": 1.0}}});
-        let md = markdown(&r, &|n| format!("[{n}]\n"));
+        let md = render(json!({}), json!({"kernel": {"summary": summary, "seconds": 1.0}}));
         assert!(md.contains("## 7. Kernel time per connection"), "{md}");
         assert!(md.contains("| captured | connect4 | 1.00 | 900 | 900 |"), "{md}");
         assert!(md.contains("| unmeshed | **total** | **1.00** | **80.0** | **80.0** |"), "{md}");
@@ -820,7 +825,6 @@ mod tests {
 
     #[test]
     fn short_connection_budget_sets_cpu_per_connection_against_the_programs() {
-        let spread = |m: f64| json!({"median": m, "min": m, "max": m, "n": 1});
         let row = |case: &str, mode: &str, rate: f64, busy: f64, proxy: f64| json!({"case": case, "mode": mode, "metrics": {"rate": spread(rate), "busy_cpus": spread(busy), "cpu_us_per_conn": spread(busy * 1e6 / rate), "proxy_cpu_us_per_conn": spread(proxy * 1e6 / rate)}});
         let connect = json!([
             row("p c=64", "direct", 40000.0, 2.0, 0.0),
@@ -831,9 +835,10 @@ mod tests {
             row("p c=1", "sidecap", 5000.0, 0.9, 0.5),
         ]);
         let kernel = json!([{"case": "captured", "mode": "total", "metrics": {"ns_per_conn": spread(3_000.0)}}]);
-        let r = json!({"command": "cargo xtask bench", "params": {}, "machine": {"cores": 2},
-            "scenarios": {"connect": {"summary": connect, "seconds": 1.0}, "kernel": {"summary": kernel, "seconds": 1.0}}});
-        let md = markdown(&r, &|n| format!("[{n}]\n"));
+        let md = render(
+            json!({"cores": 2}),
+            json!({"connect": {"summary": connect, "seconds": 1.0}, "kernel": {"summary": kernel, "seconds": 1.0}}),
+        );
         assert!(md.contains("| p c=64 | 50.0 | 150 | 120 | 30.0 | 80.0 | 64.0 | 3.00 | 1.50 | 1.50 | 1.25 |"), "{md}");
         assert!(md.contains("| p c=1 | – | 200 | 180 | 20.0 | 100 | 100 | 3.00 | 1.00 | 0.90 | 1.00 |"), "{md}");
         assert!(md.contains("busy CPUs* is of the machine's 2:"), "{md}");
